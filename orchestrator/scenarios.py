@@ -1,0 +1,164 @@
+"""Editing scenarios: single, continual(T) and batched(B, T), per the WISE/BaFT protocol.
+
+* single: edit one case, evaluate it, restore.
+* continual(T): streams of T cases; apply the T edits one after another with one editor, then evaluate
+  all T cases (locality against the unedited model), restore, next stream.
+* batched(B, T): streams of T batches of B cases; each batch is one edit call; evaluate all B·T cases
+  after the stream, restore.
+
+After every stream the model's logits on a fixed probe batch must equal the unedited model's bit for
+bit; anything else is a bug in the method's ``restore`` and stops the run.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from benchmarks.case import EditCase
+from benchmarks.evaluate import CaseScores, PreEdit, compute_pre_edit, score_cases
+from benchmarks.metrics import encode
+from methods.base import Editor, get_method
+from orchestrator.errors import KebenchError
+from orchestrator.models import LoadedModel
+
+SCENARIO_KINDS = ("single", "continual", "batched")
+PROBE_TEXTS = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "nq question: who wrote the novel pride and prejudice",
+    "The quick brown fox jumps over the",
+    "In 1969, the first person to walk on the moon was",
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    kind: str
+    T: int = 1
+    B: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCENARIO_KINDS:
+            raise KebenchError(f"unknown scenario '{self.kind}'; known: {', '.join(SCENARIO_KINDS)}")
+        if self.T <= 0:
+            raise KebenchError(f"scenario {self.kind}: T must be a positive integer, got {self.T}")
+        if self.B <= 0:
+            raise KebenchError(f"scenario {self.kind}: B must be a positive integer, got {self.B}")
+        if self.kind == "single" and (self.T != 1 or self.B != 1):
+            raise KebenchError("scenario single edits one case at a time: T and B must be 1")
+        if self.kind == "continual" and self.B != 1:
+            raise KebenchError("scenario continual edits one case per call: B must be 1 (use batched)")
+
+    @property
+    def cases_per_stream(self) -> int:
+        return self.T * self.B
+
+    @property
+    def label(self) -> str:
+        if self.kind == "single":
+            return "single"
+        if self.kind == "continual":
+            return f"continual(T={self.T})"
+        return f"batched(B={self.B},T={self.T})"
+
+
+def make_streams(cases: Sequence[EditCase], scenario: Scenario) -> list[list[list[EditCase]]]:
+    """Streams of edit calls: each stream is a list of calls, each call a list of cases."""
+    size = scenario.cases_per_stream
+    if len(cases) % size:
+        raise KebenchError(
+            f"{len(cases)} cases do not split into streams of {size} for {scenario.label}; choose n as a multiple of {size}"
+        )
+    streams = []
+    for start in range(0, len(cases), size):
+        chunk = list(cases[start : start + size])
+        streams.append([chunk[i : i + scenario.B] for i in range(0, size, scenario.B)])
+    return streams
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case_id: str
+    stream: int
+    scores: CaseScores
+    seconds: float  # wall time of the edit call that edited this case
+    steps: int
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    cases: list[CaseResult] = field(default_factory=list)
+    edit_seconds: list[float] = field(default_factory=list)  # one entry per edit call
+    trainable_parameters: int = 0
+    peak_rss_mb: float = 0.0
+
+    @property
+    def seconds_per_edit(self) -> float:
+        return sum(self.edit_seconds) / len(self.edit_seconds) if self.edit_seconds else 0.0
+
+
+def plain_logits(lm: LoadedModel) -> Callable:
+    return lambda batch: lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def _probe_logits(lm: LoadedModel) -> torch.Tensor:
+    batch = encode(lm.tokenizer, [(text, "X") for text in PROBE_TEXTS], lm.pad_token_id).to(lm.device)
+    with torch.no_grad():
+        return lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def run_scenario(
+    lm: LoadedModel,
+    method: str,
+    hparams,
+    cases: Sequence[EditCase],
+    scenario: Scenario,
+    seed: int,
+    metrics: Sequence[str] = ("rel", "gen", "loc", "por"),
+    pre: PreEdit | None = None,
+    on_edit: Callable[[int], None] | None = None,
+    verify_restore: bool = True,
+) -> ScenarioResult:
+    """Run every stream of ``scenario`` over ``cases``; ``on_edit(n)`` is called after each edit call."""
+    editor_class = get_method(method)
+    streams = make_streams(cases, scenario)
+    if pre is None:
+        pre = compute_pre_edit(plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, cases)
+    reference = _probe_logits(lm) if verify_restore else None
+    result = ScenarioResult(scenario)
+    for stream_index, stream in enumerate(streams):
+        torch.manual_seed(seed)
+        editor: Editor = editor_class(lm, hparams, seed)
+        try:
+            timings: dict[str, tuple[float, int]] = {}
+            for call in stream:
+                started = time.perf_counter()
+                stats = editor.apply(call)
+                elapsed = time.perf_counter() - started
+                result.edit_seconds.append(elapsed)
+                for case in call:
+                    timings[case.case_id] = (elapsed, stats.steps)
+                if on_edit is not None:
+                    on_edit(len(call))
+            stream_cases = [case for call in stream for case in call]
+            scores = score_cases(editor.logits, lm.tokenizer, lm.pad_token_id, lm.device, stream_cases, pre, metrics)
+            result.trainable_parameters = max(result.trainable_parameters, editor.trainable_parameters())
+        finally:
+            editor.restore()
+        if reference is not None and not torch.equal(_probe_logits(lm), reference):
+            raise RuntimeError(f"{method}: restore() did not return the model to its original outputs (stream {stream_index})")
+        for score in scores:
+            seconds, steps = timings[score.case_id]
+            result.cases.append(CaseResult(score.case_id, stream_index, score, seconds, steps))
+    result.peak_rss_mb = peak_rss_mb()
+    return result
