@@ -43,7 +43,9 @@ class ZsRE(Benchmark):
         if split == "all":
             return [case for case, _ in parsed]
         chosen = [(case, loc) for case, loc in parsed if split_of(case.prompt) == split]
-        others = [loc for case, loc in parsed if split_of(case.prompt) != split]
+        # NQ questions repeat across records: never train on a text this split evaluates locality on.
+        evaluated = {loc.prompt for _, loc in chosen}
+        others = [loc for case, loc in parsed if split_of(case.prompt) != split and loc.prompt not in evaluated]
         return [
             _with_irrelevant(case, others[position % len(others)]) if others else case
             for position, (case, _) in enumerate(chosen)

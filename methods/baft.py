@@ -41,6 +41,7 @@ class BaFTHParams:
     last_prompt_tokens: int = 3  # intervened prompt positions (all answer positions are intervened too)
     weight_decay: float = 0.0
     early_stop_loss: float = 0.01
+    reset_optimizer: bool = True  # a fresh AdamW state per edit call; false keeps it across a continual stream
     alpha: float = 0.01  # irrelevant weights should be <= alpha
     beta: float = 0.05  # edit weights should be >= beta
     gamma: float = 0.02  # max edit weight should exceed max irrelevant weight by gamma

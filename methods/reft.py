@@ -21,6 +21,7 @@ class ReFTHParams:
     last_prompt_tokens: int = 3
     weight_decay: float = 0.0
     early_stop_loss: float = 0.01
+    reset_optimizer: bool = True  # a fresh AdamW state per edit call; false keeps it across a continual stream
     fast_forward: bool = True
 
     def __post_init__(self) -> None:

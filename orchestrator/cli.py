@@ -60,8 +60,32 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", type=Path, default=None, help="write one JSON object per case (JSON lines)")
     edit.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    grid = sub.add_parser("grid", help="run a grid file's cells as Ray tasks into a Parquet store")
+    add_grid_arguments(grid)
+
+    table = sub.add_parser("table", help="render a paper-shaped table from a result store")
+    table.add_argument("--store", type=Path, required=True)
+    table.add_argument("--table", default="continual", help="single, continual, batched or params")
+    table.add_argument("--format", dest="fmt", default="md", help="md, latex, csv or html")
+
     sub.add_parser("list", help="list registered models, benchmarks and methods")
     return parser
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid", type=Path, required=True, help="grid YAML (see grids/)")
+    parser.add_argument("--store", type=Path, default=None, help="result store (default: the grid's 'store')")
+    parser.add_argument("--rerun-failed", action="store_true", help="also re-run cells whose latest attempt failed")
+    parser.add_argument("--force", action="store_true", help="re-run every cell (new attempts; old ones are kept)")
+    parser.add_argument("--workers", type=_positive_int, default=None, help="at most this many concurrent cells")
+    parser.add_argument("--ray-address", default=None, help="join a running Ray cluster ('auto' on a cluster head)")
+    parser.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs for a local Ray instance")
+    parser.add_argument("--num-gpus", type=float, default=None,
+                        help="GPUs for a local Ray instance (default: CUDA devices; >0 on a CPU machine is bookkeeping)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--tables", default="single,continual,batched,params",
+                        help="tables to print when the grid finishes (comma-separated, or 'none')")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _edit(args)
         if args.command == "list":
             return _list()
+        if args.command == "grid":
+            return run_grid_command(args)
+        if args.command == "table":
+            return _table(args)
     except KebenchError as exc:
         print(f"kebench: error: {exc}", file=sys.stderr)
         return 2
@@ -78,6 +106,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kebench: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from results.tables import FORMATS, TABLES, render
+
+    if args.table not in TABLES:
+        raise KebenchError(f"unknown table '{args.table}'; known: {', '.join(TABLES)}")
+    if args.fmt not in FORMATS:
+        raise KebenchError(f"unknown format '{args.fmt}'; known: {', '.join(FORMATS)}")
+    if not args.store.is_dir():
+        raise KebenchError(f"store {args.store} does not exist")
+    print(render(args.store, args.table, args.fmt))
+    return 0
+
+
+def run_grid_command(args: argparse.Namespace) -> int:
+    """``kebench grid`` and ``run_grid.py``: run the grid, then print its tables."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from orchestrator.grid import load_grid
+    from orchestrator.runner import run_grid
+    from results.tables import TABLES, render
+
+    grid = load_grid(args.grid)
+    store = args.store or Path(grid.store)
+    wanted = [] if args.tables == "none" else [t.strip() for t in args.tables.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in TABLES]
+    if unknown:
+        raise KebenchError(f"--tables: unknown table '{unknown[0]}'; known: {', '.join(TABLES)}")
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=args.quiet) as progress:
+        task = progress.add_task(grid.name, total=None, status="starting")
+
+        def update(report, left: int) -> None:
+            progress.update(task, total=report.ok + report.failed + left, completed=report.ok + report.failed,
+                            status=f"done {report.ok} · failed {report.failed} · left {left}")
+
+        report = run_grid(grid, store, rerun_failed=args.rerun_failed, force=args.force, workers=args.workers,
+                          ray_address=args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                          data_dir=args.data_dir, on_update=update)
+    console.print(f"{grid.name}: {report.total} cells · ran {report.ok + report.failed} (ok {report.ok}, "
+                  f"failed {report.failed}) · skipped {report.skipped} already in {store} · {report.wall_seconds:.0f} s")
+    for title, error in report.failures:
+        console.print(f"  × {title}: {error}")
+    if report.interrupted:
+        console.print("interrupted: every finished cell is stored; run the same command again to resume")
+        return 130
+    for name in wanted:
+        text = render(store, name, "md")
+        if not text.startswith("no "):
+            print(f"\n### {name}\n\n{text}")
+    return 1 if report.failed else 0
 
 
 def _list() -> int:

@@ -208,6 +208,7 @@ def _load_tiny(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
+        initializer_range=0.2,  # large enough for confident logits, so edits can actually be learned
     )
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):

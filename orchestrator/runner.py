@@ -1,0 +1,345 @@
+"""Run a grid: one Ray task per cell on a pool of workers that keep their model loaded.
+
+Data flows one way: grid → cells → Ray tasks → rows → Parquet.  Workers (``CellWorker`` actors) load a
+model once and reuse it for every cell of that model they are given; they compute rows and return
+them.  Only the driver writes the store, one file per finished cell attempt, so an interrupted run
+(Ctrl-C, or the driver killed outright) keeps every cell that finished and the next run skips them.
+
+An exception inside a cell makes that cell ``failed`` with its error text; the rest of the grid goes
+on.  A worker process that dies is restarted by Ray and its cell retried up to ``max_retries`` times
+before the cell is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestrator.errors import KebenchError
+from orchestrator.grid import Cell, GridSpec, expand
+
+OK, FAILED = "ok", "failed"
+
+
+# --------------------------------------------------------------------------- inside a worker
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark so each cell reports its own peak (Linux ≥ 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    from orchestrator.scenarios import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def _device_label(lm) -> str:
+    """The device the cell ran on, plus the GPU ids Ray granted (bookkeeping on a CPU-only machine)."""
+    label = str(lm.device)
+    try:
+        import ray
+
+        if ray.is_initialized():
+            gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU") or []
+            if gpus:
+                label += f" (ray GPU ids {','.join(map(str, gpus))})"
+    except Exception:  # outside a Ray task
+        pass
+    return label
+
+
+class ModelCache:
+    """The models and pre-edit outputs a worker keeps between cells."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, Any] = {}
+        self.pre_edit: dict[tuple, Any] = {}
+        self.loads = 0
+
+    def model(self, name: str):
+        from orchestrator.models import load_model
+
+        if name not in self.models:
+            self.models.clear()  # one model per worker at a time: 7B models do not fit twice
+            self.pre_edit.clear()
+            self.models[name] = load_model(name)
+            self.loads += 1
+        return self.models[name]
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    cell_row: dict[str, Any]
+    case_rows: list[dict[str, Any]]
+    worker_pid: int
+    model_loads: int
+    compute_seconds: float
+
+
+def execute_cell(cell: Cell, attempt: int, cache: ModelCache, data_dir: str | None = None) -> CellOutcome:
+    """Run one cell and return its rows; an exception becomes a ``failed`` row, never a raise."""
+    from methods.base import NonFiniteError
+
+    started = dt.datetime.now(dt.timezone.utc)
+    clock = time.perf_counter()
+    _reset_peak_rss()
+    row: dict[str, Any] = {
+        **cell.key_dict(), "cell_id": cell.cell_id, "attempt": attempt, "hparams": cell.hparams,
+        "code_version": cell.code_version, "data_sha256": cell.data_sha256, "device": "", "dtype": "",
+        "provenance": "", "packages": _packages(),
+    }
+    case_rows: list[dict[str, Any]] = []
+    try:
+        case_rows, details = _compute(cell, cache, data_dir)
+        row.update(details, status=OK, error=None)
+    except NonFiniteError as exc:
+        row.update(status=FAILED, error=f"non-finite: {exc}")
+        case_rows = []
+    except Exception as exc:  # a failing cell must not stop the grid
+        last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        where = f" ({Path(last.filename).name}:{last.lineno})" if last else ""
+        row.update(status=FAILED, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}")
+        case_rows = []
+    row["peak_rss_mb"] = _peak_rss_mb()
+    row["started_at"] = started
+    row["finished_at"] = dt.datetime.now(dt.timezone.utc)
+    return CellOutcome(row, case_rows, os.getpid(), cache.loads, time.perf_counter() - clock)
+
+
+def _packages() -> dict[str, str]:
+    from results.store import package_versions
+
+    return package_versions()
+
+
+def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from benchmarks.evaluate import compute_pre_edit
+    from benchmarks.registry import get_benchmark, select_cases
+    from orchestrator.scenarios import plain_logits, run_scenario
+
+    lm = cache.model(cell.model)
+    selection = select_cases(cell.benchmark, cell.split, cell.n, cell.offset, data_dir)
+    if selection.data_sha256 != cell.data_sha256:
+        raise KebenchError(f"benchmark data changed since the grid was expanded ({cell.benchmark}/{cell.split})")
+    key = (cell.benchmark, cell.split, cell.offset, cell.n)
+    if key not in cache.pre_edit:
+        cache.pre_edit[key] = compute_pre_edit(plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, selection.cases)
+    bench = get_benchmark(cell.benchmark)
+    result = run_scenario(lm, cell.method, cell.hparams_object(), selection.cases, cell.scenario, cell.seed,
+                          bench.metrics, pre=cache.pre_edit[key])
+    case_rows = [
+        {"stream": case.stream, "case_id": case.case_id, "metric": metric, "value": value,
+         "protocol": case.scores.protocol}
+        for case in result.cases
+        for metric, value in case.scores.as_dict().items()
+        if value is not None
+    ]
+    notes = [f"model {lm.info.revision}"]
+    if selection.provenance_note:
+        notes.append(selection.provenance_note)
+    details = {
+        "seconds_per_edit": result.seconds_per_edit,
+        "trainable_params": result.trainable_parameters,
+        "device": _device_label(lm),
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "provenance": "; ".join(notes),
+    }
+    return case_rows, details
+
+
+class CellWorker:
+    """A Ray actor body: keeps its model between cells."""
+
+    def __init__(self, data_dir: str | None = None) -> None:
+        from orchestrator.models import configure_threads
+
+        self.cache = ModelCache()
+        self.data_dir = data_dir
+        configure_threads()
+
+    def run(self, cell: Cell, attempt: int) -> CellOutcome:
+        return execute_cell(cell, attempt, self.cache, self.data_dir)
+
+
+# --------------------------------------------------------------------------- the driver
+
+@dataclass
+class GridReport:
+    total: int = 0
+    skipped: int = 0
+    ok: int = 0
+    failed: int = 0
+    interrupted: bool = False
+    wall_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    loads_per_worker: dict[int, int] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (cell title, error)
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Orchestration overhead: wall time not spent inside cells, per worker-second of wall time."""
+        return 0.0 if self.wall_seconds == 0 else max(0.0, 1.0 - self.compute_seconds / self.wall_seconds)
+
+
+def select_cells(cells: list[Cell], latest: dict[str, tuple[int, str]], rerun_failed: bool, force: bool) -> list[Cell]:
+    """The cells to run: never-finished ones, plus failed ones with ``rerun_failed``, plus all with ``force``."""
+    chosen = []
+    for cell in cells:
+        status = latest.get(cell.cell_id, (0, None))[1]
+        if force or status is None or (status == FAILED and rerun_failed):
+            chosen.append(cell)
+    return chosen
+
+
+def _start_ray(grid: GridSpec, ray_address: str | None, num_cpus: int | None, num_gpus: float | None) -> bool:
+    """Connect to Ray; returns True when this call started a local instance (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ray_address:
+        ray.init(address=ray_address, log_to_driver=False)
+        return False
+    if num_gpus is None:
+        import torch
+
+        num_gpus = torch.cuda.device_count()
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
+             include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    return True
+
+
+def _pool_size(grid: GridSpec, cells: int, workers: int | None) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    limits = [cells, int(resources.get("CPU", 1) // max(grid.resources.num_cpus, 1e-9))]
+    if grid.resources.num_gpus > 0:
+        gpus = resources.get("GPU", 0)
+        if gpus < grid.resources.num_gpus:
+            raise KebenchError(
+                f"{grid.source}: resources.num_gpus={grid.resources.num_gpus} but the Ray cluster has {gpus:g} GPUs "
+                "(on a CPU machine start Ray with --num-gpus to schedule GPU cells as bookkeeping)"
+            )
+        limits.append(int(gpus // grid.resources.num_gpus))
+    if workers:
+        limits.append(workers)
+    return max(1, min(limits))
+
+
+def run_grid(
+    grid: GridSpec,
+    store: Path,
+    *,
+    rerun_failed: bool = False,
+    force: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    num_gpus: float | None = None,
+    data_dir: str | None = None,
+    on_update: Callable[[GridReport, int], None] | None = None,
+) -> GridReport:
+    """Run every cell of ``grid`` not yet in ``store``; ``on_update(report, left)`` after each cell."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from results.store import latest_attempts, next_attempt, write_cell_attempt
+
+    data_dir = data_dir or grid.data_dir
+    cells = expand(grid, data_dir)  # validates everything before anything is written
+    todo = select_cells(cells, latest_attempts(store), rerun_failed, force)
+    report = GridReport(total=len(cells), skipped=len(cells) - len(todo))
+    if not todo:
+        return report
+    started_here = _start_ray(grid, ray_address, num_cpus, num_gpus)
+    clock = time.perf_counter()
+    worker_class = ray.remote(CellWorker).options(
+        num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus,
+        max_restarts=grid.max_retries, max_task_retries=grid.max_retries,
+    )
+    size = _pool_size(grid, len(todo), workers)
+    actors = [worker_class.remote(data_dir) for _ in range(size)]
+    actor_model: dict[int, str | None] = {index: None for index in range(size)}
+    queue = list(todo)
+    pending: dict[Any, tuple[int, Cell, int]] = {}
+
+    def submit(index: int) -> None:
+        if not queue:
+            return
+        # Prefer a cell of the model this worker already holds: one model load per worker, not per cell.
+        pick = next((i for i, c in enumerate(queue) if c.model == actor_model[index]), 0)
+        cell = queue.pop(pick)
+        attempt = next_attempt(store, cell.cell_id)
+        actor_model[index] = cell.model
+        pending[actors[index].run.remote(cell, attempt)] = (index, cell, attempt)
+
+    def record(outcome: CellOutcome, cell: Cell) -> None:
+        write_cell_attempt(store, outcome.cell_row, outcome.case_rows)
+        report.compute_seconds += outcome.compute_seconds
+        report.loads_per_worker[outcome.worker_pid] = outcome.model_loads
+        if outcome.cell_row["status"] == OK:
+            report.ok += 1
+        else:
+            report.failed += 1
+            report.failures.append((cell.title, outcome.cell_row["error"]))
+
+    try:
+        for index in range(size):
+            submit(index)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            index, cell, attempt = pending.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except (RayActorError, RayTaskError) as exc:
+                # The worker died past its retries: record the cell, replace the worker, go on.
+                outcome = _system_failure(cell, attempt, exc)
+                actors[index] = worker_class.remote(data_dir)
+                actor_model[index] = None
+            record(outcome, cell)
+            if on_update is not None:
+                on_update(report, len(queue) + len(pending))
+            submit(index)
+    except KeyboardInterrupt:
+        report.interrupted = True
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        report.wall_seconds = time.perf_counter() - clock
+        if started_here:
+            ray.shutdown()
+    return report
+
+
+def _system_failure(cell: Cell, attempt: int, exc: BaseException) -> CellOutcome:
+    now = dt.datetime.now(dt.timezone.utc)
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    row = {
+        **cell.key_dict(), "cell_id": cell.cell_id, "attempt": attempt, "hparams": cell.hparams,
+        "code_version": cell.code_version, "data_sha256": cell.data_sha256, "device": "", "dtype": "",
+        "provenance": "", "packages": _packages(), "status": FAILED,
+        "error": f"worker died: {type(exc).__name__}: {message}"[:500], "started_at": now, "finished_at": now,
+    }
+    return CellOutcome(row, [], -1, 0, 0.0)

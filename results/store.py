@@ -1,0 +1,331 @@
+"""The Parquet result store: one immutable file per finished cell attempt, hive-partitioned.
+
+Layout under a store directory::
+
+    cases/benchmark=<b>/model=<m>/method=<x>/<cell_id>-a<attempt>.parquet   one row per case x metric
+    cells/benchmark=<b>/model=<m>/method=<x>/<cell_id>-a<attempt>.parquet   one row per cell attempt
+
+Why this shape:
+- Only the driver process writes (DuckDB allows one writer; Ray workers return rows instead), and it
+  writes a new file per attempt instead of rewriting anything, so a crash can never corrupt results
+  that are already stored, and re-runs need no deletes: readers pick the latest attempt per cell.
+- Each file is written under a temporary name (``.tmp-…parquet.tmp``) in its final directory and then
+  ``os.replace``d, so a file's presence means its attempt finished. Readers glob ``**/*.parquet``,
+  which never matches a temporary file.
+- The cases file is written before the cells file, so a cell row implies that its case rows exist.
+- Partition values are percent-encoded (``urllib.parse.quote``), which DuckDB's hive reader decodes, so
+  a model called ``meta-llama/Llama-2-7b-hf`` round-trips exactly and never escapes its directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+
+CASES_DIR = "cases"
+CELLS_DIR = "cells"
+PARTITION_KEYS = ("benchmark", "model", "method")
+TMP_PREFIX = ".tmp-"
+TMP_SUFFIX = ".parquet.tmp"
+
+SCENARIOS = ("single", "continual", "batched")
+METRICS = ("rel", "gen", "loc", "por")
+STATUSES = ("ok", "failed")
+
+_UTC_US = pa.timestamp("us", tz="UTC")
+
+CASES_SCHEMA = pa.schema(
+    [
+        pa.field("cell_id", pa.string(), nullable=False),
+        pa.field("attempt", pa.int32(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("benchmark", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("scenario", pa.string(), nullable=False),
+        pa.field("T", pa.int32(), nullable=False),
+        pa.field("B", pa.int32(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("stream", pa.int32(), nullable=False),
+        pa.field("case_id", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("protocol", pa.string(), nullable=False),
+    ]
+)
+
+CELLS_SCHEMA = pa.schema(
+    [
+        pa.field("cell_id", pa.string(), nullable=False),
+        pa.field("attempt", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string(), nullable=True),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("benchmark", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("n", pa.int32(), nullable=False),
+        pa.field("offset", pa.int32(), nullable=False),
+        pa.field("scenario", pa.string(), nullable=False),
+        pa.field("T", pa.int32(), nullable=False),
+        pa.field("B", pa.int32(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("hparams", pa.string(), nullable=False),
+        pa.field("seconds_per_edit", pa.float64(), nullable=True),
+        pa.field("trainable_params", pa.int64(), nullable=True),
+        pa.field("peak_rss_mb", pa.float64(), nullable=True),
+        pa.field("device", pa.string(), nullable=False),
+        pa.field("dtype", pa.string(), nullable=False),
+        pa.field("code_version", pa.string(), nullable=False),
+        pa.field("data_sha256", pa.string(), nullable=False),
+        pa.field("provenance", pa.string(), nullable=False),
+        pa.field("packages", pa.string(), nullable=False),
+        pa.field("started_at", _UTC_US, nullable=False),
+        pa.field("finished_at", _UTC_US, nullable=False),
+        pa.field("schema_version", pa.int32(), nullable=False),
+    ]
+)
+
+# Case rows inherit these from their cell row (they may repeat them, but must agree), so the driver
+# cannot store a case under a different cell, model or seed than the cell row says.
+INHERITED_CASE_COLUMNS = ("cell_id", "attempt", "model", "benchmark", "split", "scenario", "T", "B",
+                          "method", "label", "seed")
+_JSON_COLUMNS = ("hparams", "packages")
+_TIMESTAMP_COLUMNS = ("started_at", "finished_at")
+_CHOICES = {"scenario": SCENARIOS, "status": STATUSES, "metric": METRICS}
+_PACKAGES = ("torch", "transformers", "peft", "ray", "duckdb", "pyarrow", "kebench")
+
+
+def path_safe(value: str) -> str:
+    """Percent-encode a partition value or file stem so it is one safe path component.
+
+    ``quote(safe="")`` encodes ``/``, ``=``, glob characters and non-ASCII; a leading dot is encoded
+    too so that no value can spell ``.``/``..`` or look like a hidden temporary file.
+    """
+    text = quote(value, safe="")
+    return "%2E" + text[1:] if text.startswith(".") else text
+
+
+def partition_dir(store: Path, dataset: str, row: Mapping[str, Any]) -> Path:
+    """The leaf directory ``<store>/<dataset>/benchmark=…/model=…/method=…`` for a row."""
+    path = Path(store) / dataset
+    for key in PARTITION_KEYS:
+        path = path / f"{key}={path_safe(str(row[key]))}"
+    return path
+
+
+def attempt_filename(cell_id: str, attempt: int) -> str:
+    return f"{path_safe(cell_id)}-a{int(attempt)}.parquet"
+
+
+def parquet_glob(store: Path, dataset: str) -> str:
+    """The glob readers use; it matches finished files only (temporary files end in ``.tmp``)."""
+    return str(Path(store) / dataset / "**" / "*.parquet")
+
+
+def has_files(store: Path, dataset: str) -> bool:
+    directory = Path(store) / dataset
+    return directory.is_dir() and any(directory.rglob("*.parquet"))
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that change results; a package not installed is left out."""
+    versions: dict[str, str] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_cell_attempt(store: Path, cell_row: dict, case_rows: list[dict]) -> None:
+    """Validate and atomically store one finished cell attempt: the cases file first, then the cell file.
+
+    Raises ``ValueError`` naming the offending column for a missing, unknown, null, mistyped or
+    out-of-range value, and ``FileExistsError`` if this (cell_id, attempt) is already stored: attempts
+    are immutable, use ``next_attempt`` for a re-run.
+    """
+    store = Path(store)
+    cell = _complete_cell_row(cell_row)
+    cases = [_complete_case_row(cell, row, index) for index, row in enumerate(case_rows)]
+    _check_unique_cases(cases)
+    cells_table = _to_table(CELLS_SCHEMA, [cell], "cell row")
+    cases_table = _to_table(CASES_SCHEMA, cases, "case rows")
+
+    name = attempt_filename(cell["cell_id"], cell["attempt"])
+    targets = [(partition_dir(store, CASES_DIR, cell) / name, cases_table)] if cases else []
+    targets.append((partition_dir(store, CELLS_DIR, cell) / name, cells_table))
+    for path, _ in targets:
+        if path.exists():
+            raise FileExistsError(f"{path} already exists: attempt {cell['attempt']} of cell {cell['cell_id']} "
+                                  "is stored; use next_attempt() for a re-run")
+    for path, table in targets:
+        _atomic_write(path, table)
+
+
+def latest_attempts(store: Path) -> dict[str, tuple[int, str]]:
+    """cell_id -> (attempt, status) of its latest finished attempt; {} for an empty or missing store."""
+    if not has_files(store, CELLS_DIR):
+        return {}
+    import duckdb
+
+    glob = parquet_glob(store, CELLS_DIR)
+    with duckdb.connect() as con:
+        rows = con.execute(
+            "SELECT cell_id, attempt, status FROM read_parquet(?, hive_partitioning = false, union_by_name = true) "
+            "QUALIFY row_number() OVER (PARTITION BY cell_id ORDER BY attempt DESC) = 1",
+            [glob],
+        ).fetchall()
+    return {cell_id: (int(attempt), status) for cell_id, attempt, status in rows}
+
+
+def next_attempt(store: Path, cell_id: str) -> int:
+    """1 + the highest attempt number on disk for the cell (1 for a new cell).
+
+    File names are scanned in both datasets, so an attempt that crashed after writing its cases file
+    but before its cell file still consumes its number and is never overwritten.
+    """
+    prefix = f"{path_safe(cell_id)}-a"
+    highest = 0
+    for dataset in (CASES_DIR, CELLS_DIR):
+        for path in (Path(store) / dataset).glob(f"*/*/*/{prefix}*.parquet"):
+            number = path.name[len(prefix):-len(".parquet")]
+            if number.isdigit():
+                highest = max(highest, int(number))
+    return highest + 1
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def _complete_cell_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the columns of a cell row and normalise JSON and timestamp values."""
+    names = set(CELLS_SCHEMA.names)
+    _reject_unknown(row, names, "cell row")
+    out: dict[str, Any] = {}
+    for field in CELLS_SCHEMA:
+        if field.name == "schema_version":
+            out[field.name] = SCHEMA_VERSION
+        elif field.name in row:
+            out[field.name] = row[field.name]
+        elif field.nullable:
+            out[field.name] = None
+        else:
+            raise ValueError(f"cell row: missing column {field.name!r}")
+    for name in _JSON_COLUMNS:
+        out[name] = _json_text(name, out[name])
+    for name in _TIMESTAMP_COLUMNS:
+        out[name] = _utc_timestamp(name, out[name])
+    _check_values(CELLS_SCHEMA, out, "cell row")
+    return out
+
+
+def _complete_case_row(cell: Mapping[str, Any], row: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """A case row with its inherited columns filled from the cell row (and checked against it)."""
+    where = f"case row {index}"
+    _reject_unknown(row, set(CASES_SCHEMA.names), where)
+    out: dict[str, Any] = {}
+    for field in CASES_SCHEMA:
+        if field.name in INHERITED_CASE_COLUMNS:
+            if field.name in row and row[field.name] != cell[field.name]:
+                raise ValueError(f"{where}: column {field.name!r} is {row[field.name]!r} "
+                                 f"but the cell row says {cell[field.name]!r}")
+            out[field.name] = cell[field.name]
+        elif field.name in row:
+            out[field.name] = row[field.name]
+        else:
+            raise ValueError(f"{where}: missing column {field.name!r}")
+    _check_values(CASES_SCHEMA, out, where)
+    return out
+
+
+def _reject_unknown(row: Mapping[str, Any], names: set[str], where: str) -> None:
+    # A misspelt column would otherwise be dropped silently.
+    unknown = sorted(set(row) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown column {unknown[0]!r}")
+
+
+def _check_values(schema: pa.Schema, row: Mapping[str, Any], where: str) -> None:
+    for field in schema:
+        value = row[field.name]
+        if value is None:
+            if not field.nullable:
+                raise ValueError(f"{where}: column {field.name!r} must not be null")
+            continue
+        if field.name in _CHOICES and value not in _CHOICES[field.name]:
+            raise ValueError(f"{where}: column {field.name!r} is {value!r}, expected one of "
+                             f"{', '.join(_CHOICES[field.name])}")
+        if field.name in PARTITION_KEYS + ("cell_id",) and (not isinstance(value, str) or not value):
+            # Empty partition values become NULL in hive paths, and names must be strings.
+            raise ValueError(f"{where}: column {field.name!r} must be a non-empty string")
+
+
+def _check_unique_cases(cases: Sequence[Mapping[str, Any]]) -> None:
+    # Duplicates would double-count a case in every mean.
+    seen: set[tuple[str, str]] = set()
+    for row in cases:
+        key = (row["case_id"], row["metric"])
+        if key in seen:
+            raise ValueError(f"case rows: duplicate (case_id, metric) {key!r}")
+        seen.add(key)
+
+
+def _json_text(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"cell row: column {name!r} is not valid JSON: {exc}") from None
+        return value
+    if isinstance(value, Mapping):
+        return json.dumps(value, sort_keys=True, default=str)
+    raise ValueError(f"cell row: column {name!r} must be a JSON string or a dict, got {type(value).__name__}")
+
+
+def _utc_timestamp(name: str, value: Any) -> dt.datetime:
+    # Naive datetimes are refused: stored as UTC they would silently shift by the local offset.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"cell row: column {name!r} must be timezone-aware (e.g. datetime.now(timezone.utc))")
+        return value.astimezone(dt.timezone.utc)
+    raise ValueError(f"cell row: column {name!r} must be a datetime or epoch seconds, got {type(value).__name__}")
+
+
+def _to_table(schema: pa.Schema, rows: Sequence[Mapping[str, Any]], where: str) -> pa.Table:
+    """Build the table column by column so a type error names its column."""
+    arrays = []
+    for field in schema:
+        try:
+            arrays.append(pa.array([row[field.name] for row in rows], type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:
+            raise ValueError(f"{where}: column {field.name!r} does not fit type {field.type}: {exc}") from None
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _atomic_write(path: Path, table: pa.Table) -> None:
+    """Write to a temporary file in the target directory, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.stem}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,87 @@
+"""Scenario streams, and the exact-restore guard that every stream passes through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from benchmarks.case import EditCase
+from methods.base import Editor, EditStats, register_method
+from orchestrator.errors import KebenchError
+from orchestrator.scenarios import Scenario, make_streams, run_scenario
+
+CASES = [EditCase(f"c{i}", f"Question number {i} is", f"answer {i}") for i in range(6)]
+
+
+def test_streams_follow_the_protocol():
+    single = make_streams(CASES, Scenario("single"))
+    assert [[[c.case_id for c in call] for call in stream] for stream in single] == [[["c0"]], [["c1"]], [["c2"]], [["c3"]], [["c4"]], [["c5"]]]
+    continual = make_streams(CASES, Scenario("continual", T=3))
+    assert [[[c.case_id for c in call] for call in s] for s in continual] == [[["c0"], ["c1"], ["c2"]], [["c3"], ["c4"], ["c5"]]]
+    batched = make_streams(CASES, Scenario("batched", B=3, T=2))
+    assert [[[c.case_id for c in call] for call in s] for s in batched] == [[["c0", "c1", "c2"], ["c3", "c4", "c5"]]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kind="continual", T=0), "T must be a positive integer"),
+        (dict(kind="batched", B=-1), "B must be a positive integer"),
+        (dict(kind="sequential"), "unknown scenario 'sequential'"),
+        (dict(kind="single", T=2), "T and B must be 1"),
+    ],
+)
+def test_bad_scenarios(kwargs, message):
+    with pytest.raises(KebenchError, match=message):
+        Scenario(**kwargs)
+
+
+def test_cases_must_fill_whole_streams():
+    with pytest.raises(KebenchError, match="do not split into streams of 4"):
+        make_streams(CASES, Scenario("continual", T=4))
+
+
+@dataclass(frozen=True)
+class _NoHParams:
+    scale: float = 1.5
+
+
+@register_method("test-leaky")
+class _LeakyEditor(Editor):
+    """Scales a weight and 'forgets' to put it back: the scenario runner must notice."""
+
+    hparams_class = _NoHParams
+
+    def apply(self, cases):
+        with torch.no_grad():
+            self.lm.model.lm_head.weight.mul_(self.hparams.scale)
+        return EditStats(steps=0, loss=0.0)
+
+    def restore(self):
+        pass
+
+    def trainable_parameters(self):
+        return 0
+
+
+def test_a_restore_that_is_not_exact_stops_the_run(tiny_lm):
+    original = tiny_lm.model.lm_head.weight.detach().clone()
+    try:
+        with pytest.raises(RuntimeError, match="did not return the model to its original outputs"):
+            run_scenario(tiny_lm, "test-leaky", _NoHParams(), CASES[:1], Scenario("single"), seed=0)
+    finally:
+        with torch.no_grad():
+            tiny_lm.model.lm_head.weight.copy_(original)
+
+
+def test_continual_run_reports_every_case_once(tiny_lm):
+    from methods.base import load_hparams
+
+    hp = load_hparams("reft", "tiny-random-llama", "continual", {"max_steps": 2})
+    result = run_scenario(tiny_lm, "reft", hp, CASES, Scenario("continual", T=3), seed=0, metrics=("rel", "gen", "loc"))
+    assert [c.case_id for c in result.cases] == [c.case_id for c in CASES]
+    assert [c.stream for c in result.cases] == [0, 0, 0, 1, 1, 1]
+    assert len(result.edit_seconds) == 6 and result.trainable_parameters > 0
+    assert all(c.scores.gen is None and c.scores.loc is None for c in result.cases)  # no rephrase / locality given

@@ -1,0 +1,152 @@
+"""DuckDB views and paper-shaped tables, on tiny synthetic stores (no model is loaded)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from results.store import write_cell_attempt
+from results.tables import connect, render
+
+NOW = dt.datetime(2025, 1, 2, tzinfo=dt.timezone.utc)
+
+
+def put(store: Path, label: str, T: int, values: dict[str, list[float]] | None = None, *, status: str = "ok",
+        attempt: int = 1, scenario: str = "continual", seed: int = 0, B: int = 1, benchmark: str = "zsre",
+        model: str = "smollm2-135m", protocol: str = "teacher_forced", provenance: str = "",
+        seconds: float | None = 1.0, params: int | None = 100) -> str:
+    """Store one cell attempt whose case q<i> scores values[metric][i]; returns its cell_id."""
+    cell_id = f"{model}-{benchmark}-{scenario}-{label}-T{T}-B{B}-s{seed}-{protocol}"
+    cell = dict(cell_id=cell_id, attempt=attempt, status=status, error=None if status == "ok" else "OOM",
+                model=model, benchmark=benchmark, split="test", n=2, offset=0, scenario=scenario, T=T, B=B,
+                method=label.lower(), label=label, seed=seed, hparams="{}", seconds_per_edit=seconds,
+                trainable_params=params, peak_rss_mb=None, device="cpu", dtype="float32", code_version="v",
+                data_sha256="x", provenance=provenance, packages="{}", started_at=NOW, finished_at=NOW)
+    cases = [dict(stream=0, case_id=f"q{index}", metric=metric, value=value, protocol=protocol)
+             for metric, scores in (values or {}).items() for index, value in enumerate(scores)]
+    write_cell_attempt(store, cell, cases)
+    return cell_id
+
+
+@pytest.fixture()
+def continual_store(tmp_path: Path) -> Path:
+    """BaFT and ReFT at T=1 and T=2, FT-L at T=1 only; ReFT T=2 failed; BaFT T=2 re-run after a failure."""
+    put(tmp_path, "BaFT", 1, {"rel": [1.0, 0.5], "gen": [0.5, 0.5], "loc": [1.0, 1.0]})  # avg 0.75
+    put(tmp_path, "ReFT", 1, {"rel": [1.0, 1.0], "gen": [0.6, 0.6], "loc": [0.9, 0.7]})  # avg 0.80
+    put(tmp_path, "FT-L", 1, {"rel": [0.2, 0.2], "gen": [0.2, 0.2], "loc": [0.2, 0.2]})  # avg 0.20
+    put(tmp_path, "ReFT", 2, status="failed")
+    # Attempt 1 failed after writing partial (wrong) rows; attempt 2 succeeded.
+    put(tmp_path, "BaFT", 2, {"rel": [0.0, 0.0], "gen": [0.0, 0.0], "loc": [0.0, 0.0]}, status="failed")
+    put(tmp_path, "BaFT", 2, {"rel": [0.9, 0.7], "gen": [0.6, 0.6], "loc": [1.0, 1.0]}, attempt=2)  # avg 0.80
+    return tmp_path
+
+
+def test_continual_markdown(continual_store: Path) -> None:
+    text = render(continual_store, "continual", "md")
+    lines = text.splitlines()
+    assert "### smollm2-135m · zsre" in lines
+    assert ("| Method | T=1 Rel. | T=1 Gen. | T=1 Loc. | T=1 Avg. | T=2 Rel. | T=2 Gen. | T=2 Loc. | T=2 Avg. |"
+            in lines)
+    assert "| BaFT | 0.75 | 0.50 | 1.00 | <u>0.75</u> | 0.80 | 0.60 | 1.00 | **0.80** |" in lines
+    assert "| FT-L | 0.20 | 0.20 | 0.20 | 0.20 | – | – | – | – |" in lines
+    assert "| ReFT | 1.00 | 0.60 | 0.80 | **0.80** | × | × | × | × |" in lines
+    assert "- –: not run (or metric not measured); ×: latest attempt failed" in lines
+
+
+def test_latest_attempt_views(continual_store: Path) -> None:
+    with connect(continual_store) as con:
+        assert con.execute("SELECT count(*) FROM cells_all").fetchone() == (6,)
+        assert con.execute("SELECT count(*) FROM cells_latest").fetchone() == (5,)
+        duplicates = con.execute("""
+            SELECT cell_id, case_id, metric FROM cases_latest GROUP BY ALL HAVING count(*) > 1
+        """).fetchall()
+        assert duplicates == []
+        assert con.execute("SELECT count(*) FROM cases_all").fetchone() == (5 * 6,)
+        assert con.execute("SELECT count(*) FROM cases_latest").fetchone() == (4 * 6,)
+        assert con.execute("SELECT DISTINCT attempt FROM cases_latest WHERE label = 'BaFT' AND T = 2"
+                           ).fetchall() == [(2,)]
+
+
+def test_empty_views_have_the_schema_columns(tmp_path: Path) -> None:
+    with connect(tmp_path) as con:
+        assert con.execute("SELECT count(*) FROM cases_latest").fetchone() == (0,)
+        columns = [row[0] for row in con.execute("DESCRIBE cells_latest").fetchall()]
+    assert columns[:3] == ["cell_id", "attempt", "status"] and "schema_version" in columns
+
+
+def test_other_formats(continual_store: Path) -> None:
+    latex = render(continual_store, "continual", "latex")
+    assert r"\multicolumn{4}{c}{T=1} & \multicolumn{4}{c}{T=2} \\" in latex
+    assert r"\cmidrule(lr){2-5}\cmidrule(lr){6-9}" in latex
+    assert r"ReFT & 1.00 & 0.60 & 0.80 & \textbf{0.80} & $\times$ & $\times$ & $\times$ & $\times$ \\" in latex
+    assert r"BaFT & 0.75 & 0.50 & 1.00 & \underline{0.75}" in latex
+    assert r"FT-L & 0.20 & 0.20 & 0.20 & 0.20 & -- & -- & -- & -- \\" in latex
+
+    csv_text = render(continual_store, "continual", "csv").splitlines()
+    assert csv_text[0] == ("model,benchmark,split,method,T=1 Rel.,T=1 Gen.,T=1 Loc.,T=1 Avg.,"
+                           "T=2 Rel.,T=2 Gen.,T=2 Loc.,T=2 Avg.")
+    assert csv_text[1] == "smollm2-135m,zsre,test,BaFT,0.75,0.50,1.00,0.75,0.80,0.60,1.00,0.80"
+
+    page = render(continual_store, "continual", "html")
+    assert '<th colspan="4">T=1</th>' in page
+    assert "<td><b>0.80</b></td>" in page and "<td><u>0.75</u></td>" in page
+
+
+def test_single_table_groups_by_benchmark(tmp_path: Path) -> None:
+    put(tmp_path, "BaFT", 1, {"rel": [1.0], "por": [0.5], "loc": [0.6]}, scenario="single", benchmark="wiki_recent",
+        provenance="wiki_recent: train split stands in for test")
+    put(tmp_path, "BaFT", 1, {"rel": [1.0], "loc": [0.9]}, scenario="single", benchmark="wikibio")
+    put(tmp_path, "ROME", 1, {"rel": [0.8], "loc": [0.5]}, scenario="single", benchmark="wikibio")
+    put(tmp_path, "BaFT", 3, {"rel": [0.0]})  # continual: not in the single table
+    lines = render(tmp_path, "single", "md").splitlines()
+    assert ("| Method | wiki_recent Rel. | wiki_recent Loc. | wiki_recent Por. | wiki_recent Avg. "
+            "| wikibio Rel. | wikibio Loc. | wikibio Avg. |") in lines
+    assert "| BaFT | 1.00 | 0.60 | 0.50 | **0.70** | 1.00 | 0.90 | **0.95** |" in lines
+    assert "| ROME | – | – | – | – | 0.80 | 0.50 | <u>0.65</u> |" in lines
+    assert "- wiki_recent: train split stands in for test" in lines
+
+
+def test_protocols_are_never_pooled(tmp_path: Path) -> None:
+    put(tmp_path, "GRACE", 1, {"rel": [1.0], "loc": [1.0]}, seed=0)
+    put(tmp_path, "GRACE", 1, {"rel": [0.0], "loc": [1.0]}, seed=1, protocol="generation")
+    put(tmp_path, "BaFT", 1, {"rel": [0.4, 0.6], "loc": [1.0, 1.0]}, seed=0)
+    put(tmp_path, "BaFT", 1, {"rel": [0.8, 1.0], "loc": [1.0, 1.0]}, seed=1)  # seeds pool: rel 0.70
+    lines = render(tmp_path, "continual", "md").splitlines()
+    assert "| BaFT | 0.70 | 1.00 | <u>0.85</u> |" in lines
+    assert "| GRACE [generation] | 0.00 | 1.00 | 0.50 |" in lines
+    assert "| GRACE [teacher_forced] | 1.00 | 1.00 | **1.00** |" in lines
+
+
+def test_batched_blocks_per_batch_size(tmp_path: Path) -> None:
+    put(tmp_path, "BaFT", 1, {"rel": [1.0]}, scenario="batched", B=10)
+    put(tmp_path, "BaFT", 5, {"rel": [0.5]}, scenario="batched", B=10)
+    put(tmp_path, "BaFT", 1, {"rel": [0.9]}, scenario="batched", B=50)
+    text = render(tmp_path, "batched", "md")
+    assert "### smollm2-135m · zsre · B=10" in text and "### smollm2-135m · zsre · B=50" in text
+    assert "| BaFT | 1.00 | **1.00** | 0.50 | **0.50** |" in text
+
+
+def test_params_table(tmp_path: Path) -> None:
+    put(tmp_path, "BaFT", 1, {"rel": [1.0]}, seconds=2.0, params=606256)
+    put(tmp_path, "BaFT", 2, {"rel": [1.0]}, seconds=3.0, params=606256)
+    put(tmp_path, "ROME", 1, {"rel": [1.0]}, seconds=27.27, params=0)
+    put(tmp_path, "GRACE", 1, status="failed", model="gemma3-270m")
+    lines = render(tmp_path, "params", "md").splitlines()
+    assert ("| Method | gemma3-270m # Params. | gemma3-270m Time (sec./edit) "
+            "| smollm2-135m # Params. | smollm2-135m Time (sec./edit) |") in lines
+    assert "| BaFT | – | – | 606,256 | 2.50 |" in lines
+    assert "| GRACE | × | × | – | – |" in lines
+    assert "| ROME | – | – | / | 27.27 |" in lines
+    assert r"\# Params." in render(tmp_path, "params", "latex")
+
+
+def test_empty_store_and_bad_names(tmp_path: Path) -> None:
+    assert render(tmp_path, "single", "md") == f"no results in {tmp_path}"
+    put(tmp_path, "BaFT", 1, {"rel": [1.0]})
+    assert render(tmp_path, "batched", "md") == f"no batched results in {tmp_path}"
+    with pytest.raises(ValueError, match="unknown format 'pdf'"):
+        render(tmp_path, "single", "pdf")
+    with pytest.raises(ValueError, match="unknown table 'table9'"):
+        render(tmp_path, "table9", "md")
