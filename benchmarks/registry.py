@@ -60,8 +60,18 @@ def get_benchmark(name: str) -> Benchmark:
     return _REGISTRY[name]()
 
 
+_NOT_LOADERS = {"case", "data", "registry", "metrics", "evaluate"}
+
+
 def _import_builtin() -> None:
-    import benchmarks.zsre  # noqa: F401  (registers on import)
+    """Import every loader module in this package; each registers its benchmarks on import."""
+    import importlib
+    import pkgutil
+
+    package = Path(__file__).resolve().parent
+    for info in sorted(pkgutil.iter_modules([str(package)]), key=lambda m: m.name):
+        if not info.name.startswith("_") and info.name not in _NOT_LOADERS:
+            importlib.import_module(f"benchmarks.{info.name}")
 
 
 def split_of(key: str, dev_fraction_percent: int = 10) -> str:

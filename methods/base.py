@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import pkgutil
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -90,17 +91,19 @@ def register_method(name: str) -> Callable[[E], E]:
     return decorate
 
 
-_BUILTIN = ("methods.baft", "methods.reft")
 _loaded = False
 
 
 def _load_methods() -> None:
+    """Import every method module in this package (they register themselves), then plug-ins."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for module in _BUILTIN:
-        importlib.import_module(module)
+    package = Path(__file__).resolve().parent
+    for info in sorted(pkgutil.iter_modules([str(package)]), key=lambda m: m.name):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"methods.{info.name}")
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         entry.load()
 

@@ -158,7 +158,7 @@ def run_grid_command(args: argparse.Namespace) -> int:
     for name in wanted:
         text = render(store, name, "md")
         if not text.startswith("no "):
-            print(f"\n### {name}\n\n{text}")
+            print(f"\n{text}")
     return 1 if report.failed else 0
 
 
