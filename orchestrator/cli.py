@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--table", default="continual", help="single, continual, batched or params")
     table.add_argument("--format", dest="fmt", default="md", help="md, latex, csv or html")
 
+    sweep = sub.add_parser("sweep", help="tune a method's hyperparameters on a dev split with Ray Tune")
+    sweep.add_argument("--sweep", type=Path, required=True, help="sweep YAML (see sweeps/)")
+    sweep.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs for a local Ray instance")
+    sweep.add_argument("--data-dir", default=None)
+
     sub.add_parser("list", help="list registered models, benchmarks and methods")
     return parser
 
@@ -99,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_grid_command(args)
         if args.command == "table":
             return _table(args)
+        if args.command == "sweep":
+            return _sweep(args)
     except KebenchError as exc:
         print(f"kebench: error: {exc}", file=sys.stderr)
         return 2
@@ -106,6 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kebench: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import best_yaml, load_sweep, run_sweep
+
+    spec = load_sweep(args.sweep)
+    results = run_sweep(spec, data_dir=args.data_dir, num_cpus=args.num_cpus)
+    failed = len(results.errors)
+    print(f"{spec.name}: {len(results)} trials ({failed} failed); all trials in {spec.store}/trials.parquet")
+    print(best_yaml(results, spec))
+    return 1 if failed else 0
 
 
 def _table(args: argparse.Namespace) -> int:
