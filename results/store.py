@@ -276,12 +276,13 @@ def _check_values(schema: pa.Schema, row: Mapping[str, Any], where: str) -> None
 
 
 def _check_unique_cases(cases: Sequence[Mapping[str, Any]]) -> None:
-    # Duplicates would double-count a case in every mean.
-    seen: set[tuple[str, str]] = set()
+    # Duplicates would double-count a case in every mean.  A case may be scored under several protocols
+    # (GRACE: teacher-forced and generation); the tables never average across them.
+    seen: set[tuple[str, str, str]] = set()
     for row in cases:
-        key = (row["case_id"], row["metric"])
+        key = (row["case_id"], row["metric"], row["protocol"])
         if key in seen:
-            raise ValueError(f"case rows: duplicate (case_id, metric) {key!r}")
+            raise ValueError(f"case rows: duplicate (case_id, metric, protocol) {key!r}")
         seen.add(key)
 
 
