@@ -45,7 +45,8 @@ class CounterFact(Benchmark):
             return (TEST_FILE,)
         if split == "dev":
             return (DEV_FILE,)
-        raise KebenchError(f"benchmark 'counterfact' has splits test ({TEST_FILE}) and dev ({DEV_FILE}); '{split}' is not offered")
+        raise KebenchError(f"benchmark 'counterfact' has splits test ({TEST_FILE}) and dev ({DEV_FILE}); "
+                           f"'{split}' is not offered")
 
     def load(self, split: str, data_dir: Path) -> list[EditCase]:
         path, records = read_records(data_dir, self.files(split)[0], SOURCE)
@@ -76,6 +77,8 @@ def _parse_full(record: object, where: str, split: str) -> EditCase:
     portability = require(record, "portability", dict, where)
     question = require(portability, "New Question", str, f"{where} portability")
     answer = require(portability, "New Answer", str, f"{where} portability")
+    locality = tuple(PromptAnswer(prompt, target_true, (target_true,)) for prompt in neighbours)
+    has_portability = bool(question.strip() and answer.strip())
     return EditCase(
         case_id=f"counterfact-{split}-{case_id}",
         prompt=template.format(subject),
@@ -83,8 +86,8 @@ def _parse_full(record: object, where: str, split: str) -> EditCase:
         ground_truth=(target_true,),
         subject=subject,
         rephrase=_strings(record, "paraphrase_prompts", where),
-        locality={"neighborhood": tuple(PromptAnswer(p, target_true, (target_true,)) for p in neighbours)} if neighbours else {},
-        portability={"one_hop": (PromptAnswer(question, answer, (answer,)),)} if question.strip() and answer.strip() else {},
+        locality={"neighborhood": locality} if locality else {},
+        portability={"one_hop": (PromptAnswer(question, answer, (answer,)),)} if has_portability else {},
     )
 
 
@@ -92,6 +95,7 @@ def _parse_flat(record: object, where: str, split: str) -> EditCase:
     """EasyEdit's flat split: one rephrase, one locality prompt, no portability."""
     case_id = require(record, "case_id", int, where)
     truth = require(record, "ground_truth", str, where)
+    loc_prompt = require(record, "locality_prompt", str, where)
     loc_answer = require(record, "locality_ground_truth", str, where)
     return EditCase(
         case_id=f"counterfact-{split}-{case_id}",
@@ -100,5 +104,5 @@ def _parse_flat(record: object, where: str, split: str) -> EditCase:
         ground_truth=(truth,),
         subject=require(record, "subject", str, where),
         rephrase=(require(record, "rephrase_prompt", str, where),),
-        locality={"neighborhood": (PromptAnswer(require(record, "locality_prompt", str, where), loc_answer, (loc_answer,)),)},
+        locality={"neighborhood": (PromptAnswer(loc_prompt, loc_answer, (loc_answer,)),)},
     )

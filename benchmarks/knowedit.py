@@ -320,7 +320,8 @@ def _responses(record: object, key: str, where: str) -> list[str]:
     return [value.strip() for value in values]
 
 
-def convsent_build(records: list[Any], path: Path, split: str, name: str = "convsent") -> list[tuple[EditCase, ConvSentProbe]]:
+def convsent_build(records: list[Any], path: Path, split: str,
+                   name: str = "convsent") -> list[tuple[EditCase, ConvSentProbe]]:
     """Cases and probes, replaying ``format_consent_for_others``'s random draws in its order."""
     rng = random.Random(CONVSENT_SEED)
     parsed = []

@@ -33,8 +33,8 @@ def test_test_split_is_the_full_schema_with_portability(splits):
     assert len(first.rephrase) == 2 and first.rephrase[1] == "Amateur Athletic Union (AAU). Spike Hughes was born in"
     neighbours = first.locality["neighborhood"]
     assert len(neighbours) == 10 and neighbours[0] == PromptAnswer("Max Mosley originates from", "London", ("London",))
-    assert first.portability == {"one_hop": (PromptAnswer(
-        "What famous food is associated with the city where Spike Hughes originates from?", "Cheesesteaks", ("Cheesesteaks",)),)}
+    question = "What famous food is associated with the city where Spike Hughes originates from?"
+    assert first.portability == {"one_hop": (PromptAnswer(question, "Cheesesteaks", ("Cheesesteaks",)),)}
     assert all(c.portability and len(c.rephrase) == 2 and len(c.locality["neighborhood"]) == 10 for c in splits["test"])
 
 
@@ -65,7 +65,7 @@ def test_malformed_records_name_file_and_index(tmp_path):
                                                 "target_true": {"str": "b"}},
             "paraphrase_prompts": ["x"], "neighborhood_prompts": ["y"], "portability": {"New Question": "q"}}
     (tmp_path / "counterfact" / "counterfact_portability_gpt4.json").write_text(json.dumps([full]))
-    with pytest.raises(KebenchError, match=r"counterfact_portability_gpt4.json: record 0 portability: missing field 'New Answer'"):
+    with pytest.raises(KebenchError, match=r"portability_gpt4.json: record 0 portability: missing field 'New Answer'"):
         select_cases("counterfact", "test", data_dir=tmp_path)
 
 

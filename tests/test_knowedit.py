@@ -8,11 +8,10 @@ import json
 import math
 
 import pytest
-import torch
 
+from benchmarks.case import PromptAnswer
 from benchmarks.data import resolve_data_dir
 from benchmarks.knowedit import ConvSentProbe, aliases_of, convsent_scores
-from benchmarks.case import PromptAnswer
 from benchmarks.registry import get_benchmark, select_cases
 from orchestrator.errors import KebenchError
 from orchestrator.scenarios import plain_logits
@@ -147,7 +146,8 @@ def test_convsent_cases_follow_easyedit(loaded):
 
 def test_convsent_scores_are_easyedit_es_and_kl(tiny_lm):
     probe = ConvSentProbe("c", "tea", "pos",
-                          tuple(PromptAnswer(f"What do you think of tea?", t, (t,)) for t in ("I love it.", "So good!", "Awful.")),
+                          tuple(PromptAnswer("What do you think of tea?", t, (t,))
+                                for t in ("I love it.", "So good!", "Awful.")),
                           (True, True, False),
                           tuple(PromptAnswer("How do you view rain?", t, (t,)) for t in ("Nice.", "Too wet.")))
     flipped = ConvSentProbe("c", "tea", "neg", probe.responses, (False, False, True), probe.outer)
@@ -173,7 +173,8 @@ def _write(path, records, gz=False):
 
 
 def test_malformed_records_name_file_and_index(tmp_path):
-    bio = {"text": "t", "labels": "l", "concept": "c", "locality": {"Relation_Specificity": [{"prompt": "p", "ground_truth": ["a"]}]}}
+    bio = {"text": "t", "labels": "l", "concept": "c",
+           "locality": {"Relation_Specificity": [{"prompt": "p", "ground_truth": ["a"]}]}}
     _write(tmp_path / "knowedit/wikibio_test_all.json", [bio, {k: v for k, v in bio.items() if k != "labels"}])
     with pytest.raises(KebenchError, match=r"wikibio_test_all.json: record 1: missing field 'labels'"):
         select_cases("wikibio", "test", data_dir=tmp_path)
@@ -192,8 +193,9 @@ def test_malformed_records_name_file_and_index(tmp_path):
 
 
 def test_missing_file_names_where_it_looked(tmp_path):
-    for name, relative in (("zsre-knowedit", "knowedit/zsre_test_all.json"), ("wikibio", "knowedit/wikibio_train_all.json")):
-        split = "dev"
+    for name, relative in (("zsre-knowedit", "knowedit/zsre_test_all.json"), ("wikibio", "knowedit/wikibio_train_all.json"),
+                           ("wikidata-counterfact", "knowedit/wiki_counterfact_test_cf.json.gz")):
+        split = "test" if name == "wikidata-counterfact" else "dev"
         with pytest.raises(KebenchError) as error:
             select_cases(name, split, n=1, data_dir=tmp_path)
         assert relative in str(error.value) and str(tmp_path) in str(error.value) and "\n" not in str(error.value)
