@@ -2,11 +2,14 @@
 
 Each (method, variant) runs in its own subprocess so its peak RSS is its own.  A variant edits the
 same ZsRE test cases (single editing) from the same seed; the first edit is a warm-up and is not
-timed.  The naive variant of BaFT/ReFT runs the full forward pass and full-vocabulary logits at every
-training step (``fast_forward: false``); the default variant runs the frozen prefix once per edit.
+timed.  Every method whose hyperparameters have ``fast_forward`` (BaFT, ReFT, ROME, MEMIT, GRACE, MELO,
+WISE, WISE-light) also runs its naive variant (``fast_forward: false``): the full forward pass and
+full-vocabulary logits at every optimisation step, where the default runs the frozen prefix below the
+edited layer once per edit.  FT-L and AdaLoRA train weights at every depth of their path and have no
+such variant.
 
-    .venv/bin/python bench/edit_speed.py                 # BaFT and ReFT, 10 cases
-    .venv/bin/python bench/edit_speed.py --methods baft --n 5 --json runs/bench/speed.json
+    .venv/bin/python bench/edit_speed.py                 # every method, 10 cases
+    .venv/bin/python bench/edit_speed.py --methods baft,rome --n 5 --json runs/bench/speed.json
 """
 
 from __future__ import annotations
@@ -20,11 +23,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAIVE_OVERRIDES = {"baft": {"fast_forward": False}, "reft": {"fast_forward": False}}
+sys.path.insert(0, str(ROOT))
+DEFAULT_METHODS = "baft,reft,ft-l,adalora,rome,memit,grace,melo,wise,wise-light"
+NAIVE = {"fast_forward": False}
+
+
+def _has_naive_variant(method: str) -> bool:
+    import dataclasses
+
+    from methods.base import get_method
+
+    return any(f.name == "fast_forward" for f in dataclasses.fields(get_method(method).hparams_class))
 
 
 def _worker(method: str, variant: str, n: int, model: str, seed: int) -> dict:
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from benchmarks.registry import select_cases
@@ -33,7 +45,7 @@ def _worker(method: str, variant: str, n: int, model: str, seed: int) -> dict:
     from orchestrator.scenarios import peak_rss_mb
 
     lm = load_model(model)
-    overrides = NAIVE_OVERRIDES.get(method, {}) if variant == "naive" else {}
+    overrides = NAIVE if variant == "naive" else {}
     hparams = load_hparams(method, model, "single", overrides)
     cases = select_cases("zsre", "test", n=n + 1).cases
     seconds, steps = [], []
@@ -69,7 +81,7 @@ def _run_variant(method: str, variant: str, n: int, model: str, seed: int) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="baft,reft")
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seed", type=int, default=0)
@@ -81,7 +93,7 @@ def main() -> None:
         return
     rows = []
     for method in args.methods.split(","):
-        variants = ["fast", "naive"] if method in NAIVE_OVERRIDES else ["fast"]
+        variants = ["fast", "naive"] if _has_naive_variant(method) else ["fast"]
         results = {variant: _run_variant(method, variant, args.n, args.model, args.seed) for variant in variants}
         for variant, row in results.items():
             if "naive" in results:

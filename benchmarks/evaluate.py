@@ -1,14 +1,24 @@
-"""Score edit cases with the teacher-forced metrics (``benchmarks.metrics``) in as few batches as possible."""
+"""Score edit cases in as few batches as possible, under a protocol.
+
+``teacher_forced`` (``benchmarks.metrics``) is every method's protocol; ``generation``
+(``benchmarks.generation``, EasyEdit's vanilla generation) is GRACE's own.  Both score the same
+answer tokens; only how the predictions are obtained differs, and locality compares with the unedited
+model's outputs under the same protocol.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from benchmarks.case import EditCase
+from benchmarks.generation import PROTOCOL_GENERATION, generate
 from benchmarks.metrics import PROTOCOL_TEACHER_FORCED, LogitsFn, keyed_mean, mean, predict, token_accuracy
+from orchestrator.errors import KebenchError
+
+PROTOCOLS = (PROTOCOL_TEACHER_FORCED, PROTOCOL_GENERATION)
 
 LocalityKey = tuple[str, str, int]  # (case_id, locality key, prompt index)
 
@@ -28,9 +38,27 @@ class CaseScores:
 
 @dataclass(frozen=True)
 class PreEdit:
-    """The unedited model's argmax over every locality answer, computed once per model and case."""
+    """The unedited model's locality outputs, computed once per model and case.
+
+    ``locality_argmax``: teacher-forced argmax over every locality answer; ``locality_generated``: the
+    tokens greedily generated from every locality prompt (only when a generation-protocol method runs).
+    """
 
     locality_argmax: dict[LocalityKey, torch.Tensor]
+    locality_generated: dict[LocalityKey, torch.Tensor] = field(default_factory=dict)
+
+    def reference(self, protocol: str) -> dict[LocalityKey, torch.Tensor]:
+        return self.locality_generated if protocol == PROTOCOL_GENERATION else self.locality_argmax
+
+
+def check_protocols(protocols: Sequence[str]) -> None:
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise KebenchError(f"unknown protocol '{unknown[0] if unknown else ''}'; known: {', '.join(PROTOCOLS)}")
+
+
+def _predictor(protocol: str):
+    return generate if protocol == PROTOCOL_GENERATION else predict
 
 
 def _locality_items(cases: Sequence[EditCase]) -> list[tuple[LocalityKey, tuple[str, str]]]:
@@ -43,17 +71,45 @@ def _locality_items(cases: Sequence[EditCase]) -> list[tuple[LocalityKey, tuple[
 
 
 def compute_pre_edit(logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch.device,
-                     cases: Sequence[EditCase], batch_size: int = 32) -> PreEdit:
-    items = _locality_items(cases)
+                     cases: Sequence[EditCase], batch_size: int = 32,
+                     protocols: Sequence[str] = (PROTOCOL_TEACHER_FORCED,)) -> PreEdit:
+    pre = PreEdit({})
+    if PROTOCOL_TEACHER_FORCED in protocols:
+        pre = PreEdit(_locality_outputs(predict, logits_fn, tokenizer, pad_token_id, device, _locality_items(cases),
+                                        batch_size))
+    return with_protocols(pre, logits_fn, tokenizer, pad_token_id, device, cases, protocols, batch_size)
+
+
+def with_protocols(pre: PreEdit, logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch.device,
+                   cases: Sequence[EditCase], protocols: Sequence[str], batch_size: int = 32) -> PreEdit:
+    """``pre`` plus the generation-protocol locality outputs it lacks for ``cases`` (``logits_fn`` = unedited model).
+
+    A cached ``PreEdit`` built for teacher-forced methods is topped up, not recomputed, when a
+    generation-protocol method (GRACE) runs on the same cases; ``pre`` itself is not modified.
+    """
+    check_protocols(protocols)
+    if PROTOCOL_GENERATION not in protocols:
+        return pre
+    missing = [(key, pair) for key, pair in _locality_items(cases) if key not in pre.locality_generated]
+    if not missing:
+        return pre
+    generated = _locality_outputs(generate, logits_fn, tokenizer, pad_token_id, device, missing, batch_size)
+    return PreEdit(pre.locality_argmax, {**pre.locality_generated, **generated})
+
+
+def _locality_outputs(predictor, logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch.device,
+                      items: list[tuple[LocalityKey, tuple[str, str]]], batch_size: int) -> dict[LocalityKey, torch.Tensor]:
     if not items:
-        return PreEdit({})
-    predictions, _ = predict(logits_fn, tokenizer, [pair for _, pair in items], pad_token_id, device, batch_size)
-    return PreEdit({key: pred for (key, _), pred in zip(items, predictions)})
+        return {}
+    outputs, _ = predictor(logits_fn, tokenizer, [pair for _, pair in items], pad_token_id, device, batch_size)
+    return {key: output for (key, _), output in zip(items, outputs)}
 
 
 def score_cases(logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch.device, cases: Sequence[EditCase],
-                pre: PreEdit, metrics: Sequence[str] = ("rel", "gen", "loc", "por"), batch_size: int = 32) -> list[CaseScores]:
+                pre: PreEdit, metrics: Sequence[str] = ("rel", "gen", "loc", "por"), batch_size: int = 32,
+                protocol: str = PROTOCOL_TEACHER_FORCED) -> list[CaseScores]:
     """Rel/Gen/Loc/Por per case under the current (edited) model; None where a metric does not apply."""
+    check_protocols((protocol,))
     pairs: list[tuple[str, str]] = []
     slots: list[tuple[str, str, str, int]] = []  # (case_id, metric, key, index) per pair
     for case in cases:
@@ -74,14 +130,16 @@ def score_cases(logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch
                 for index, item in enumerate(items):
                     pairs.append((item.prompt, item.answer))
                     slots.append((case.case_id, "loc", key, index))
-    predictions, golds = predict(logits_fn, tokenizer, pairs, pad_token_id, device, batch_size) if pairs else ([], [])
+    predictor = _predictor(protocol)
+    predictions, golds = predictor(logits_fn, tokenizer, pairs, pad_token_id, device, batch_size) if pairs else ([], [])
+    references = pre.reference(protocol)
 
     per_case: dict[str, dict[str, dict[str, list[float]]]] = {c.case_id: {} for c in cases}
     for (case_id, metric, key, index), predicted, gold in zip(slots, predictions, golds):
         if metric == "loc":
-            reference = pre.locality_argmax.get((case_id, key, index))
+            reference = references.get((case_id, key, index))
             if reference is None:
-                raise KeyError(f"no pre-edit locality output for {case_id}/{key}/{index}")
+                raise KeyError(f"no pre-edit {protocol} locality output for {case_id}/{key}/{index}")
             value = token_accuracy(predicted, reference)
         else:
             value = token_accuracy(predicted, gold)
@@ -97,6 +155,7 @@ def score_cases(logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch
                 gen=mean(found.get("gen", {}).get("", [])),
                 loc=keyed_mean(found["loc"]) if "loc" in found else None,
                 por=keyed_mean(found["por"]) if "por" in found else None,
+                protocol=protocol,
             )
         )
     return scores

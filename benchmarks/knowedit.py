@@ -355,7 +355,7 @@ class ConvSent(_TestDevFiles):
     """KnowEdit ConvSent (SERAC's sentiment editing on BlenderBot dialogue): blender_test (800) / blender_val (799)."""
 
     metrics = ("rel",)
-    protocol: ClassVar[str] = PROTOCOL_CONVSENT_PROXY
+    proxy_protocol: ClassVar[str | None] = PROTOCOL_CONVSENT_PROXY
     test_file = "knowedit/convsent_blender_test.json"
     dev_file = "knowedit/convsent_blender_val.json"
     provenance_note = (f"protocol {PROTOCOL_CONVSENT_PROXY}: Rel = teacher-forced token accuracy of the target-sentiment "

@@ -13,8 +13,9 @@ character offsets of the joined string, right padding), so an editor's ``logits`
 prompt/answer boundary, as BaFT and ReFT do) sees PIQA rows the way it sees evaluation rows.
 
 Data: ``piqa/valid.jsonl`` (1,838 goals with two solutions) and ``piqa/valid-labels.lst`` (the index of
-the correct solution), aligned line by line.  ``piqa`` is a downstream check, not an edit benchmark, so
-it is not in the benchmark registry.
+the correct solution), aligned line by line.  ``piqa`` is a downstream check, not an edit benchmark: it
+is registered with ``register_downstream`` and a continual or batched scenario runs it with
+``downstream: piqa`` (the edited model after each stream, beside the unedited model).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from benchmarks.data import data_file, read_json, require, resolve_data_dir
 from benchmarks.metrics import LogitsFn, encode
+from benchmarks.registry import register_downstream
 from orchestrator.errors import KebenchError
 
 PIQA_ITEMS = "piqa/valid.jsonl"
@@ -110,3 +112,11 @@ def piqa_accuracy(logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: tor
     choices = piqa_choices(logits_fn, tokenizer, pad_token_id, device, items, batch_size, template, normalization)
     return sum(choice == item.label for choice, item in zip(choices, items)) / len(items)
 
+
+
+@register_downstream("piqa", "PIQA validation accuracy, lower-perplexity solution (BaFT paper Table 8)")
+def piqa_downstream(logits_fn: LogitsFn, lm, n: int | None, data_dir: str | os.PathLike[str] | None = None
+                    ) -> tuple[float, int]:
+    """Accuracy on the first ``n`` validation items (all when None) and the number of items scored."""
+    items = load_piqa(data_dir, n)
+    return piqa_accuracy(logits_fn, lm.tokenizer, lm.pad_token_id, lm.device, items), len(items)

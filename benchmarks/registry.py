@@ -23,6 +23,13 @@ class Benchmark(ABC):
     metrics: ClassVar[tuple[str, ...]]
     #: a note that every result row of this benchmark carries (a substituted split, a proxy metric)
     provenance_note: ClassVar[str] = ""
+    #: the protocol tag its teacher-forced rows carry when the benchmark's own scoring is substituted by
+    #: a teacher-forced proxy (ConvSent), so that such rows never pool with the real protocol's
+    proxy_protocol: ClassVar[str | None] = None
+
+    def row_protocol(self, scored: str) -> str:
+        """The protocol tag stored for a case scored under ``scored``."""
+        return self.proxy_protocol if self.proxy_protocol and scored == "teacher_forced" else scored
 
     @abstractmethod
     def files(self, split: str) -> tuple[str, ...]:
@@ -60,7 +67,44 @@ def get_benchmark(name: str) -> Benchmark:
     return _REGISTRY[name]()
 
 
-_NOT_LOADERS = {"case", "data", "registry", "metrics", "evaluate"}
+# --- downstream checks: a score of the (edited) model on an unrelated task (PIQA, paper Table 8) ----
+
+
+@dataclass(frozen=True)
+class DownstreamCheck:
+    """``score(logits_fn, lm, n, data_dir) -> (value, items)``: accuracy-like, higher is better."""
+
+    name: str
+    description: str
+    score: Callable[..., tuple[float, int]]
+
+
+_DOWNSTREAM: dict[str, DownstreamCheck] = {}
+
+
+def register_downstream(name: str, description: str) -> Callable[[Callable], Callable]:
+    def decorate(fn: Callable) -> Callable:
+        if name in _DOWNSTREAM:
+            raise ValueError(f"downstream check {name!r} registered twice")
+        _DOWNSTREAM[name] = DownstreamCheck(name, description, fn)
+        return fn
+
+    return decorate
+
+
+def downstream_names() -> list[str]:
+    _import_builtin()
+    return sorted(_DOWNSTREAM)
+
+
+def get_downstream(name: str) -> DownstreamCheck:
+    _import_builtin()
+    if name not in _DOWNSTREAM:
+        raise KebenchError(f"unknown downstream check '{name}'; known: {', '.join(sorted(_DOWNSTREAM))}")
+    return _DOWNSTREAM[name]
+
+
+_NOT_LOADERS = {"case", "data", "registry", "metrics", "evaluate", "generation"}
 
 
 def _import_builtin() -> None:

@@ -54,6 +54,8 @@ class Editor(ABC):
 
     name: ClassVar[str]
     hparams_class: ClassVar[type]
+    #: the protocols every case is scored under (``benchmarks.evaluate.PROTOCOLS``); GRACE adds "generation"
+    protocols: ClassVar[tuple[str, ...]] = ("teacher_forced",)
 
     def __init__(self, lm: LoadedModel, hparams: Any, seed: int) -> None:
         self.lm = lm
@@ -69,6 +71,12 @@ class Editor(ABC):
     @abstractmethod
     def trainable_parameters(self) -> int:
         """Parameters the method learns (0 for closed-form editors such as ROME)."""
+
+    @classmethod
+    def provenance(cls, hparams: Any) -> str:
+        """One line on what the numbers depend on beyond model, data and hyperparameters (e.g. the corpus of
+        precomputed statistics), added to every result row's provenance; "" when there is nothing."""
+        return ""
 
     def logits(self, batch: TFBatch) -> torch.Tensor:
         return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

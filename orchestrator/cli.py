@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--scenario", default="single", help="single, continual or batched")
     edit.add_argument("--T", type=_positive_int, default=1, help="edit calls per stream (continual, batched)")
     edit.add_argument("--B", type=_positive_int, default=1, help="cases per edit call (batched)")
+    edit.add_argument("--downstream", default=None,
+                      help="a downstream check scored after each stream and on the unedited model, e.g. piqa")
+    edit.add_argument("--downstream-n", type=_positive_int, default=None, help="items of the downstream check")
     edit.add_argument("--n", type=_positive_int, default=None, help="number of cases (default: the whole split)")
     edit.add_argument("--offset", type=int, default=0)
     edit.add_argument("--seed", type=int, default=0)
@@ -72,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--sweep", type=Path, required=True, help="sweep YAML (see sweeps/)")
     sweep.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs for a local Ray instance")
     sweep.add_argument("--data-dir", default=None)
+
+    stats = sub.add_parser("stats", help="compute and cache second-moment statistics (ROME/MEMIT) for a model")
+    stats.add_argument("--model", default="smollm2-135m")
+    stats.add_argument("--layers", required=True, help="comma-separated 0-based decoder layers, e.g. 4,5,6")
+    stats.add_argument("--corpus", default="shared-offline",
+                       help="shared-offline, wikipedia, or hf:<dataset>[@<config>] (needs the datasets package)")
+    stats.add_argument("--n", type=_positive_int, required=True, help="number of texts (articles) to read")
+    stats.add_argument("--dtype", default="float32", help="precision the statistics are stored in")
+    stats.add_argument("--data-dir", default=None)
+    stats.add_argument("--device", default=None)
+    stats.add_argument("--force", action="store_true", help="recompute even if cached")
 
     sub.add_parser("list", help="list registered models, benchmarks and methods")
     return parser
@@ -106,12 +120,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _table(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "stats":
+            return _stats(args)
     except KebenchError as exc:
         print(f"kebench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kebench: interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    """``kebench stats``: one pass over the corpus for every requested layer not yet cached."""
+    from methods._stats import canonical_corpus, check_dtype, ensure_stats
+    from orchestrator.models import check_model_name, load_model
+
+    try:
+        layers = sorted({int(item) for item in args.layers.split(",") if item.strip()})
+    except ValueError:
+        raise KebenchError(f"--layers: expected comma-separated integers, got {args.layers!r}") from None
+    if not layers:
+        raise KebenchError("--layers: name at least one layer")
+    check_model_name(args.model)
+    canonical_corpus(args.corpus)
+    check_dtype(args.dtype)
+    lm = load_model(args.model, device=args.device)
+    outcomes = ensure_stats(lm, layers, args.corpus, args.n, args.dtype, data_dir=args.data_dir, force=args.force)
+    for outcome in outcomes:
+        action = f"computed in {outcome.seconds:.1f} s" if outcome.computed else "cached"
+        print(f"layer {outcome.layer}: {action}, {outcome.tokens:,} tokens -> {outcome.path}")
     return 0
 
 
@@ -202,7 +240,7 @@ def _edit(args: argparse.Namespace) -> int:
     from results.summary import render_table, summarize
 
     # Validate everything cheap before loading a model.
-    scenario = Scenario(args.scenario, T=args.T, B=args.B)
+    scenario = Scenario(args.scenario, T=args.T, B=args.B, downstream=args.downstream, downstream_n=args.downstream_n)
     check_model_name(args.model)
     get_method(args.method)
     bench = get_benchmark(args.benchmark)
@@ -216,19 +254,29 @@ def _edit(args: argparse.Namespace) -> int:
                   TimeRemainingColumn(), console=console, disable=args.quiet, transient=False) as progress:
         task = progress.add_task(f"{args.method} {scenario.label}", total=len(selection.cases))
         result = run_scenario(lm, args.method, hparams, selection.cases, scenario, args.seed, bench.metrics,
-                              on_edit=lambda n: progress.advance(task, n))
+                              on_edit=lambda n: progress.advance(task, n), data_dir=args.data_dir)
 
-    rows = [dict(case_id=c.case_id, stream=c.stream, **c.scores.as_dict(), protocol=c.scores.protocol,
+    rows = [dict(case_id=c.case_id, stream=c.stream, **c.scores.as_dict(), protocol=bench.row_protocol(c.scores.protocol),
                  seconds=round(c.seconds, 4), steps=c.steps) for c in result.cases]
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
-    summary = summarize(rows, ("rel", "gen", "loc", "por"))
-    title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={len(rows)} · seed={args.seed}")
-    extra = {"Params": [f"{result.trainable_parameters:,}"], "s/edit": [f"{result.seconds_per_edit:.2f}"]}
-    Console().print(render_table(title, [(args.method, summary)], extra))
+    protocols = sorted({row["protocol"] for row in rows})  # never pool protocols (GRACE reports two)
+    summaries = [(args.method if len(protocols) == 1 else f"{args.method} [{protocol}]",
+                  summarize([row for row in rows if row["protocol"] == protocol], ("rel", "gen", "loc", "por")))
+                 for protocol in protocols]
+    title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={len(selection.cases)} · "
+             f"seed={args.seed}")
+    extra = {"Params": [f"{result.trainable_parameters:,}"] * len(summaries),
+             "s/edit": [f"{result.seconds_per_edit:.2f}"] * len(summaries)}
+    Console().print(render_table(title, summaries, extra))
+    if result.downstream is not None:
+        check = result.downstream
+        per_stream = ", ".join(f"{value:.3f}" for value in check.edited)
+        Console().print(f"downstream {check.name} ({check.items} items): unedited {check.unedited:.3f} · "
+                        f"edited {check.edited_mean:.3f} (per stream: {per_stream})")
     if selection.provenance_note:
         Console().print(f"note: {selection.provenance_note}")
     print(json.dumps({"hparams": hparams_dict(hparams), "peak_rss_mb": round(result.peak_rss_mb, 1)}), file=sys.stderr)

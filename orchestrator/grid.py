@@ -39,7 +39,7 @@ TOP_KEYS = ("name", "store", "resources", "models", "benchmarks", "scenarios", "
 REQUIRED_TOP_KEYS = ("name", "models", "benchmarks", "scenarios", "methods")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
 BENCHMARK_KEYS = ("name", "split", "n", "offset")
-SCENARIO_KEYS = ("kind", "T", "B")
+SCENARIO_KEYS = ("kind", "T", "B", "downstream", "downstream_n")
 METHOD_KEYS = ("name", "label", "hparams")
 DEFAULT_SEEDS = (0,)
 DEFAULT_MAX_RETRIES = 2
@@ -113,7 +113,7 @@ class GridSpec:
             "resources": dataclasses.asdict(self.resources),
             "models": list(self.models),
             "benchmarks": [dataclasses.asdict(b) for b in self.benchmarks],
-            "scenarios": [{"kind": s.kind, "T": s.T, "B": s.B} for s in self.scenarios],
+            "scenarios": [s.identity() for s in self.scenarios],
             "methods": [{"name": m.name, "label": m.label, "hparams": _thaw(m.overrides_dict())} for m in self.methods],
             "seeds": list(self.seeds),
             "max_retries": self.max_retries,
@@ -165,7 +165,7 @@ class Cell:
             "split": self.split,
             "offset": self.offset,
             "n": self.n,
-            "scenario": {"kind": self.scenario.kind, "T": self.scenario.T, "B": self.scenario.B},
+            "scenario": self.scenario.identity(),
             "method": self.method,
             "hparams": self.hparams_dict,
             "seed": self.seed,
@@ -398,10 +398,12 @@ def _scenarios(value: Any, source: str) -> tuple[Scenario, ...]:
             raise KebenchError(f"{source}: {where}.kind: unknown scenario '{kind}'; known: {', '.join(SCENARIO_KINDS)}")
         t_values = _int_or_list(raw.get("T", 1), source, f"{where}.T")
         b_values = _int_or_list(raw.get("B", 1), source, f"{where}.B")
+        downstream = _string(raw["downstream"], source, f"{where}.downstream") if "downstream" in raw else None
+        downstream_n = _integer(raw["downstream_n"], source, f"{where}.downstream_n", 1) if "downstream_n" in raw else None
         for b in b_values:
             for t in t_values:
                 try:
-                    scenario = Scenario(kind, T=t, B=b)
+                    scenario = Scenario(kind, T=t, B=b, downstream=downstream, downstream_n=downstream_n)
                 except KebenchError as exc:
                     raise KebenchError(f"{source}: {where}: {_one_line(exc)}") from None
                 _no_duplicate(scenario, scenarios, source, where, "scenario", shown=scenario.label)

@@ -71,6 +71,7 @@ class ModelCache:
     def __init__(self) -> None:
         self.models: dict[str, Any] = {}
         self.pre_edit: dict[tuple, Any] = {}
+        self.downstream_unedited: dict[tuple, float] = {}  # (check, n) -> the unedited model's score
         self.loads = 0
 
     def model(self, name: str):
@@ -79,6 +80,7 @@ class ModelCache:
         if name not in self.models:
             self.models.clear()  # one model per worker at a time: 7B models do not fit twice
             self.pre_edit.clear()
+            self.downstream_unedited.clear()
             self.models[name] = load_model(name)
             self.loads += 1
         return self.models[name]
@@ -103,7 +105,7 @@ def execute_cell(cell: Cell, attempt: int, cache: ModelCache, data_dir: str | No
     row: dict[str, Any] = {
         **cell.key_dict(), "cell_id": cell.cell_id, "attempt": attempt, "hparams": cell.hparams,
         "code_version": cell.code_version, "data_sha256": cell.data_sha256, "device": "", "dtype": "",
-        "provenance": "", "packages": _packages(),
+        "provenance": "", "packages": _packages(), "downstream": cell.scenario.downstream,
     }
     case_rows: list[dict[str, Any]] = []
     try:
@@ -132,6 +134,7 @@ def _packages() -> dict[str, str]:
 def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from benchmarks.evaluate import compute_pre_edit
     from benchmarks.registry import get_benchmark, select_cases
+    from methods.base import get_method
     from orchestrator.scenarios import plain_logits, run_scenario
 
     lm = cache.model(cell.model)
@@ -142,11 +145,14 @@ def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[
     if key not in cache.pre_edit:
         cache.pre_edit[key] = compute_pre_edit(plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, selection.cases)
     bench = get_benchmark(cell.benchmark)
-    result = run_scenario(lm, cell.method, cell.hparams_object(), selection.cases, cell.scenario, cell.seed,
-                          bench.metrics, pre=cache.pre_edit[key])
+    hparams = cell.hparams_object()
+    downstream_key = (cell.scenario.downstream, cell.scenario.downstream_n)
+    result = run_scenario(lm, cell.method, hparams, selection.cases, cell.scenario, cell.seed,
+                          bench.metrics, pre=cache.pre_edit[key], data_dir=data_dir,
+                          downstream_unedited=cache.downstream_unedited.get(downstream_key))
     case_rows = [
         {"stream": case.stream, "case_id": case.case_id, "metric": metric, "value": value,
-         "protocol": case.scores.protocol}
+         "protocol": bench.row_protocol(case.scores.protocol)}
         for case in result.cases
         for metric, value in case.scores.as_dict().items()
         if value is not None
@@ -154,6 +160,9 @@ def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[
     notes = [f"model {lm.info.revision}"]
     if selection.provenance_note:
         notes.append(selection.provenance_note)
+    method_note = get_method(cell.method).provenance(hparams)  # e.g. the corpus of ROME/MEMIT statistics
+    if method_note:
+        notes.append(method_note)
     details = {
         "seconds_per_edit": result.seconds_per_edit,
         "trainable_params": result.trainable_parameters,
@@ -161,6 +170,11 @@ def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[
         "dtype": str(lm.dtype).replace("torch.", ""),
         "provenance": "; ".join(notes),
     }
+    if result.downstream is not None:
+        cache.downstream_unedited[downstream_key] = result.downstream.unedited
+        details.update(downstream=result.downstream.name, downstream_items=result.downstream.items,
+                       downstream_unedited=result.downstream.unedited,
+                       downstream_edited=result.downstream.edited_mean)
     return case_rows, details
 
 
@@ -272,6 +286,14 @@ def run_grid(
         return report
     started_here = _start_ray(grid, ray_address, num_cpus, num_gpus)
     clock = time.perf_counter()
+    try:
+        _precompute_statistics(grid, todo, data_dir, report)
+    except KeyboardInterrupt:
+        report.interrupted = True
+        report.wall_seconds = time.perf_counter() - clock
+        if started_here:
+            ray.shutdown()
+        return report
     worker_class = ray.remote(CellWorker).options(
         num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus,
         max_restarts=grid.max_retries, max_task_retries=grid.max_retries,
@@ -331,6 +353,30 @@ def run_grid(
         if started_here:
             ray.shutdown()
     return report
+
+
+def _precompute_statistics(grid: GridSpec, cells: list[Cell], data_dir: str | None, report: GridReport) -> None:
+    """Compute the second-moment statistics the cells need and the cache lacks (ROME/MEMIT), as Ray tasks,
+    before any cell starts: one task per (model, corpus, n, dtype), covering all of its missing layers.
+
+    A failed task is reported and the grid goes on; a cell that still misses its statistics computes them.
+    """
+    import ray
+
+    from methods._stats import missing_jobs, run_job
+
+    jobs = missing_jobs(cells)
+    if not jobs:
+        return
+    task = ray.remote(run_job).options(num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus,
+                                       max_retries=grid.max_retries)
+    refs = {task.remote(job, data_dir): job for job in jobs}
+    for ref, job in refs.items():
+        try:
+            ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - any failure is reported, never fatal for the grid
+            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            report.failures.append((job.title, f"statistics not precomputed: {message}"[:500]))
 
 
 def _system_failure(cell: Cell, attempt: int, exc: BaseException) -> CellOutcome:

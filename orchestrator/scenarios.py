@@ -8,6 +8,12 @@
 
 After every stream the model's logits on a fixed probe batch must equal the unedited model's bit for
 bit; anything else is a bug in the method's ``restore`` and stops the run.
+
+With ``downstream`` (continual and batched), a downstream check such as PIQA is scored on the edited
+model after each stream, before restore, and once on the unedited model (the paper's Table 8).
+
+Every case is scored under each protocol in the editor's ``protocols`` (teacher-forced for all; GRACE
+adds EasyEdit's generation protocol), giving one ``CaseResult`` per case and protocol, each tagged.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from benchmarks.case import EditCase
-from benchmarks.evaluate import CaseScores, PreEdit, compute_pre_edit, score_cases
+from benchmarks.evaluate import CaseScores, PreEdit, check_protocols, compute_pre_edit, score_cases, with_protocols
 from benchmarks.metrics import encode
 from methods.base import Editor, get_method
 from orchestrator.errors import KebenchError
@@ -41,6 +47,10 @@ class Scenario:
     kind: str
     T: int = 1
     B: int = 1
+    #: a downstream check (``benchmarks.registry.register_downstream``, e.g. "piqa") scored on the edited
+    #: model after every stream, before restore, and once on the unedited model (paper Table 8)
+    downstream: str | None = None
+    downstream_n: int | None = None  # items of the downstream check (None: all)
 
     def __post_init__(self) -> None:
         if self.kind not in SCENARIO_KINDS:
@@ -53,6 +63,15 @@ class Scenario:
             raise KebenchError("scenario single edits one case at a time: T and B must be 1")
         if self.kind == "continual" and self.B != 1:
             raise KebenchError("scenario continual edits one case per call: B must be 1 (use batched)")
+        if self.downstream is not None:
+            from benchmarks.registry import get_downstream
+
+            get_downstream(self.downstream)
+            if self.kind == "single":
+                raise KebenchError(f"downstream '{self.downstream}' is scored after a stream of edits: "
+                                   "use a continual or batched scenario")
+        if self.downstream_n is not None and (self.downstream is None or self.downstream_n <= 0):
+            raise KebenchError("downstream_n must be a positive integer and needs downstream")
 
     @property
     def cases_per_stream(self) -> int:
@@ -61,10 +80,21 @@ class Scenario:
     @property
     def label(self) -> str:
         if self.kind == "single":
-            return "single"
-        if self.kind == "continual":
-            return f"continual(T={self.T})"
-        return f"batched(B={self.B},T={self.T})"
+            base = "single"
+        elif self.kind == "continual":
+            base = f"continual(T={self.T})"
+        else:
+            base = f"batched(B={self.B},T={self.T})"
+        if self.downstream is None:
+            return base
+        return f"{base}+{self.downstream}(n={'all' if self.downstream_n is None else self.downstream_n})"
+
+    def identity(self) -> dict:
+        """What a cell id hashes; the downstream keys only when set, so ids of older cells do not change."""
+        out: dict = {"kind": self.kind, "T": self.T, "B": self.B}
+        if self.downstream is not None:
+            out.update(downstream=self.downstream, downstream_n=self.downstream_n)
+        return out
 
 
 def make_streams(cases: Sequence[EditCase], scenario: Scenario) -> list[list[list[EditCase]]]:
@@ -90,6 +120,20 @@ class CaseResult:
     steps: int
 
 
+@dataclass(frozen=True)
+class DownstreamResult:
+    """A downstream check on the unedited model and on the edited model after each stream."""
+
+    name: str
+    items: int
+    unedited: float
+    edited: tuple[float, ...]  # one value per stream
+
+    @property
+    def edited_mean(self) -> float:
+        return sum(self.edited) / len(self.edited)
+
+
 @dataclass
 class ScenarioResult:
     scenario: Scenario
@@ -97,6 +141,7 @@ class ScenarioResult:
     edit_seconds: list[float] = field(default_factory=list)  # one entry per edit call
     trainable_parameters: int = 0
     peak_rss_mb: float = 0.0
+    downstream: DownstreamResult | None = None
 
     @property
     def seconds_per_edit(self) -> float:
@@ -128,13 +173,31 @@ def run_scenario(
     pre: PreEdit | None = None,
     on_edit: Callable[[int], None] | None = None,
     verify_restore: bool = True,
+    data_dir: str | None = None,
+    downstream_unedited: float | None = None,
 ) -> ScenarioResult:
-    """Run every stream of ``scenario`` over ``cases``; ``on_edit(n)`` is called after each edit call."""
+    """Run every stream of ``scenario`` over ``cases``; ``on_edit(n)`` is called after each edit call.
+
+    ``downstream_unedited``: the unedited model's downstream score when the caller has it cached.
+    """
     editor_class = get_method(method)
+    protocols = tuple(editor_class.protocols)
+    check_protocols(protocols)
     streams = make_streams(cases, scenario)
     if pre is None:
-        pre = compute_pre_edit(plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, cases)
+        pre = compute_pre_edit(plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, cases, protocols=protocols)
+    else:  # a cached teacher-forced PreEdit lacks the generation protocol's references
+        pre = with_protocols(pre, plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, cases, protocols)
     reference = _probe_logits(lm) if verify_restore else None
+    check = None
+    if scenario.downstream is not None:
+        from benchmarks.registry import get_downstream
+
+        check = get_downstream(scenario.downstream)
+        if downstream_unedited is None:
+            downstream_unedited, _ = check.score(plain_logits(lm), lm, scenario.downstream_n, data_dir)
+    downstream_edited: list[float] = []
+    downstream_items = 0
     result = ScenarioResult(scenario)
     for stream_index, stream in enumerate(streams):
         torch.manual_seed(seed)
@@ -151,8 +214,13 @@ def run_scenario(
                 if on_edit is not None:
                     on_edit(len(call))
             stream_cases = [case for call in stream for case in call]
-            scores = score_cases(editor.logits, lm.tokenizer, lm.pad_token_id, lm.device, stream_cases, pre, metrics)
+            scores = [score for protocol in protocols
+                      for score in score_cases(editor.logits, lm.tokenizer, lm.pad_token_id, lm.device, stream_cases,
+                                               pre, metrics, protocol=protocol)]
             result.trainable_parameters = max(result.trainable_parameters, editor.trainable_parameters())
+            if check is not None:
+                value, downstream_items = check.score(editor.logits, lm, scenario.downstream_n, data_dir)
+                downstream_edited.append(value)
         finally:
             editor.restore()
         if reference is not None and not torch.equal(_probe_logits(lm), reference):
@@ -160,5 +228,8 @@ def run_scenario(
         for score in scores:
             seconds, steps = timings[score.case_id]
             result.cases.append(CaseResult(score.case_id, stream_index, score, seconds, steps))
+    if check is not None:
+        result.downstream = DownstreamResult(check.name, downstream_items, float(downstream_unedited),
+                                             tuple(downstream_edited))
     result.peak_rss_mb = peak_rss_mb()
     return result

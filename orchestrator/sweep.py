@@ -168,7 +168,8 @@ def trial(config: Mapping[str, Any], spec: SweepSpec, data_dir: str | None) -> N
     for stream in make_streams(cases, scenario):
         stream_cases = [case for call in stream for case in call]
         result = run_scenario(lm, spec.method, hparams, stream_cases, scenario, spec.seed, bench.metrics, pre=pre)
-        rows.extend(case.scores.as_dict() for case in result.cases)
+        # The common protocol only: GRACE also reports its generation protocol, which must not pool in.
+        rows.extend(case.scores.as_dict() for case in result.cases if case.scores.protocol == "teacher_forced")
         summary = summarize(rows, bench.metrics)
         scores = {metric: value for metric, value in summary.means.items() if value is not None}
         tune.report({**scores, "avg": summary.avg, "cases": len(rows), "seconds_per_edit": result.seconds_per_edit})

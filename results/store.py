@@ -87,6 +87,12 @@ CELLS_SCHEMA = pa.schema(
         pa.field("seconds_per_edit", pa.float64(), nullable=True),
         pa.field("trainable_params", pa.int64(), nullable=True),
         pa.field("peak_rss_mb", pa.float64(), nullable=True),
+        # The scenario's downstream check (paper Table 8), NULL when the scenario has none: its name, the
+        # items scored, the unedited model's score and the edited model's mean over streams.
+        pa.field("downstream", pa.string(), nullable=True),
+        pa.field("downstream_items", pa.int32(), nullable=True),
+        pa.field("downstream_unedited", pa.float64(), nullable=True),
+        pa.field("downstream_edited", pa.float64(), nullable=True),
         pa.field("device", pa.string(), nullable=False),
         pa.field("dtype", pa.string(), nullable=False),
         pa.field("code_version", pa.string(), nullable=False),

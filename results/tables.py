@@ -7,8 +7,9 @@ Views (``connect``):
 - ``cells_latest``: the latest attempt of each cell, so a re-run replaces a failed or stale result
   without deleting anything; ``cases_latest``: the case rows of exactly those attempts.
 
-Tables (``render``): ``single`` (Table 1), ``continual`` (Table 2), ``batched`` (Tables 6-7) and
-``params`` (Table 3). Values are means over all case rows of the latest ok attempts (so over cases
+Tables (``render``): ``single`` (Table 1), ``continual`` (Table 2), ``batched`` (Tables 6-7),
+``params`` (Table 3) and ``downstream`` (Table 8: e.g. PIQA accuracy after a stream, beside the
+unedited model). Values are means over all case rows of the latest ok attempts (so over cases
 and seeds) of the cells that share a method label; Avg. is the mean of the metric means a row has.
 Rows never pool different ``protocol`` values: a label measured under several protocols gets one
 row per protocol. "–" marks a (method, group) that was never run (or a metric it lacks), "×" one
@@ -31,7 +32,7 @@ import pyarrow as pa
 
 from results.store import CASES_DIR, CASES_SCHEMA, CELLS_DIR, CELLS_SCHEMA, METRICS, has_files, parquet_glob
 
-TABLES = ("single", "continual", "batched", "params")
+TABLES = ("single", "continual", "batched", "params", "downstream")
 FORMATS = ("md", "latex", "csv", "html")
 METRIC_HEADERS = {"rel": "Rel.", "gen": "Gen.", "loc": "Loc.", "por": "Por."}
 NOT_RUN = "–"
@@ -42,6 +43,7 @@ _TITLES = {
     "continual": "Continual editing (evaluated after T sequential edits)",
     "batched": "Batched editing (T sequential edits of B cases each)",
     "params": "Trainable parameters and editing time",
+    "downstream": "Downstream task accuracy after a stream of edits (unedited model: Base)",
 }
 _SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
               pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ"}
@@ -157,6 +159,16 @@ SELECT model, label,
 FROM cells_latest
 GROUP BY ALL
 """
+_DOWNSTREAM_SQL = """
+SELECT model, benchmark, split, scenario, "T", "B", downstream, label,
+       bool_or(status = 'failed') AS failed,
+       max(downstream_items) AS items,
+       avg(downstream_unedited) FILTER (WHERE status = 'ok') AS unedited,
+       avg(downstream_edited) FILTER (WHERE status = 'ok') AS edited
+FROM cells_latest
+WHERE downstream IS NOT NULL
+GROUP BY ALL
+"""
 _NOTES_SQL = """
 SELECT DISTINCT provenance FROM cells_latest
 WHERE ($scenario IS NULL OR scenario = $scenario) AND coalesce(provenance, '') <> ''
@@ -168,6 +180,9 @@ def build_table(con: duckdb.DuckDBPyConnection, table: str) -> Table | None:
     """The format-independent table (None when the store has no cells for it)."""
     if table == "params":
         blocks = _params_blocks(con)
+        scenario = None
+    elif table == "downstream":
+        blocks = _downstream_blocks(con)
         scenario = None
     else:
         blocks = _metric_blocks(con, _SPECS[table])
@@ -305,6 +320,36 @@ def _params_blocks(con: duckdb.DuckDBPyConnection) -> list[Block]:
         rows.append((label, cells))
     groups = [Group(model, ["# Params.", "Time (sec./edit)"]) for model in models]
     return [Block({}, "", groups, rows)]
+
+
+def _downstream_blocks(con: duckdb.DuckDBPyConnection) -> list[Block]:
+    """Table 8's content: per (model, benchmark, stream shape, check), the unedited model's score ("Base")
+    and each method label's score after its streams (mean over streams, seeds), best in bold."""
+    grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in _records(con, _DOWNSTREAM_SQL):
+        grouped[(row["model"], row["benchmark"], row["split"], row["scenario"], row["T"], row["B"],
+                 row["downstream"])].append(row)
+    blocks = []
+    for key in sorted(grouped):
+        model, benchmark, split, scenario, t, b, check = key
+        rows = sorted(grouped[key], key=lambda row: (row["label"].lower(), row["label"]))
+        base = [row["unedited"] for row in rows if row["unedited"] is not None]
+        items = max((row["items"] for row in rows if row["items"] is not None), default=None)
+        texts = [FAILED if row["failed"] else _accuracy(row["edited"]) for row in rows]
+        marked = _mark_best(texts)
+        table_rows = [("Base (unedited)", [Cell(_accuracy(sum(base) / len(base)) if base else NOT_RUN)])]
+        table_rows += [(row["label"], [cell]) for row, cell in zip(rows, marked)]
+        shape = f"T={t}" if scenario == "continual" else f"B={b}, T={t}"
+        title = f"{model} · {benchmark}/{split} · {scenario} {shape} · {check}" + (f" ({items} items)" if items else "")
+        keys = {"model": model, "benchmark": benchmark, "split": split, "scenario": scenario, "T": t, "B": b,
+                "downstream": check, "items": items}
+        blocks.append(Block(keys, title, [Group(check, ["Acc."])], table_rows))
+    return blocks
+
+
+def _accuracy(value: float | None) -> str:
+    """Three decimals: 200 PIQA items move in steps of 0.005, which two decimals would hide."""
+    return NOT_RUN if value is None else f"{value:.3f}"
 
 
 def _params_text(low: int | None, high: int | None) -> str:

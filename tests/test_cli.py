@@ -42,6 +42,10 @@ def test_edit_writes_one_json_object_per_case(tmp_path, capsys):
         (["edit", "--method", "baft", "--model", "tiny-random-llama", "--n", "100000"], "exceeds"),
         (["edit", "--method", "baft", "--model", "tiny-random-llama", "--set", "rnak=3", "--n", "1"], "unknown hyperparameter 'rnak'"),
         (["edit", "--method", "baft", "--model", "tiny-random-llama", "--scenario", "magic"], "unknown scenario 'magic'"),
+        (["edit", "--method", "baft", "--model", "tiny-random-llama", "--scenario", "continual", "--T", "2",
+          "--downstream", "hellaswag"], "unknown downstream check 'hellaswag'"),
+        (["edit", "--method", "baft", "--model", "tiny-random-llama", "--downstream", "piqa"],
+         "use a continual or batched scenario"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):

@@ -163,6 +163,18 @@ def test_cell_id_stability_and_sensitivity(tmp_path: Path, monkeypatch: pytest.M
     assert _id(tmp_path, base) != reference
 
 
+def test_downstream_scenario_is_its_own_cell(tmp_path: Path) -> None:
+    plain = _one_cell_grid(hparams={"rank": 4})
+    checked = copy.deepcopy(plain)
+    checked["scenarios"] = [{"kind": "continual", "T": 2, "downstream": "piqa", "downstream_n": 50}]
+    (cell,) = cells_of(tmp_path, checked)
+    assert cell.scenario == Scenario("continual", T=2, downstream="piqa", downstream_n=50)
+    assert cell.scenario.label == "continual(T=2)+piqa(n=50)"
+    assert _id(tmp_path, checked) != _id(tmp_path, plain)
+    # Scenarios without a downstream check hash exactly as before the option existed: stored ids stay valid.
+    assert Scenario("continual", T=2).identity() == {"kind": "continual", "T": 2, "B": 1}
+
+
 def test_code_version(monkeypatch: pytest.MonkeyPatch) -> None:
     assert code_version() == "test-version"
     monkeypatch.delenv("KEBENCH_CODE_VERSION")
@@ -298,6 +310,11 @@ def test_bool_is_not_an_int(tmp_path: Path, change: dict[str, Any], fragment: st
         ({"kind": "single", "T": 2}, "scenarios[0]: scenario single edits one case at a time"),
         ({"kind": "continual", "T": 2, "B": 2}, "scenarios[0]: scenario continual edits one case per call"),
         ({"kind": "continual", "T": [2, 2]}, "scenarios[0].T[1]: duplicate value 2"),
+        ({"kind": "continual", "T": 2, "downstream": "hellaswag"}, "scenarios[0]: unknown downstream check 'hellaswag'"),
+        ({"kind": "single", "downstream": "piqa"}, "scenarios[0]: downstream 'piqa' is scored after a stream"),
+        ({"kind": "continual", "T": 2, "downstream": "piqa", "downstream_n": 0},
+         "scenarios[0].downstream_n must be a positive integer, got 0"),
+        ({"kind": "continual", "T": 2, "downstream_n": 5}, "scenarios[0]: downstream_n must be a positive integer and needs"),
     ],
 )
 def test_bad_scenarios(tmp_path: Path, scenario: dict[str, Any], fragment: str) -> None:

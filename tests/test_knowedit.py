@@ -122,6 +122,10 @@ def test_wikibio_and_knowedit_carry_no_irrelevant_texts(loaded):
     assert get_benchmark("wikibio").metrics == ("rel", "loc")
     assert get_benchmark("convsent").metrics == ("rel",)
     assert "official test split" in get_benchmark("wikidata-recent").provenance_note
+    # ConvSent's Rel is a teacher-forced proxy: its rows carry their own protocol tag, never pooled with others.
+    assert get_benchmark("convsent").row_protocol("teacher_forced") == "teacher_forced_target_response"
+    assert get_benchmark("convsent").row_protocol("generation") == "generation"
+    assert get_benchmark("wikibio").row_protocol("teacher_forced") == "teacher_forced"
 
 
 def test_convsent_cases_follow_easyedit(loaded):

@@ -85,3 +85,52 @@ def test_continual_run_reports_every_case_once(tiny_lm):
     assert [c.stream for c in result.cases] == [0, 0, 0, 1, 1, 1]
     assert len(result.edit_seconds) == 6 and result.trainable_parameters > 0
     assert all(c.scores.gen is None and c.scores.loc is None for c in result.cases)  # no rephrase / locality given
+
+
+def test_downstream_scenario_needs_a_stream():
+    with pytest.raises(KebenchError, match="unknown downstream check 'nope'"):
+        Scenario("continual", T=2, downstream="nope")
+    with pytest.raises(KebenchError, match="use a continual or batched scenario"):
+        Scenario("single", downstream="piqa")
+    assert Scenario("batched", B=2, T=1, downstream="piqa").label == "batched(B=2,T=1)+piqa(n=all)"
+
+
+def test_downstream_is_scored_on_the_edited_model_and_the_unedited_one(tiny_lm):
+    """PIQA after each stream uses the editor's logits (before restore); the unedited score is the plain model's."""
+    from benchmarks.piqa import load_piqa, piqa_accuracy
+    from benchmarks.registry import _DOWNSTREAM, register_downstream
+    from methods.base import load_hparams
+    from orchestrator.scenarios import plain_logits
+
+    seen: list[float] = []
+
+    @register_downstream("test-mean-logit", "the mean logit of a fixed prompt (changes with any edit)")
+    def mean_logit(logits_fn, lm, n, data_dir=None):
+        batch = __import__("benchmarks.metrics", fromlist=["encode"]).encode(
+            lm.tokenizer, [("Question number 0 is", "answer 0")], lm.pad_token_id)
+        with torch.no_grad():
+            value = float(logits_fn(batch.to(lm.device)).float().mean())
+        seen.append(value)
+        return value, 1
+
+    try:
+        hp = load_hparams("reft", "tiny-random-llama", "continual", {"max_steps": 3})
+        result = run_scenario(tiny_lm, "reft", hp, CASES[:4], Scenario("continual", T=2, downstream="test-mean-logit"),
+                              seed=0, metrics=("rel",))
+    finally:
+        _DOWNSTREAM.pop("test-mean-logit")
+    check = result.downstream
+    assert check is not None and check.name == "test-mean-logit" and check.items == 1
+    assert len(check.edited) == 2 and seen[0] == check.unedited  # unedited first, then one per stream
+    assert all(value != check.unedited for value in check.edited)  # the edited model was scored
+
+    # The real PIQA check, a cached unedited score, and the model restored afterwards.
+    hp = load_hparams("reft", "tiny-random-llama", "continual", {"max_steps": 1})
+    items = load_piqa(n=4)
+    unedited = piqa_accuracy(plain_logits(tiny_lm), tiny_lm.tokenizer, tiny_lm.pad_token_id, tiny_lm.device, items)
+    piqa = run_scenario(tiny_lm, "reft", hp, CASES[:2], Scenario("continual", T=2, downstream="piqa", downstream_n=4),
+                        seed=0, metrics=("rel",)).downstream
+    assert piqa.items == 4 and piqa.unedited == unedited and len(piqa.edited) == 1
+    cached = run_scenario(tiny_lm, "reft", hp, CASES[:2], Scenario("continual", T=2, downstream="piqa", downstream_n=4),
+                          seed=0, metrics=("rel",), downstream_unedited=0.25).downstream
+    assert cached.unedited == 0.25 and cached.edited == piqa.edited

@@ -16,7 +16,7 @@ NOW = dt.datetime(2025, 1, 2, tzinfo=dt.timezone.utc)
 def put(store: Path, label: str, T: int, values: dict[str, list[float]] | None = None, *, status: str = "ok",
         attempt: int = 1, scenario: str = "continual", seed: int = 0, B: int = 1, benchmark: str = "zsre",
         model: str = "smollm2-135m", protocol: str = "teacher_forced", provenance: str = "",
-        seconds: float | None = 1.0, params: int | None = 100) -> str:
+        seconds: float | None = 1.0, params: int | None = 100, downstream: tuple | None = None) -> str:
     """Store one cell attempt whose case q<i> scores values[metric][i]; returns its cell_id."""
     cell_id = f"{model}-{benchmark}-{scenario}-{label}-T{T}-B{B}-s{seed}-{protocol}"
     cell = dict(cell_id=cell_id, attempt=attempt, status=status, error=None if status == "ok" else "OOM",
@@ -24,6 +24,8 @@ def put(store: Path, label: str, T: int, values: dict[str, list[float]] | None =
                 method=label.lower(), label=label, seed=seed, hparams="{}", seconds_per_edit=seconds,
                 trainable_params=params, peak_rss_mb=None, device="cpu", dtype="float32", code_version="v",
                 data_sha256="x", provenance=provenance, packages="{}", started_at=NOW, finished_at=NOW)
+    if downstream is not None:  # (name, items, unedited, edited); a failed cell carries only the name
+        cell.update(zip(("downstream", "downstream_items", "downstream_unedited", "downstream_edited"), downstream))
     cases = [dict(stream=0, case_id=f"q{index}", metric=metric, value=value, protocol=protocol)
              for metric, scores in (values or {}).items() for index, value in enumerate(scores)]
     write_cell_attempt(store, cell, cases)
@@ -150,3 +152,17 @@ def test_empty_store_and_bad_names(tmp_path: Path) -> None:
         render(tmp_path, "single", "pdf")
     with pytest.raises(ValueError, match="unknown table 'table9'"):
         render(tmp_path, "table9", "md")
+
+
+def test_downstream_table(tmp_path: Path) -> None:
+    put(tmp_path, "BaFT", 10, {"rel": [1.0]}, downstream=("piqa", 200, 0.665, 0.66))
+    put(tmp_path, "ROME", 10, {"rel": [1.0]}, downstream=("piqa", 200, 0.665, 0.5))
+    put(tmp_path, "MEMIT", 10, status="failed", downstream=("piqa", None, None, None))
+    put(tmp_path, "ReFT", 10, {"rel": [1.0]})  # no downstream check: not in the table
+    lines = render(tmp_path, "downstream", "md").splitlines()
+    assert any("smollm2-135m · zsre/test · continual T=10 · piqa (200 items)" in line for line in lines)
+    assert "| Base (unedited) | 0.665 |" in lines
+    assert "| BaFT | **0.660** |" in lines and "| ROME | <u>0.500</u> |" in lines and "| MEMIT | × |" in lines
+    assert not any(line.startswith("| ReFT") for line in lines)
+    assert render(tmp_path, "downstream", "csv").count("piqa") >= 3
+    assert render(tmp_path / "none", "downstream", "md").startswith("no ")

@@ -1,0 +1,167 @@
+"""FT-L and FT-M: fine-tune one layer's MLP down-projection (Zhu et al. 2020; ROME paper's FT baseline).
+
+Implemented from EasyEdit's ``easyeditor/models/ft/ft_main.py`` (anchors §3.3):
+
+* the trainable weights are ``layers[l].mlp.down_proj.weight`` for each l in ``layers``; Adam with
+  ``lr`` and ``weight_decay``; each step walks the edit call's cases in chunks of ``batch_size``, one
+  optimizer step per chunk; training stops early once the mean loss of a step is below
+  ``early_stop_loss`` (0.01), and runs at most ``max_steps`` steps;
+* ``objective: prompt_last`` (FT-L, EasyEdit's default and the ROME paper's FT): the log-probabilities
+  of *all* target tokens are read from the single next-token distribution at the last prompt token
+  (not autoregressive; EasyEdit issue #173), mean over the target tokens;
+* ``objective: target_new`` (FT-M): the standard teacher-forced cross-entropy over the target tokens
+  of ``prompt + " " + target`` (mean over a case's target tokens, then over the chunk's cases);
+* ``norm_constraint`` (optional): after every step each weight is clamped elementwise to within ±ε of
+  its value before the edit call (``constraint_anchor: edit``, as EasyEdit's per-call weight copy) or
+  of the unedited weights (``constraint_anchor: original``: the whole continual stream stays in the box).
+
+A fresh Adam state per edit call, as EasyEdit's per-edit apply function.  Restore copies the original
+weights back.  ``ft-l`` and ``ft-m`` are the same editor with a different default objective.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.case import EditCase
+from benchmarks.metrics import TFBatch, encode
+from methods._stats import down_proj
+from methods.base import Editor, EditStats, NonFiniteError, register_method
+from orchestrator.errors import KebenchError
+from orchestrator.models import LoadedModel
+
+OBJECTIVES = ("prompt_last", "target_new")
+ANCHORS = ("edit", "original")
+
+
+@dataclass(frozen=True)
+class FTHParams:
+    layers: tuple[int, ...]  # decoder layers whose mlp.down_proj is fine-tuned (EasyEdit L2: [21])
+    lr: float = 5.0e-4
+    max_steps: int = 25
+    objective: str = "prompt_last"
+    batch_size: int = 1
+    weight_decay: float = 0.0
+    norm_constraint: float | None = None  # ε of the elementwise L∞ box; None: unconstrained
+    constraint_anchor: str = "edit"
+    early_stop_loss: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("layers must name at least one decoder layer")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.constraint_anchor not in ANCHORS:
+            raise ValueError(f"constraint_anchor must be one of {', '.join(ANCHORS)}, got {self.constraint_anchor!r}")
+        if self.lr <= 0 or self.max_steps < 0 or self.batch_size < 1:
+            raise ValueError("lr must be > 0, max_steps >= 0 and batch_size >= 1")
+        if self.norm_constraint is not None and self.norm_constraint <= 0:
+            raise ValueError(f"norm_constraint must be > 0 or null, got {self.norm_constraint}")
+
+
+@dataclass(frozen=True)
+class FTMHParams(FTHParams):
+    objective: str = "target_new"
+
+
+def answer_positions(batch: TFBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, column that predicts the token, token id) for every answer token of every row."""
+    rows, columns, labels = [], [], []
+    for i in range(batch.size):
+        p, n = int(batch.prompt_lengths[i]), int(batch.lengths[i])
+        rows += [i] * (n - p)
+        columns += list(range(p - 1, n - 1))
+        labels += batch.input_ids[i, p:n].tolist()
+    device = batch.input_ids.device
+    return (torch.tensor(rows, device=device), torch.tensor(columns, device=device),
+            torch.tensor(labels, device=device))
+
+
+def per_case_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Mean of ``values`` within each row (case), then over rows: every case weighs the same."""
+    sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    counts = torch.bincount(rows, minlength=n_rows).to(values.dtype)
+    return (sums / counts).mean()
+
+
+def edit_loss(lm: LoadedModel, batch: TFBatch, objective: str) -> torch.Tensor:
+    """The FT-L (``prompt_last``) or FT-M (``target_new``) loss of one chunk."""
+    rows, columns, labels = answer_positions(batch)
+    hidden = lm.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    if objective == "prompt_last":
+        last = batch.prompt_lengths - 1
+        log_probs = torch.log_softmax(lm.model.lm_head(hidden[torch.arange(batch.size), last]).float(), dim=-1)
+        token_nll = -log_probs[rows, labels]
+    else:
+        logits = lm.model.lm_head(hidden[rows, columns]).float()
+        token_nll = F.cross_entropy(logits, labels, reduction="none")
+    return per_case_mean(token_nll, rows, batch.size)
+
+
+class FineTuneEditor(Editor):
+    def __init__(self, lm: LoadedModel, hparams: FTHParams, seed: int) -> None:
+        super().__init__(lm, hparams, seed)
+        self.edit_layers = tuple(sorted(set(hparams.layers)))
+        self.weights = [down_proj(lm, layer).weight for layer in self.edit_layers]
+        self.originals = [w.detach().clone() for w in self.weights]
+
+    def apply(self, cases: Sequence[EditCase]) -> EditStats:
+        hp, lm = self.hparams, self.lm
+        if not cases:
+            raise KebenchError(f"{self.name}: apply() needs at least one case")
+        anchors = self.originals if hp.constraint_anchor == "original" else [w.detach().clone() for w in self.weights]
+        chunks = [encode(lm.tokenizer, [(c.prompt, c.target_new) for c in cases[i : i + hp.batch_size]],
+                         lm.pad_token_id).to(lm.device) for i in range(0, len(cases), hp.batch_size)]
+        for weight in self.weights:
+            weight.requires_grad_(True)
+        optimizer = torch.optim.Adam(self.weights, lr=hp.lr, weight_decay=hp.weight_decay)
+        steps, mean_loss = 0, math.nan
+        try:
+            for step in range(hp.max_steps):
+                losses = []
+                for batch in chunks:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = edit_loss(lm, batch, hp.objective)
+                    if not math.isfinite(float(loss.detach())):
+                        raise NonFiniteError(f"{self.name}: non-finite loss at step {step}")
+                    loss.backward()
+                    optimizer.step()
+                    if hp.norm_constraint is not None:
+                        with torch.no_grad():
+                            for weight, anchor in zip(self.weights, anchors):
+                                weight.copy_(torch.clamp(weight, anchor - hp.norm_constraint, anchor + hp.norm_constraint))
+                    losses.append(float(loss.detach()))
+                steps = step + 1
+                mean_loss = sum(losses) / len(losses)
+                if mean_loss < hp.early_stop_loss:
+                    break
+        finally:
+            for weight in self.weights:
+                weight.requires_grad_(False)
+                weight.grad = None
+        if not all(torch.isfinite(w).all() for w in self.weights):
+            raise NonFiniteError(f"{self.name}: non-finite weights after the edit")
+        return EditStats(steps=steps, loss=mean_loss)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for weight, original in zip(self.weights, self.originals):
+                weight.copy_(original)
+
+    def trainable_parameters(self) -> int:
+        return sum(w.numel() for w in self.weights)
+
+
+@register_method("ft-l")
+class FTL(FineTuneEditor):
+    hparams_class = FTHParams
+
+
+@register_method("ft-m")
+class FTM(FineTuneEditor):
+    hparams_class = FTMHParams
