@@ -9,7 +9,9 @@ rest in ``test`` (for reporting); ``all`` is every record in file order, as the 
 BaFT's locality regularizer needs unrelated training texts that are not the texts locality is
 evaluated on: WISE draws them from ``zsre_mend_train.json``, which is not available here, so each case
 gets the NQ pair of a record from the *other* split (test cases: dev records, and vice versa).  The
-``all`` split has no other split and so no irrelevant texts.
+``all`` split has no other split: its cases get the open-domain QA pairs (question, answer) that
+KnowEdit's Sanitation train file retains (``K_R``, 453 TriviaQA questions), the nearest available
+stand-in for WISE's NQ training texts, which no ZsRE split scores locality on.
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ from orchestrator.errors import KebenchError
 
 ZSRE_FILE = "zsre/zsre_mend_eval_portability_gpt4.json"
 ZSRE_SOURCE = "EasyEdit's editing-data release (portability/One Hop/zsre_mend_eval_portability_gpt4.json)"
+TRIVIA_FILE = "knowedit/sanitation_trivia_qa_train.json"
+TRIVIA_SOURCE = "KnowEdit (dataset/KnowEdit-ms/benchmark_trivia_trivia_qa_train.json)"
 
 
 @register_benchmark("zsre")
 class ZsRE(Benchmark):
     metrics = ("rel", "gen", "loc", "por")
-    provenance_note = "irrelevant texts for training = NQ loc pairs of the other split (zsre_mend_train.json unavailable)"
+    provenance_note = ("irrelevant texts for training = NQ loc pairs of the other split (test/dev) or, for split all, "
+                       "TriviaQA pairs of KnowEdit Sanitation train K_R (zsre_mend_train.json unavailable)")
 
     def files(self, split: str) -> tuple[str, ...]:
-        return (ZSRE_FILE,)
+        return (ZSRE_FILE, TRIVIA_FILE) if split == "all" else (ZSRE_FILE,)
 
     def load(self, split: str, data_dir: Path) -> list[EditCase]:
         path = data_file(data_dir, ZSRE_FILE, ZSRE_SOURCE)
@@ -41,7 +46,8 @@ class ZsRE(Benchmark):
             raise KebenchError(f"{path}: expected a list of records, got {type(records).__name__}")
         parsed = [_parse(record, f"{path}: record {index}", index) for index, record in enumerate(records)]
         if split == "all":
-            return [case for case, _ in parsed]
+            trivia = _trivia_pairs(data_dir)
+            return [_with_irrelevant(case, trivia[position % len(trivia)]) for position, (case, _) in enumerate(parsed)]
         chosen = [(case, loc) for case, loc in parsed if split_of(case.prompt) == split]
         # NQ questions repeat across records: never train on a text this split evaluates locality on.
         evaluated = {loc.prompt for _, loc in chosen}
@@ -77,3 +83,17 @@ def _parse(record: object, where: str, index: int) -> tuple[EditCase, PromptAnsw
 
 def _with_irrelevant(case: EditCase, irrelevant: PromptAnswer) -> EditCase:
     return replace(case, irrelevant=(irrelevant,))
+
+
+def _trivia_pairs(data_dir: Path) -> list[PromptAnswer]:
+    """The retained (K_R) TriviaQA pairs of KnowEdit's Sanitation train file, in file order."""
+    path = data_file(data_dir, TRIVIA_FILE, TRIVIA_SOURCE)
+    content = read_json(path)
+    records = require(content, "K_R", list, str(path))
+    pairs = []
+    for index, record in enumerate(records):
+        where = f"{path}: K_R record {index}"
+        pairs.append(PromptAnswer(require(record, "question", str, where), require(record, "ground_truth", str, where)))
+    if not pairs:
+        raise KebenchError(f"{path}: K_R is empty")
+    return [PromptAnswer(p.prompt, p.answer, (p.answer,)) for p in pairs]

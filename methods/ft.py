@@ -3,9 +3,10 @@
 Implemented from EasyEdit's ``easyeditor/models/ft/ft_main.py`` (anchors §3.3):
 
 * the trainable weights are ``layers[l].mlp.down_proj.weight`` for each l in ``layers``; Adam with
-  ``lr`` and ``weight_decay``; each step walks the edit call's cases in chunks of ``batch_size``, one
-  optimizer step per chunk; training stops early once the mean loss of a step is below
-  ``early_stop_loss`` (0.01), and runs at most ``max_steps`` steps;
+  ``lr`` and ``weight_decay``; each step walks the edit call's cases in chunks of ``batch_size`` (0: the
+  whole call), one optimizer step per chunk whose loss is still >= ``early_stop_loss`` (0.01; a chunk
+  below it takes no step, as in EasyEdit); training stops once the mean loss of a step is below it, and
+  runs at most ``max_steps`` steps;
 * ``objective: prompt_last`` (FT-L, EasyEdit's default and the ROME paper's FT): the log-probabilities
   of *all* target tokens are read from the single next-token distribution at the last prompt token
   (not autoregressive; EasyEdit issue #173), mean over the target tokens;
@@ -45,7 +46,7 @@ class FTHParams:
     lr: float = 5.0e-4
     max_steps: int = 25
     objective: str = "prompt_last"
-    batch_size: int = 1
+    batch_size: int = 1  # cases per optimizer step; 0: the whole edit call (EasyEdit's batched editing)
     weight_decay: float = 0.0
     norm_constraint: float | None = None  # ε of the elementwise L∞ box; None: unconstrained
     constraint_anchor: str = "edit"
@@ -58,8 +59,8 @@ class FTHParams:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.constraint_anchor not in ANCHORS:
             raise ValueError(f"constraint_anchor must be one of {', '.join(ANCHORS)}, got {self.constraint_anchor!r}")
-        if self.lr <= 0 or self.max_steps < 0 or self.batch_size < 1:
-            raise ValueError("lr must be > 0, max_steps >= 0 and batch_size >= 1")
+        if self.lr <= 0 or self.max_steps < 0 or self.batch_size < 0:
+            raise ValueError("lr must be > 0, max_steps >= 0 and batch_size >= 0 (0: the whole edit call)")
         if self.norm_constraint is not None and self.norm_constraint <= 0:
             raise ValueError(f"norm_constraint must be > 0 or null, got {self.norm_constraint}")
 
@@ -115,8 +116,9 @@ class FineTuneEditor(Editor):
         if not cases:
             raise KebenchError(f"{self.name}: apply() needs at least one case")
         anchors = self.originals if hp.constraint_anchor == "original" else [w.detach().clone() for w in self.weights]
-        chunks = [encode(lm.tokenizer, [(c.prompt, c.target_new) for c in cases[i : i + hp.batch_size]],
-                         lm.pad_token_id).to(lm.device) for i in range(0, len(cases), hp.batch_size)]
+        size = hp.batch_size or len(cases)
+        chunks = [encode(lm.tokenizer, [(c.prompt, c.target_new) for c in cases[i : i + size]],
+                         lm.pad_token_id).to(lm.device) for i in range(0, len(cases), size)]
         for weight in self.weights:
             weight.requires_grad_(True)
         optimizer = torch.optim.Adam(self.weights, lr=hp.lr, weight_decay=hp.weight_decay)
@@ -129,8 +131,9 @@ class FineTuneEditor(Editor):
                     loss = edit_loss(lm, batch, hp.objective)
                     if not math.isfinite(float(loss.detach())):
                         raise NonFiniteError(f"{self.name}: non-finite loss at step {step}")
-                    loss.backward()
-                    optimizer.step()
+                    if float(loss.detach()) >= hp.early_stop_loss:  # as EasyEdit: no update once a chunk is learnt
+                        loss.backward()
+                        optimizer.step()
                     if hp.norm_constraint is not None:
                         with torch.no_grad():
                             for weight, anchor in zip(self.weights, anchors):

@@ -64,8 +64,8 @@ class MEMITHParams:
             raise ValueError(f"layers must be strictly increasing, got {list(self.layers)}")
         if self.fact_token not in FACT_TOKENS:
             raise ValueError(f"fact_token must be one of {', '.join(FACT_TOKENS)}, got {self.fact_token!r}")
-        if self.mom2_update_weight < 0:
-            raise ValueError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
+        if self.mom2_update_weight <= 0:  # λ = 0 leaves λC + KKᵀ singular for fewer keys than dimensions
+            raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
         if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             raise ValueError("v_num_grad_steps must be >= 1, v_lr and clamp_norm_factor > 0")
         if self.mom2_n_samples < 1:
@@ -127,7 +127,10 @@ class MEMIT(WeightEditor):
             if not (torch.isfinite(keys).all() and torch.isfinite(residual).all()):
                 raise NonFiniteError(f"memit: non-finite keys or residuals at layer {layer}")
             moment = self.moments[layer].to(device=keys.device, dtype=torch.float64)
-            adjusted = torch.linalg.solve(hp.mom2_update_weight * moment + keys @ keys.T, keys)  # [d_mlp, n]
+            try:
+                adjusted = torch.linalg.solve(hp.mom2_update_weight * moment + keys @ keys.T, keys)  # [d_mlp, n]
+            except torch.linalg.LinAlgError as exc:  # a singular system is a numeric failure of the cell
+                raise NonFiniteError(f"memit: singular λC + KKᵀ at layer {layer}: {exc}") from None
             share = residual / (len(layers) - index)  # spread what is left over the remaining layers
             self._add(layer, share @ adjusted.T)  # [d, d_mlp]
         steps = sum(v.steps for v in values)

@@ -9,7 +9,8 @@ and EasyEdit's port (``easyeditor/models/rome``; see ``../shared/reference/editi
 * **Value v** (``compute_v``): an additive δ on the MLP output at the subject's last token of every
   templated prompt, optimised with Adam (``v_lr``) for ``v_num_grad_steps`` on
   the target's NLL (per-token mean per prompt, averaged over prompts) + ``kl_factor`` · KL(current ‖
-  initial) of the next-token distribution after "{subject} is a" + ``v_weight_decay`` · ‖δ‖ / ‖v₀‖²,
+  initial) of the next-token distribution read at the fact token of "{subject} is a" (as compute_v)
+  + ``v_weight_decay`` · ‖δ‖ / ‖v₀‖²,
   projected after each step into the ball ‖δ‖ ≤ ``clamp_norm_factor`` · ‖v₀‖; it stops when the loss is
   below ``early_stop_loss`` (0.05 in the original).  v* = v₀ + δ.
 * **Update**: with k* the key and W k* the MLP output on the plain prompt, ΔW = (v* − W k*) uᵀ / (k*·u):
@@ -355,7 +356,7 @@ def optimize_value(lm: LoadedModel, case: EditCase, templates: Sequence[str], la
     subject = subject_of(case)
     kl_subject = subject if subject is not None else case.prompt
     specs = [(t.format(case.prompt), case.target_new, subject, fact_token) for t in templates]
-    specs.append((KL_PROMPT.format(kl_subject), None, kl_subject, "subject_last"))
+    specs.append((KL_PROMPT.format(kl_subject), None, kl_subject, fact_token))  # as compute_v: same lookup rule
     rows = encode_rows(lm, specs)
     n_rewrite = len(templates)
     stop = resolve_loss_layer(lm, settings.v_loss_layer, layer)
@@ -519,7 +520,7 @@ class ROME(WeightEditor):
     def apply(self, cases: Sequence[EditCase]) -> EditStats:
         steps, loss = 0, math.nan
         for case in cases:  # ROME edits one fact per call; a batch is applied one case after another
-            updates = {}
+            # As execute_rome: each layer's update is applied before the next layer's u and v are computed.
             for layer in sorted(set(self.edit_layers)):
                 u = self.left_vector(case, layer)
                 value = optimize_value(self.lm, case, self.templates, layer, "mlp", self.hparams.value_settings(),
@@ -530,9 +531,7 @@ class ROME(WeightEditor):
                 current = down_proj(self.lm, layer)(keys[layer][0:1].to(self.lm.dtype))[0].float()
                 denominator = torch.dot(k_star, u)
                 right = (value.target - current) / denominator
-                updates[layer] = torch.outer(right, u)  # [d_model, d_mlp]: ΔW k = right (u·k)
+                self._add(layer, torch.outer(right, u))  # [d_model, d_mlp]: ΔW k = right (u·k)
                 self.last_edit[layer] = (k_star, value.target)  # ΔW maps k* to v* (tests read this)
                 steps, loss = steps + value.steps, value.loss
-            for layer, update in updates.items():  # as the original: all layers computed, then applied
-                self._add(layer, update)
         return EditStats(steps=steps, loss=loss)

@@ -180,6 +180,7 @@ def _table(args: argparse.Namespace) -> int:
 def run_grid_command(args: argparse.Namespace) -> int:
     """``kebench grid`` and ``run_grid.py``: run the grid, then print its tables."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from orchestrator.grid import load_grid
@@ -231,6 +232,7 @@ def _list() -> int:
 
 def _edit(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from benchmarks.registry import get_benchmark, select_cases
@@ -264,7 +266,7 @@ def _edit(args: argparse.Namespace) -> int:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
     protocols = sorted({row["protocol"] for row in rows})  # never pool protocols (GRACE reports two)
-    summaries = [(args.method if len(protocols) == 1 else f"{args.method} [{protocol}]",
+    summaries = [(args.method if len(protocols) == 1 else escape(f"{args.method} [{protocol}]"),
                   summarize([row for row in rows if row["protocol"] == protocol], ("rel", "gen", "loc", "por")))
                  for protocol in protocols]
     title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={len(selection.cases)} · "

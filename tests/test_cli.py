@@ -32,6 +32,16 @@ def test_edit_writes_one_json_object_per_case(tmp_path, capsys):
     assert "Rel." in stdout and "Avg." in stdout and "reft" in stdout
 
 
+def test_edit_prints_one_row_per_protocol_and_the_downstream_check(capsys):
+    code, stdout, _ = _run(["edit", "--model", "tiny-random-llama", "--method", "grace", "--n", "1", "--quiet",
+                            "--set", "n_iter=2"], capsys)
+    assert code == 0 and "grace [generation]" in stdout and "grace [teacher_forced]" in stdout and "n=1" in stdout
+    code, stdout, _ = _run(["edit", "--model", "tiny-random-llama", "--method", "reft", "--scenario", "continual",
+                            "--T", "2", "--n", "2", "--set", "max_steps=1", "--quiet", "--downstream", "piqa",
+                            "--downstream-n", "4"], capsys)
+    assert code == 0 and "downstream piqa (4 items): unedited" in stdout
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

@@ -43,7 +43,12 @@ def test_irrelevant_texts_come_from_the_other_split(splits):
     for case in splits["test"]:
         assert case.irrelevant and case.irrelevant[0].prompt in dev_loc
         assert case.irrelevant[0].prompt not in test_loc
-    assert all(not c.irrelevant for c in splits["all"])
+    # 'all' has no other split: TriviaQA pairs (KnowEdit Sanitation train, K_R), never a ZsRE locality text.
+    all_loc = test_loc | dev_loc
+    trivia = [c.irrelevant[0] for c in splits["all"]]
+    assert len({p.prompt for p in trivia}) == 453 and not {p.prompt for p in trivia} & all_loc
+    assert trivia[0].prompt == "Which year of the 18th century was called 'The Year of Victories'?"
+    assert trivia[0].answer == "1759" and trivia[453] == trivia[0]  # cycled in file order
 
 
 def test_selection_is_deterministic_and_sliced():
