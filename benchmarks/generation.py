@@ -27,19 +27,14 @@ from typing import Sequence
 
 import torch
 
-from benchmarks.metrics import LogitsFn, TFBatch, encode
+from benchmarks.metrics import LogitsFn, TFBatch, encode, right_pad
 
 PROTOCOL_GENERATION = "generation"
 
 
 def _right_padded(rows: Sequence[list[int]], prompt_lengths: Sequence[int], pad_token_id: int,
                   device: torch.device) -> TFBatch:
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention[i, : len(row)] = 1
+    input_ids, attention = right_pad(rows, pad_token_id)
     batch = TFBatch(input_ids, attention, torch.tensor(list(prompt_lengths), dtype=torch.long),
                     torch.tensor([len(row) for row in rows], dtype=torch.long))
     return batch.to(device)

@@ -57,6 +57,17 @@ def join(prompt: str, answer: str) -> tuple[str, int]:
     return f"{prompt} {answer}", len(prompt)
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for token rows, right-padded to the longest: the one padding rule."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention[i, : len(row)] = 1
+    return input_ids, attention
+
+
 def encode(tokenizer, pairs: Sequence[tuple[str, str]], pad_token_id: int, max_length: int | None = None) -> TFBatch:
     """Tokenize ``prompt + " " + answer`` rows; an answer token is any token that starts at or after the join."""
     if not pairs:
@@ -81,12 +92,7 @@ def encode(tokenizer, pairs: Sequence[tuple[str, str]], pad_token_id: int, max_l
             ids, n_prompt = ids[cut:], n_prompt - cut
         rows.append(ids)
         prompt_lengths.append(n_prompt)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention[i, : len(row)] = 1
+    input_ids, attention = right_pad(rows, pad_token_id)
     return TFBatch(
         input_ids,
         attention,

@@ -52,6 +52,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from benchmarks.metrics import right_pad
 from orchestrator.errors import KebenchError
 from orchestrator.models import LoadedModel, cache_root
 
@@ -290,12 +291,7 @@ def collect_second_moments(lm: LoadedModel, layers: Sequence[int], corpus: str, 
     try:
         with torch.no_grad():
             for batch in _batches(rows, BATCH_TOKENS):
-                length = max(len(r) for r in batch)
-                ids = torch.full((len(batch), length), pad, dtype=torch.long)
-                attention = torch.zeros((len(batch), length), dtype=torch.long)
-                for i, row in enumerate(batch):
-                    ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-                    attention[i, : len(row)] = 1
+                ids, attention = right_pad(batch, pad)
                 ids, attention = ids.to(lm.device), attention.to(lm.device)
                 mask_holder["mask"] = attention.bool()
                 tokens += int(attention.sum())

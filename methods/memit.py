@@ -31,10 +31,10 @@ from typing import Sequence
 import torch
 
 from benchmarks.case import EditCase
-from methods._stats import STATS_DTYPES, StatsNeed, canonical_corpus, provenance_note, second_moment
+from methods._stats import StatsNeed, provenance_note, second_moment
 from methods.base import EditStats, NonFiniteError, register_method
-from methods.rome import (FACT_TOKENS, ValueSettings, WeightEditor, capture, context_templates, encode_rows,
-                          optimize_value, subject_of)
+from methods.rome import (ValueSettings, WeightEditor, capture, check_locate_then_edit, context_templates,
+                          encode_rows, optimize_value, subject_of)
 from orchestrator.models import LoadedModel
 
 
@@ -58,21 +58,11 @@ class MEMITHParams:
     fast_forward: bool = True  # run only the live columns above the z layer (same numbers up to rounding)
 
     def __post_init__(self) -> None:
-        if not self.layers:
-            raise ValueError("layers must name at least one decoder layer")
+        check_locate_then_edit(self)
         if list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be strictly increasing, got {list(self.layers)}")
-        if self.fact_token not in FACT_TOKENS:
-            raise ValueError(f"fact_token must be one of {', '.join(FACT_TOKENS)}, got {self.fact_token!r}")
         if self.mom2_update_weight <= 0:  # λ = 0 leaves λC + KKᵀ singular for fewer keys than dimensions
             raise ValueError(f"mom2_update_weight must be > 0, got {self.mom2_update_weight}")
-        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
-            raise ValueError("v_num_grad_steps must be >= 1, v_lr and clamp_norm_factor > 0")
-        if self.mom2_n_samples < 1:
-            raise ValueError(f"mom2_n_samples must be >= 1, got {self.mom2_n_samples}")
-        if self.mom2_dtype not in STATS_DTYPES:
-            raise ValueError(f"mom2_dtype must be one of {', '.join(STATS_DTYPES)}, got {self.mom2_dtype!r}")
-        canonical_corpus(self.mom2_corpus)
 
     def value_settings(self) -> ValueSettings:
         return ValueSettings(self.v_num_grad_steps, self.v_lr, self.v_loss_layer, self.v_weight_decay,

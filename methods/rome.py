@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.case import EditCase
-from benchmarks.metrics import TFBatch
+from benchmarks.metrics import TFBatch, right_pad
 from methods._representation import SPLIT_FORWARD_MODEL_TYPES, _SplitForward
 from methods._stats import STATS_DTYPES, StatsNeed, canonical_corpus, down_proj, provenance_note, second_moment
 from methods.base import Editor, EditStats, NonFiniteError, register_method
@@ -139,12 +139,7 @@ def encode_rows(lm: LoadedModel, texts: Sequence[tuple[str, str | None, str | No
         rows.append(ids)
         prompt_lengths.append(n_prompt if answer is not None else len(ids))
         lookups.append(lookup)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), lm.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention[i, : len(row)] = 1
+    input_ids, attention = right_pad(rows, lm.pad_token_id)
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=lm.device)  # noqa: E731
     return Rows(input_ids.to(lm.device), attention.to(lm.device), as_long(prompt_lengths),
                 as_long([len(r) for r in rows]), as_long(lookups))
@@ -185,6 +180,20 @@ def resolve_loss_layer(lm: LoadedModel, v_loss_layer: int, layer: int) -> int:
     return max(chosen, layer)
 
 
+def _hooked_pass(lm: LoadedModel, rows: Rows, handles: list, top: int) -> None:
+    """One no-grad pass with ``handles`` registered, cut after layer ``top``; the hooks are removed after."""
+    if top + 1 < lm.num_layers:
+        handles.append(lm.layers[top + 1].register_forward_pre_hook(UpperForward._stopper))
+    try:
+        with torch.no_grad():
+            lm.model.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class UpperForward:
     """Records one pass at and below ``layer``; then runs only layers ``layer+1 .. stop`` from a given input.
 
@@ -203,16 +212,7 @@ class UpperForward:
         ]
         for j in range(layer + 1, stop + 1):
             handles.append(lm.layers[j].register_forward_pre_hook(self._recorder(j), with_kwargs=True))
-        if stop + 1 < lm.num_layers:
-            handles.append(lm.layers[stop + 1].register_forward_pre_hook(self._stopper))
-        try:
-            with torch.no_grad():
-                lm.model.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        _hooked_pass(lm, rows, handles, stop)
         self.block_output = recorded["block"]
         self.mlp_output = recorded["mlp"]
 
@@ -308,17 +308,7 @@ def capture(lm: LoadedModel, rows: Rows, key_layers: Sequence[int] = (), block_l
     handles = [down_proj(lm, layer).register_forward_pre_hook(key_hook(layer)) for layer in set(key_layers)]
     handles += [lm.layers[layer].register_forward_hook(block_hook(layer)) for layer in set(block_layers)]
     handles += [lm.layers[layer].mlp.register_forward_hook(mlp_hook(layer)) for layer in set(mlp_layers)]
-    top = max([*key_layers, *block_layers, *mlp_layers])
-    if top + 1 < lm.num_layers:
-        handles.append(lm.layers[top + 1].register_forward_pre_hook(UpperForward._stopper))
-    try:
-        with torch.no_grad():
-            lm.model.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    _hooked_pass(lm, rows, handles, max([*key_layers, *block_layers, *mlp_layers]))
     return keys, blocks, mlps
 
 
@@ -436,21 +426,26 @@ class ROMEHParams:
     fast_forward: bool = True  # run only the live columns above the edited layer (same numbers up to rounding)
 
     def __post_init__(self) -> None:
-        if not self.layers:
-            raise ValueError("layers must name at least one decoder layer")
-        if self.fact_token not in FACT_TOKENS:
-            raise ValueError(f"fact_token must be one of {', '.join(FACT_TOKENS)}, got {self.fact_token!r}")
-        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
-            raise ValueError("v_num_grad_steps must be >= 1, v_lr and clamp_norm_factor > 0")
-        if self.mom2_n_samples < 1:
-            raise ValueError(f"mom2_n_samples must be >= 1, got {self.mom2_n_samples}")
-        if self.mom2_dtype not in STATS_DTYPES:
-            raise ValueError(f"mom2_dtype must be one of {', '.join(STATS_DTYPES)}, got {self.mom2_dtype!r}")
-        canonical_corpus(self.mom2_corpus)
+        check_locate_then_edit(self)
 
     def value_settings(self) -> ValueSettings:
         return ValueSettings(self.v_num_grad_steps, self.v_lr, self.v_loss_layer, self.v_weight_decay,
                              self.clamp_norm_factor, self.kl_factor, self.early_stop_loss)
+
+
+def check_locate_then_edit(hp: Any) -> None:
+    """The checks ROME's and MEMIT's hyperparameters share (layers, fact token, δ optimisation, statistics)."""
+    if not hp.layers:
+        raise ValueError("layers must name at least one decoder layer")
+    if hp.fact_token not in FACT_TOKENS:
+        raise ValueError(f"fact_token must be one of {', '.join(FACT_TOKENS)}, got {hp.fact_token!r}")
+    if hp.v_num_grad_steps < 1 or hp.v_lr <= 0 or hp.clamp_norm_factor <= 0:
+        raise ValueError("v_num_grad_steps must be >= 1, v_lr and clamp_norm_factor > 0")
+    if hp.mom2_n_samples < 1:
+        raise ValueError(f"mom2_n_samples must be >= 1, got {hp.mom2_n_samples}")
+    if hp.mom2_dtype not in STATS_DTYPES:
+        raise ValueError(f"mom2_dtype must be one of {', '.join(STATS_DTYPES)}, got {hp.mom2_dtype!r}")
+    canonical_corpus(hp.mom2_corpus)
 
 
 class WeightEditor(Editor):
