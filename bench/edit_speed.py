@@ -41,7 +41,7 @@ def _worker(method: str, variant: str, n: int, model: str, seed: int) -> dict:
 
     from benchmarks.registry import select_cases
     from methods.base import get_method, load_hparams
-    from orchestrator.models import load_model
+    from kebench.core.models import load_model
     from orchestrator.scenarios import peak_rss_mb
 
     lm = load_model(model)

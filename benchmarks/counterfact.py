@@ -27,7 +27,7 @@ from benchmarks.case import EditCase, PromptAnswer
 from benchmarks.data import require
 from benchmarks.knowedit import _check_unique, read_records
 from benchmarks.registry import Benchmark, register_benchmark
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 TEST_FILE = "counterfact/counterfact_portability_gpt4.json"
 DEV_FILE = "counterfact/counterfact-val.json"

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 DATA_ENV = "KEBENCH_DATA"
 _REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ model's outputs under the same protocol.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -16,7 +17,7 @@ import torch
 from benchmarks.case import EditCase
 from benchmarks.generation import PROTOCOL_GENERATION, generate
 from benchmarks.metrics import PROTOCOL_TEACHER_FORCED, LogitsFn, keyed_mean, mean, predict, token_accuracy
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 PROTOCOLS = (PROTOCOL_TEACHER_FORCED, PROTOCOL_GENERATION)
 
@@ -25,15 +26,40 @@ LocalityKey = tuple[str, str, int]  # (case_id, locality key, prompt index)
 
 @dataclass(frozen=True)
 class CaseScores:
-    case_id: str
-    rel: float | None
-    gen: float | None
-    loc: float | None
-    por: float | None
-    protocol: str = PROTOCOL_TEACHER_FORCED
+    """One case's scores under one protocol: ``values`` holds (metric, value) for every metric that
+    applies to it (names from ``kebench.core.metrics``); ``details`` what the leaderboard's drill-down
+    shows for a failed case (the decoded argmax tokens on the edit prompt, the first changed locality
+    answer)."""
 
-    def as_dict(self) -> dict[str, float | None]:
-        return {"rel": self.rel, "gen": self.gen, "loc": self.loc, "por": self.por}
+    case_id: str
+    values: tuple[tuple[str, float], ...]
+    protocol: str = PROTOCOL_TEACHER_FORCED
+    details: tuple[tuple[str, str], ...] = ()
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.values)
+
+    def get(self, metric: str) -> float | None:
+        return self.as_dict().get(metric)
+
+    @property
+    def rel(self) -> float | None:
+        return self.get("rel")
+
+    @property
+    def gen(self) -> float | None:
+        return self.get("gen")
+
+    @property
+    def loc(self) -> float | None:
+        return self.get("loc")
+
+    @property
+    def por(self) -> float | None:
+        return self.get("por")
+
+    def with_values(self, extra: dict[str, float]) -> "CaseScores":
+        return dataclasses.replace(self, values=self.values + tuple(sorted(extra.items())))
 
 
 @dataclass(frozen=True)
@@ -135,27 +161,36 @@ def score_cases(logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch
     references = pre.reference(protocol)
 
     per_case: dict[str, dict[str, dict[str, list[float]]]] = {c.case_id: {} for c in cases}
-    for (case_id, metric, key, index), predicted, gold in zip(slots, predictions, golds):
+    details: dict[str, dict[str, str]] = {c.case_id: {} for c in cases}
+    for (case_id, metric, key, index), predicted, gold, (prompt, answer) in zip(slots, predictions, golds, pairs):
         if metric == "loc":
             reference = references.get((case_id, key, index))
             if reference is None:
                 raise KeyError(f"no pre-edit {protocol} locality output for {case_id}/{key}/{index}")
             value = token_accuracy(predicted, reference)
+            if value < 1.0 and "loc_prompt" not in details[case_id]:
+                details[case_id].update(loc_prompt=prompt, loc_output=_decode(tokenizer, predicted),
+                                        loc_unedited=_decode(tokenizer, reference))
         else:
             value = token_accuracy(predicted, gold)
+            if metric == "rel":
+                details[case_id]["rel_output"] = _decode(tokenizer, predicted)
         per_case[case_id].setdefault(metric, {}).setdefault(key, []).append(value)
 
     scores = []
     for case in cases:
         found = per_case[case.case_id]
-        scores.append(
-            CaseScores(
-                case_id=case.case_id,
-                rel=mean(found.get("rel", {}).get("", [])),
-                gen=mean(found.get("gen", {}).get("", [])),
-                loc=keyed_mean(found["loc"]) if "loc" in found else None,
-                por=keyed_mean(found["por"]) if "por" in found else None,
-                protocol=protocol,
-            )
-        )
+        values = {
+            "rel": mean(found.get("rel", {}).get("", [])),
+            "gen": mean(found.get("gen", {}).get("", [])),
+            "loc": keyed_mean(found["loc"]) if "loc" in found else None,
+            "por": keyed_mean(found["por"]) if "por" in found else None,
+        }
+        scores.append(CaseScores(case.case_id, tuple((m, v) for m, v in values.items() if v is not None), protocol,
+                                 tuple(sorted(details[case.case_id].items()))))
     return scores
+
+
+def _decode(tokenizer, tokens: torch.Tensor) -> str:
+    """The argmax (or generated) answer tokens as text, for the drill-down."""
+    return tokenizer.decode(tokens.tolist(), skip_special_tokens=False)

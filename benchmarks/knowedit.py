@@ -58,7 +58,7 @@ from benchmarks.case import EditCase, PromptAnswer
 from benchmarks.data import data_file, read_json, require
 from benchmarks.metrics import LogitsFn, encode
 from benchmarks.registry import Benchmark, register_benchmark, split_of
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 KNOWEDIT_SOURCE = "the KnowEdit release (huggingface.co/datasets/zjunlp/KnowEdit; see shared/data/PROVENANCE.md)"
 PORTABILITY_KEYS = ("Reasoning", "Subject_Aliasing", "Logical_Generalization")

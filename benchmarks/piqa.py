@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from benchmarks.data import data_file, read_json, require, resolve_data_dir
 from benchmarks.metrics import LogitsFn, encode
 from benchmarks.registry import register_downstream
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 PIQA_ITEMS = "piqa/valid.jsonl"
 PIQA_LABELS = "piqa/valid-labels.lst"

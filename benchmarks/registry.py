@@ -10,9 +10,8 @@ from typing import Callable, ClassVar, TypeVar
 
 from benchmarks.case import EditCase
 from benchmarks.data import file_sha256, resolve_data_dir
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
-METRICS = ("rel", "gen", "loc", "por")
 SPLITS = ("dev", "test", "all")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks.case import EditCase, PromptAnswer
 from benchmarks.data import data_file, read_json, require
 from benchmarks.registry import Benchmark, register_benchmark, split_of
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 ZSRE_FILE = "zsre/zsre_mend_eval_portability_gpt4.json"
 ZSRE_SOURCE = "EasyEdit's editing-data release (portability/One Hop/zsre_mend_eval_portability_gpt4.json)"

@@ -34,8 +34,8 @@ from torch.nn.utils import parametrize
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
 from methods.base import Editor, EditStats, NonFiniteError
-from orchestrator.errors import KebenchError
-from orchestrator.models import LoadedModel
+from kebench.core.errors import KebenchError
+from kebench.core.models import LoadedModel
 
 #: model types whose decoder layers take (hidden, attention_mask, position_ids, past_key_values,
 #: position_embeddings) and whose attention only calls ``past_key_values.update``: the split forward is

@@ -8,7 +8,7 @@ articles, truncated to the model's context, accumulated in ``mom2_dtype``).
 Here a run forwards the corpus once through the model up to the highest requested layer (the forward
 pass is cut there, as ``Trace(stop=True)`` does), accumulates Σ k kᵀ in float64 for every requested
 layer at once, and stores C = Σ k kᵀ / #tokens per layer as a safetensors file under
-``orchestrator.models.cache_root()/"stats"``, keyed by (model, model revision, layer, corpus, n, dtype):
+``kebench.core.models.cache_root()/"stats"``, keyed by (model, model revision, layer, corpus, n, dtype):
 
     <cache>/stats/<model>/<revision>/<corpus>/layer<L>_n<n>_<dtype>.safetensors
 
@@ -53,8 +53,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from benchmarks.metrics import right_pad
-from orchestrator.errors import KebenchError
-from orchestrator.models import LoadedModel, cache_root
+from kebench.core.errors import KebenchError
+from kebench.core.models import LoadedModel, cache_root
 
 OFFLINE_CORPUS = "shared-offline"
 WIKIPEDIA_ALIAS = "wikipedia"
@@ -453,7 +453,7 @@ def missing_jobs(cells: Iterable[Any], root: Path | None = None) -> list[StatsJo
 
 def run_job(job: StatsJob, data_dir: str | None = None) -> list[dict[str, Any]]:
     """Load the job's model and compute its statistics (the body of the grid's pre-pass Ray task)."""
-    from orchestrator.models import configure_threads, load_model
+    from kebench.core.models import configure_threads, load_model
 
     configure_threads()
     lm = load_model(job.model)

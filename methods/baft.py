@@ -29,7 +29,7 @@ import torch
 from benchmarks.case import EditCase
 from methods._representation import RepresentationEditor
 from methods.base import register_method
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 
 @dataclass(frozen=True)

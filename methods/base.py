@@ -1,16 +1,19 @@
 """The editor contract, the method registry and hyperparameter loading.
 
 A method is one module: an ``Editor`` subclass registered with ``@register_method("name")``, one frozen
-hyperparameter dataclass, and one YAML per model under ``methods/hparams/<name>/<model>.yaml``.
-Methods outside this package register through the ``kebench.methods`` entry-point group.
+hyperparameter dataclass, and one YAML per model.  kebench's own methods keep their YAMLs under
+``methods/hparams/<name>/<model>.yaml``; a plug-in's live next to its own module
+(``<plugin package>/hparams/<name>/<model>.yaml``, or wherever its ``hparams_dir`` class attribute
+points).  Methods outside this package register through the ``kebench.methods`` entry-point group;
+one that fails to import is reported (``kebench.core.plugins.failures``) and the rest still load.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.metadata
 import pkgutil
+import sys
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -23,8 +26,9 @@ import yaml
 
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch
-from orchestrator.errors import KebenchError
-from orchestrator.models import LoadedModel
+from kebench.core import plugins
+from kebench.core.errors import KebenchError
+from kebench.core.models import LoadedModel
 
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
 ENTRY_POINT_GROUP = "kebench.methods"
@@ -56,6 +60,11 @@ class Editor(ABC):
     hparams_class: ClassVar[type]
     #: the protocols every case is scored under (``benchmarks.evaluate.PROTOCOLS``); GRACE adds "generation"
     protocols: ClassVar[tuple[str, ...]] = ("teacher_forced",)
+    #: where this method's ``<name>/<model>.yaml`` files live; None: ``hparams/`` beside the module that
+    #: defines the class (kebench's own methods: ``methods/hparams``)
+    hparams_dir: ClassVar[str | Path | None] = None
+    #: False for methods whose hyperparameters all have defaults and need no YAML (``unedited``)
+    needs_hparams_file: ClassVar[bool] = True
 
     def __init__(self, lm: LoadedModel, hparams: Any, seed: int) -> None:
         self.lm = lm
@@ -81,6 +90,11 @@ class Editor(ABC):
     def logits(self, batch: TFBatch) -> torch.Tensor:
         return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
+    def artifacts(self, cases: Sequence[EditCase]) -> dict[str, Any]:
+        """Small JSON-ready data about the edited model, taken after a stream's edits and before restore
+        (BaFT: per-basis gate weights on edited, rephrased and unrelated inputs); stored per cell."""
+        return {}
+
 
 E = TypeVar("E", bound=type[Editor])
 _REGISTRY: dict[str, type[Editor]] = {}
@@ -103,17 +117,19 @@ _loaded = False
 
 
 def _load_methods() -> None:
-    """Import every method module in this package (they register themselves), then plug-ins."""
+    """Import every method module in this package (they register themselves), then plug-ins.
+
+    Marked loaded only when every module was tried, so a failure is never silently skipped later.
+    """
     global _loaded
     if _loaded:
         return
-    _loaded = True
     package = Path(__file__).resolve().parent
     for info in sorted(pkgutil.iter_modules([str(package)]), key=lambda m: m.name):
         if not info.name.startswith("_") and info.name != "base":
             importlib.import_module(f"methods.{info.name}")
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        entry.load()
+    plugins.load_group(ENTRY_POINT_GROUP)
+    _loaded = True
 
 
 def method_names() -> list[str]:
@@ -121,17 +137,42 @@ def method_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def method_source(name: str) -> str:
+    """Where a method comes from: "kebench", the plug-in distribution that registered it, or its module."""
+    module = get_method(name).__module__
+    if module.startswith("methods."):
+        return "kebench"
+    return plugins.distribution_of_module(module) or module
+
+
 def get_method(name: str) -> type[Editor]:
     _load_methods()
     if name not in _REGISTRY:
-        raise KebenchError(f"unknown method '{name}'; known: {', '.join(sorted(_REGISTRY))}")
+        plugin_names = sorted(n for n in _REGISTRY if not _REGISTRY[n].__module__.startswith("methods."))
+        builtin = sorted(n for n in _REGISTRY if n not in plugin_names)
+        known = ", ".join(builtin) + (f"; plug-ins: {', '.join(plugin_names)}" if plugin_names else "")
+        broken = plugins.failures(ENTRY_POINT_GROUP)
+        hint = f"; {len(broken)} plug-in(s) failed to load (kebench list shows why)" if broken else ""
+        raise KebenchError(f"unknown method '{name}'; known: {known}{hint}")
     return _REGISTRY[name]
 
 
 # --------------------------------------------------------------------------- hyperparameters
 
+def hparams_root(method: str) -> Path:
+    """The folder holding ``<method>/<model>.yaml`` for this method (see ``Editor.hparams_dir``)."""
+    cls = get_method(method)
+    if cls.hparams_dir is not None:
+        return Path(cls.hparams_dir)
+    if cls.__module__.startswith("methods."):
+        return HPARAMS_DIR
+    module = sys.modules.get(cls.__module__)
+    module_file = getattr(module, "__file__", None)
+    return Path(module_file).resolve().parent / "hparams" if module_file else HPARAMS_DIR
+
+
 def hparams_path(method: str, model: str) -> Path:
-    return HPARAMS_DIR / method / f"{model}.yaml"
+    return hparams_root(method) / method / f"{model}.yaml"
 
 
 SCENARIO_BLOCKS = ("single", "continual", "batched")
@@ -144,15 +185,22 @@ def load_hparams(method: str, model: str, scenario: str | None = None, overrides
     A YAML may hold blocks named after a scenario kind (``batched: {lr: 1.0e-4, max_steps: 70}``) whose
     values replace the top-level ones when that scenario runs, as the paper's Table 5 does.
     """
-    cls = get_method(method).hparams_class
-    source = path or hparams_path(method, model)
+    editor = get_method(method)
+    cls = editor.hparams_class
+    source = Path(path) if path is not None else hparams_path(method, model)
+    if path is None and not editor.needs_hparams_file and not source.is_file():
+        return build_hparams(cls, dict(overrides or {}), where=f"method '{method}'")
     if not source.is_file():
         raise KebenchError(f"no hyperparameters for method '{method}' on model '{model}': {source} is missing")
-    with open(source, encoding="utf-8") as handle:
-        try:
+    try:
+        with open(source, encoding="utf-8") as handle:
             raw = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as exc:
-            raise KebenchError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    except yaml.YAMLError as exc:
+        raise KebenchError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError as exc:
+        raise KebenchError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise KebenchError(f"{source}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(raw, dict):
         raise KebenchError(f"{source}: expected a mapping of hyperparameters")
     values = {key: value for key, value in raw.items() if key not in SCENARIO_BLOCKS}

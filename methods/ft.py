@@ -33,8 +33,8 @@ from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
 from methods._stats import down_proj
 from methods.base import Editor, EditStats, NonFiniteError, register_method
-from orchestrator.errors import KebenchError
-from orchestrator.models import LoadedModel
+from kebench.core.errors import KebenchError
+from kebench.core.models import LoadedModel
 
 OBJECTIVES = ("prompt_last", "target_new")
 ANCHORS = ("edit", "original")

@@ -42,8 +42,8 @@ from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
 from methods._representation import SPLIT_FORWARD_MODEL_TYPES, _FullForward, _SplitForward, _targets
 from methods.base import Editor, EditStats, NonFiniteError, register_method
-from orchestrator.errors import KebenchError
-from orchestrator.models import LoadedModel
+from kebench.core.errors import KebenchError
+from kebench.core.models import LoadedModel
 
 GRACE_VALUE_INITS = ("cold", "warm")
 GRACE_REPLACEMENTS = ("replace_last", "replace_prompt", "replace_all")

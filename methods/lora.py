@@ -39,8 +39,8 @@ from benchmarks.case import EditCase
 from benchmarks.metrics import encode
 from methods.base import Editor, EditStats, NonFiniteError, register_method
 from methods.ft import answer_positions
-from orchestrator.errors import KebenchError
-from orchestrator.models import LoadedModel
+from kebench.core.errors import KebenchError
+from kebench.core.models import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
 from methods.base import Editor, EditStats, register_method
 from methods.grace import EditForward, capture, check_finite, swap_module, target_module
-from orchestrator.errors import KebenchError
-from orchestrator.models import LoadedModel
+from kebench.core.errors import KebenchError
+from kebench.core.models import LoadedModel
 
 NO_BLOCK = -1
 # the exact Euclidean path (as the MELO fork forces): cdist's matrix-multiply path rounds near cluster borders

@@ -35,7 +35,7 @@ from methods._stats import StatsNeed, provenance_note, second_moment
 from methods.base import EditStats, NonFiniteError, register_method
 from methods.rome import (ValueSettings, WeightEditor, capture, check_locate_then_edit, context_templates,
                           encode_rows, optimize_value, subject_of)
-from orchestrator.models import LoadedModel
+from kebench.core.models import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,8 @@ from benchmarks.metrics import TFBatch, right_pad
 from methods._representation import SPLIT_FORWARD_MODEL_TYPES, _SplitForward
 from methods._stats import STATS_DTYPES, StatsNeed, canonical_corpus, down_proj, provenance_note, second_moment
 from methods.base import Editor, EditStats, NonFiniteError, register_method
-from orchestrator.errors import KebenchError
-from orchestrator.models import LoadedModel
+from kebench.core.errors import KebenchError
+from kebench.core.models import LoadedModel
 
 # Fixed context prefixes.  Each becomes the template "<prefix> {}"; seed words as in the originals.
 SHORT_PREFIXES = (

@@ -57,8 +57,8 @@ from benchmarks.generation import greedy_continuations
 from benchmarks.metrics import TFBatch, encode
 from methods.base import Editor, EditStats, register_method
 from methods.grace import EditForward, check_finite, swap_module, target_module
-from orchestrator.errors import KebenchError
-from orchestrator.models import LoadedModel
+from kebench.core.errors import KebenchError
+from kebench.core.models import LoadedModel
 
 SEED_WORDS = ("I", "You", "Because", "Yes", "Q: ")  # EasyEdit's get_context_templates
 LONG_ROW_TOKENS = 100  # rows longer than this route on their largest token Δ (EasyEdit's euc(infer=True))

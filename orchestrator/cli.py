@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     table = sub.add_parser("table", help="render a paper-shaped table from a result store")
     table.add_argument("--store", type=Path, required=True)
-    table.add_argument("--table", default="continual", help="single, continual, batched or params")
+    table.add_argument("--table", default="continual",
+                       help="single, continual, batched, params, downstream, or a table a plug-in registered")
     table.add_argument("--format", dest="fmt", default="md", help="md, latex, csv or html")
 
     sweep = sub.add_parser("sweep", help="tune a method's hyperparameters on a dev split with Ray Tune")
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _stats(args: argparse.Namespace) -> int:
     """``kebench stats``: one pass over the corpus for every requested layer not yet cached."""
     from methods._stats import canonical_corpus, check_dtype, ensure_stats
-    from orchestrator.models import check_model_name, load_model
+    from kebench.core.models import check_model_name, load_model
 
     try:
         layers = sorted({int(item) for item in args.layers.split(",") if item.strip()})
@@ -165,10 +166,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from results.tables import FORMATS, TABLES, render
+    from results.tables import FORMATS, get_table, render
 
-    if args.table not in TABLES:
-        raise KebenchError(f"unknown table '{args.table}'; known: {', '.join(TABLES)}")
+    get_table(args.table)
     if args.fmt not in FORMATS:
         raise KebenchError(f"unknown format '{args.fmt}'; known: {', '.join(FORMATS)}")
     if not args.store.is_dir():
@@ -185,14 +185,14 @@ def run_grid_command(args: argparse.Namespace) -> int:
 
     from orchestrator.grid import load_grid
     from orchestrator.runner import run_grid
-    from results.tables import TABLES, render
+    from results.tables import render, table_names
 
     grid = load_grid(args.grid)
     store = args.store or Path(grid.store)
     wanted = [] if args.tables == "none" else [t.strip() for t in args.tables.split(",") if t.strip()]
-    unknown = [t for t in wanted if t not in TABLES]
+    unknown = [t for t in wanted if t not in table_names()]
     if unknown:
-        raise KebenchError(f"--tables: unknown table '{unknown[0]}'; known: {', '.join(TABLES)}")
+        raise KebenchError(f"--tables: unknown table '{unknown[0]}'; known: {', '.join(table_names())}")
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=args.quiet) as progress:
@@ -222,7 +222,7 @@ def run_grid_command(args: argparse.Namespace) -> int:
 def _list() -> int:
     from benchmarks.registry import benchmark_names
     from methods.base import method_names
-    from orchestrator.models import model_names
+    from kebench.core.models import model_names
 
     print("models:     " + ", ".join(model_names()))
     print("benchmarks: " + ", ".join(benchmark_names()))
@@ -237,8 +237,10 @@ def _edit(args: argparse.Namespace) -> int:
 
     from benchmarks.registry import get_benchmark, select_cases
     from methods.base import get_method, hparams_dict, load_hparams
-    from orchestrator.models import check_model_name, load_model
+    from kebench.core.models import check_model_name, load_model
     from orchestrator.scenarios import Scenario, make_streams, run_scenario
+    from kebench.core.metrics import metric_names
+    from results import rows as result_rows
     from results.summary import render_table, summarize
 
     # Validate everything cheap before loading a model.
@@ -258,8 +260,9 @@ def _edit(args: argparse.Namespace) -> int:
         result = run_scenario(lm, args.method, hparams, selection.cases, scenario, args.seed, bench.metrics,
                               on_edit=lambda n: progress.advance(task, n), data_dir=args.data_dir)
 
-    rows = [dict(case_id=c.case_id, stream=c.stream, **c.scores.as_dict(), protocol=bench.row_protocol(c.scores.protocol),
-                 seconds=round(c.seconds, 4), steps=c.steps) for c in result.cases]
+    timing = {(c.case_id, c.stream): (round(c.seconds, 4), c.steps) for c in result.cases}
+    rows = [{**row, "seconds": timing[(row["case_id"], row["stream"])][0], "steps": timing[(row["case_id"], row["stream"])][1]}
+            for row in result_rows.per_case(result_rows.case_rows(result.cases, bench.row_protocol))]
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
@@ -267,7 +270,7 @@ def _edit(args: argparse.Namespace) -> int:
                 handle.write(json.dumps(row) + "\n")
     protocols = sorted({row["protocol"] for row in rows})  # never pool protocols (GRACE reports two)
     summaries = [(args.method if len(protocols) == 1 else escape(f"{args.method} [{protocol}]"),
-                  summarize([row for row in rows if row["protocol"] == protocol], ("rel", "gen", "loc", "por")))
+                  summarize([row for row in rows if row["protocol"] == protocol], metric_names()))
                  for protocol in protocols]
     title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={len(selection.cases)} · "
              f"seed={args.seed}")

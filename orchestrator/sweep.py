@@ -34,10 +34,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 SPACE_KINDS = ("uniform", "loguniform", "choice", "grid", "randint")
-METRICS = ("rel", "gen", "loc", "por", "avg")
 SWEEP_KEYS = ("name", "model", "method", "benchmark", "scenario", "metric", "samples", "seed", "resources", "space",
               "store", "scheduler")
 
@@ -79,7 +78,7 @@ def parse_sweep(raw: Any, source: str) -> SweepSpec:
     """Validate a sweep mapping; every error is one line naming the file and key."""
     from benchmarks.registry import get_benchmark
     from methods.base import get_method
-    from orchestrator.models import check_model_name
+    from kebench.core.models import check_model_name
     from orchestrator.scenarios import Scenario
 
     if not isinstance(raw, dict):
@@ -103,8 +102,8 @@ def parse_sweep(raw: Any, source: str) -> SweepSpec:
     if bench.get("split", "dev") != "dev":
         raise KebenchError(f"{source}: benchmark.split must be 'dev' (sweeps tune on dev, tables report test)")
     metric = raw.get("metric", "avg")
-    if metric not in METRICS:
-        raise KebenchError(f"{source}: metric '{metric}' unknown; known: {', '.join(METRICS)}")
+    if metric not in objectives():
+        raise KebenchError(f"{source}: metric '{metric}' unknown; known: {', '.join(objectives())}")
     fields = {f.name for f in dataclasses.fields(hparams_class)}
     space = []
     if not isinstance(raw["space"], dict) or not raw["space"]:
@@ -134,6 +133,13 @@ def parse_sweep(raw: Any, source: str) -> SweepSpec:
     )
 
 
+def objectives() -> list[str]:
+    """What a sweep can optimise: any registered metric, or ``avg`` (mean of the benchmark's metrics)."""
+    from kebench.core.metrics import metric_names
+
+    return [*metric_names(), "avg"]
+
+
 def _param_space(spec: SweepSpec) -> dict[str, Any]:
     from ray import tune
 
@@ -154,8 +160,9 @@ def trial(config: Mapping[str, Any], spec: SweepSpec, data_dir: str | None) -> N
     from benchmarks.evaluate import compute_pre_edit
     from benchmarks.registry import get_benchmark, select_cases
     from methods.base import load_hparams
-    from orchestrator.models import load_model
+    from kebench.core.models import load_model
     from orchestrator.scenarios import Scenario, make_streams, plain_logits, run_scenario
+    from results.rows import case_rows, per_case
     from results.summary import summarize
 
     lm = load_model(spec.model)
@@ -169,7 +176,7 @@ def trial(config: Mapping[str, Any], spec: SweepSpec, data_dir: str | None) -> N
         stream_cases = [case for call in stream for case in call]
         result = run_scenario(lm, spec.method, hparams, stream_cases, scenario, spec.seed, bench.metrics, pre=pre)
         # The common protocol only: GRACE also reports its generation protocol, which must not pool in.
-        rows.extend(case.scores.as_dict() for case in result.cases if case.scores.protocol == "teacher_forced")
+        rows.extend(row for row in per_case(case_rows(result.cases)) if row["protocol"] == "teacher_forced")
         summary = summarize(rows, bench.metrics)
         scores = {metric: value for metric, value in summary.means.items() if value is not None}
         tune.report({**scores, "avg": summary.avg, "cases": len(rows), "seconds_per_edit": result.seconds_per_edit})
@@ -217,7 +224,7 @@ def _write_trials(results: Any, path: Path, spec: SweepSpec) -> None:
     import pyarrow.parquet as pq
 
     frame = results.get_dataframe()
-    keep = [c for c in frame.columns if c.startswith("config/") or c in (*METRICS, "cases", "seconds_per_edit", "trial_id")]
+    keep = [c for c in frame.columns if c.startswith("config/") or c in (*objectives(), "cases", "seconds_per_edit", "trial_id")]
     table = pa.Table.from_pandas(frame[keep], preserve_index=False) if hasattr(frame, "columns") else None
     if table is None:
         return

@@ -2,6 +2,7 @@
 
 Layout under a store directory::
 
+    artifacts/benchmark=<b>/model=<m>/method=<x>/<cell_id>-a<attempt>.json  drill-down details, gate weights
     cases/benchmark=<b>/model=<m>/method=<x>/<cell_id>-a<attempt>.parquet   one row per case x metric
     cells/benchmark=<b>/model=<m>/method=<x>/<cell_id>-a<attempt>.parquet   one row per cell attempt
 
@@ -12,7 +13,10 @@ Why this shape:
 - Each file is written under a temporary name (``.tmp-…parquet.tmp``) in its final directory and then
   ``os.replace``d, so a file's presence means its attempt finished. Readers glob ``**/*.parquet``,
   which never matches a temporary file.
-- The cases file is written before the cells file, so a cell row implies that its case rows exist.
+- The artifact and cases files are written before the cells file, so a cell row implies that its case
+  rows (and artifact, when the cell has one) exist.
+- Metric names are validated against the metric registry (``kebench.core.metrics``): a benchmark that
+  registers a new metric stores it with no change here.
 - Partition values are percent-encoded (``urllib.parse.quote``), which DuckDB's hive reader decodes, so
   a model called ``meta-llama/Llama-2-7b-hf`` round-trips exactly and never escapes its directory.
 """
@@ -31,16 +35,18 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kebench.core import metrics
+
 SCHEMA_VERSION = 1
 
 CASES_DIR = "cases"
 CELLS_DIR = "cells"
+ARTIFACTS_DIR = "artifacts"
 PARTITION_KEYS = ("benchmark", "model", "method")
 TMP_PREFIX = ".tmp-"
 TMP_SUFFIX = ".parquet.tmp"
 
 SCENARIOS = ("single", "continual", "batched")
-METRICS = ("rel", "gen", "loc", "por")
 STATUSES = ("ok", "failed")
 
 _UTC_US = pa.timestamp("us", tz="UTC")
@@ -111,7 +117,7 @@ INHERITED_CASE_COLUMNS = ("cell_id", "attempt", "model", "benchmark", "split", "
                           "method", "label", "seed")
 _JSON_COLUMNS = ("hparams", "packages")
 _TIMESTAMP_COLUMNS = ("started_at", "finished_at")
-_CHOICES = {"scenario": SCENARIOS, "status": STATUSES, "metric": METRICS}
+_CHOICES = {"scenario": SCENARIOS, "status": STATUSES}
 _PACKAGES = ("torch", "transformers", "peft", "ray", "duckdb", "pyarrow", "kebench")
 
 
@@ -158,8 +164,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_cell_attempt(store: Path, cell_row: dict, case_rows: list[dict]) -> None:
-    """Validate and atomically store one finished cell attempt: the cases file first, then the cell file.
+def write_cell_attempt(store: Path, cell_row: dict, case_rows: list[dict], artifact: Mapping[str, Any] | None = None) -> None:
+    """Validate and atomically store one finished cell attempt: the artifact (JSON) and cases files first,
+    then the cell file.
 
     Raises ``ValueError`` naming the offending column for a missing, unknown, null, mistyped or
     out-of-range value, and ``FileExistsError`` if this (cell_id, attempt) is already stored: attempts
@@ -179,8 +186,25 @@ def write_cell_attempt(store: Path, cell_row: dict, case_rows: list[dict]) -> No
         if path.exists():
             raise FileExistsError(f"{path} already exists: attempt {cell['attempt']} of cell {cell['cell_id']} "
                                   "is stored; use next_attempt() for a re-run")
+    if artifact:
+        _atomic_write_bytes(artifact_path(store, cell), json.dumps(artifact, ensure_ascii=False, allow_nan=False,
+                                                                  separators=(",", ":")).encode("utf-8"))
     for path, table in targets:
         _atomic_write(path, table)
+
+
+def artifact_path(store: Path, cell_row: Mapping[str, Any]) -> Path:
+    return partition_dir(store, ARTIFACTS_DIR, cell_row) / attempt_filename(
+        cell_row["cell_id"], cell_row["attempt"]).replace(".parquet", ".json")
+
+
+def read_artifact(store: Path, cell_row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The cell attempt's artifact, or None when it has none (failed cells, older stores) or it is unreadable."""
+    path = artifact_path(store, cell_row)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def latest_attempts(store: Path) -> dict[str, tuple[int, str]]:
@@ -276,6 +300,9 @@ def _check_values(schema: pa.Schema, row: Mapping[str, Any], where: str) -> None
         if field.name in _CHOICES and value not in _CHOICES[field.name]:
             raise ValueError(f"{where}: column {field.name!r} is {value!r}, expected one of "
                              f"{', '.join(_CHOICES[field.name])}")
+        if field.name == "metric" and not metrics.is_metric(value):
+            raise ValueError(f"{where}: column 'metric' is {value!r}, not a registered metric "
+                             f"(kebench.register_metric); registered: {', '.join(metrics.metric_names())}")
         if field.name in PARTITION_KEYS + ("cell_id",) and (not isinstance(value, str) or not value):
             # Empty partition values become NULL in hive paths, and names must be strings.
             raise ValueError(f"{where}: column {field.name!r} must be a non-empty string")
@@ -324,6 +351,17 @@ def _to_table(schema: pa.Schema, rows: Sequence[Mapping[str, Any]], where: str) 
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:
             raise ValueError(f"{where}: column {field.name!r} does not fit type {field.type}: {exc}") from None
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.stem}-{uuid.uuid4().hex[:8]}.json.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _atomic_write(path: Path, table: pa.Table) -> None:

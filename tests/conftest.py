@@ -9,14 +9,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    from orchestrator.models import load_model
+    from kebench.core.models import load_model
 
     return load_model("tiny-random-llama", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def smol_lm():
-    from orchestrator.models import load_model
+    from kebench.core.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
 

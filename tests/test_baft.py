@@ -169,7 +169,7 @@ def test_locality_regularizer_uses_irrelevant_texts(tiny_lm):
 
 
 def test_bad_layer_is_a_clear_error(tiny_lm):
-    from orchestrator.errors import KebenchError
+    from kebench.core.errors import KebenchError
 
     with pytest.raises(KebenchError, match="layer 5 out of range"):
         _editor(tiny_lm, "baft", layers=[5])

@@ -122,7 +122,7 @@ def test_paper_grid_loads() -> None:
 
 def test_paper_grid_expands_when_the_data_is_here() -> None:
     from benchmarks.data import resolve_data_dir
-    from orchestrator.errors import KebenchError
+    from kebench.core.errors import KebenchError
     from orchestrator.grid import expand, load_grid
 
     try:

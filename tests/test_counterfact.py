@@ -9,7 +9,7 @@ import pytest
 from benchmarks.case import PromptAnswer
 from benchmarks.data import resolve_data_dir
 from benchmarks.registry import get_benchmark, select_cases
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from benchmarks.evaluate import compute_pre_edit, score_cases
 from benchmarks.metrics import encode
 from methods.base import get_method, load_hparams
 from methods.ft import edit_loss
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 from orchestrator.scenarios import PROBE_TEXTS, plain_logits
 
 CASES = (

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from benchmarks.registry import select_cases
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 from orchestrator.grid import (
     BenchmarkSpec,
     Cell,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from methods.base import HPARAMS_DIR, get_method, load_hparams
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 
 def test_scenario_block_overrides_top_level():

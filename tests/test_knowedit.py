@@ -13,7 +13,7 @@ from benchmarks.case import PromptAnswer
 from benchmarks.data import resolve_data_dir
 from benchmarks.knowedit import ConvSentProbe, aliases_of, convsent_scores
 from benchmarks.registry import get_benchmark, select_cases
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 from orchestrator.scenarios import plain_logits
 
 NAMES = ("zsre-knowedit", "wikidata-recent", "wikidata-counterfact", "wikibio", "convsent")

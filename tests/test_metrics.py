@@ -8,7 +8,7 @@ import torch
 from benchmarks.case import EditCase, PromptAnswer
 from benchmarks.evaluate import compute_pre_edit, score_cases
 from benchmarks.metrics import answer_predictions, encode, keyed_mean, token_accuracy
-from orchestrator.models import byte_tokenizer
+from kebench.core.models import byte_tokenizer
 
 
 def test_encode_splits_prompt_and_answer_at_the_join():

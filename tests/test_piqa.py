@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.piqa import PiqaItem, load_piqa, piqa_accuracy, piqa_choices
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 from orchestrator.scenarios import plain_logits
 
 

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.case import EditCase
 from methods.base import Editor, EditStats, register_method
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 from orchestrator.scenarios import Scenario, make_streams, run_scenario
 
 CASES = [EditCase(f"c{i}", f"Question number {i} is", f"answer {i}") for i in range(6)]

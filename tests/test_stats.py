@@ -12,7 +12,7 @@ import torch
 import methods._stats as stats
 from methods._stats import (OFFLINE_CORPUS, StatsKey, StatsNeed, canonical_corpus, corpus_texts, ensure_stats,
                             missing_jobs, offline_pool, read_metadata, run_job, second_moment)
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 
 class _Counter:

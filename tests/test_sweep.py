@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 from orchestrator.sweep import best_yaml, load_sweep, parse_sweep, run_sweep
 
 BASE = {

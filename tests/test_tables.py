@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kebench.core.errors import KebenchError
 from results.store import write_cell_attempt
 from results.tables import connect, render
 
@@ -136,11 +137,12 @@ def test_params_table(tmp_path: Path) -> None:
     put(tmp_path, "ROME", 1, {"rel": [1.0]}, seconds=27.27, params=0)
     put(tmp_path, "GRACE", 1, status="failed", model="gemma3-270m")
     lines = render(tmp_path, "params", "md").splitlines()
-    assert ("| Method | gemma3-270m # Params. | gemma3-270m Time (sec./edit) "
-            "| smollm2-135m # Params. | smollm2-135m Time (sec./edit) |") in lines
-    assert "| BaFT | – | – | 606,256 | 2.50 |" in lines
-    assert "| GRACE | × | × | – | – |" in lines
-    assert "| ROME | – | – | / | 27.27 |" in lines
+    assert ("| Method | gemma3-270m # Params. | gemma3-270m Time (sec./edit) | gemma3-270m Peak mem. (GB) "
+            "| smollm2-135m # Params. | smollm2-135m Time (sec./edit) | smollm2-135m Peak mem. (GB) |") in lines
+    baft = next(line for line in lines if line.startswith("| BaFT"))
+    assert baft.startswith("| BaFT | – | – | – | 606,256 | 2.50 | ")
+    assert "| GRACE | × | × | × | – | – | – |" in lines
+    assert next(line for line in lines if line.startswith("| ROME")).startswith("| ROME | – | – | – | / | 27.27 | ")
     assert r"\# Params." in render(tmp_path, "params", "latex")
 
 
@@ -148,9 +150,9 @@ def test_empty_store_and_bad_names(tmp_path: Path) -> None:
     assert render(tmp_path, "single", "md") == f"no results in {tmp_path}"
     put(tmp_path, "BaFT", 1, {"rel": [1.0]})
     assert render(tmp_path, "batched", "md") == f"no batched results in {tmp_path}"
-    with pytest.raises(ValueError, match="unknown format 'pdf'"):
+    with pytest.raises(KebenchError, match="unknown format 'pdf'"):
         render(tmp_path, "single", "pdf")
-    with pytest.raises(ValueError, match="unknown table 'table9'"):
+    with pytest.raises(KebenchError, match="unknown table 'table9'"):
         render(tmp_path, "table9", "md")
 
 

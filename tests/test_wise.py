@@ -10,7 +10,7 @@ from benchmarks.evaluate import compute_pre_edit, score_cases
 from benchmarks.metrics import encode
 from methods.base import get_method, load_hparams
 from methods.wise import ORIGINAL, SIDE, ties_merge
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 from orchestrator.scenarios import PROBE_TEXTS, Scenario, plain_logits, run_scenario
 
 CPU = torch.device("cpu")

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.registry import get_benchmark, select_cases
 from benchmarks.data import resolve_data_dir
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 
 @pytest.fixture(scope="module")

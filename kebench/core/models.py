@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from orchestrator.errors import KebenchError
+from kebench.core.errors import KebenchError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,160 @@
+"""Renderers: every registered table (``results.registry``) as Markdown, LaTeX, CSV or HTML."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from pathlib import Path
+from typing import Callable
+
+import duckdb
+
+from kebench.core.errors import KebenchError
+from results.registry import FAILED, NOT_RUN, Block, Table, get_table
+from results.store import CELLS_DIR, has_files
+from results.views import connect, records
+
+FORMATS = ("md", "latex", "csv", "html")
+
+
+def render(store: Path, table: str, fmt: str) -> str:
+    """Render a registered table from the store as Markdown, LaTeX, CSV or HTML."""
+    definition = get_table(table)
+    if fmt not in FORMATS:
+        raise KebenchError(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}")
+    store = Path(store)
+    if not has_files(store, CELLS_DIR):
+        return f"no results in {store}"
+    with connect(store) as con:
+        built = build_table(con, definition.name)
+    if built is None:
+        return f"no {table} results in {store}"
+    return RENDERERS[fmt](built)
+
+
+_NOTES_SQL = """
+SELECT DISTINCT provenance FROM cells_latest
+WHERE ($scenario IS NULL OR scenario = $scenario) AND coalesce(provenance, '') <> ''
+ORDER BY provenance
+"""
+
+
+def build_table(con: duckdb.DuckDBPyConnection, table: str) -> Table | None:
+    """The format-independent table (None when the store has no cells for it)."""
+    definition = get_table(table)
+    blocks = definition.build(con)
+    if not blocks:
+        return None
+    notes = [row["provenance"] for row in records(con, _NOTES_SQL, {"scenario": definition.scenario})]
+    return Table(definition.title, blocks, notes)
+
+
+
+def _flat_header(block: Block) -> list[str]:
+    return [f"{group.name} {column}" for group in block.groups for column in group.columns]
+
+
+def _legend(table: Table) -> list[str]:
+    texts = {cell.text for block in table.blocks for _, cells in block.rows for cell in cells}
+    legend = []
+    if NOT_RUN in texts:
+        legend.append(f"{NOT_RUN}: not run (or metric not measured)")
+    if FAILED in texts:
+        legend.append(f"{FAILED}: latest attempt failed")
+    return ["; ".join(legend)] if legend else []
+
+
+def _markdown(table: Table) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    marks = {"best": "**{}**", "second": "<u>{}</u>", "": "{}"}
+    out = [f"## {table.title}", ""]
+    for block in table.blocks:
+        if block.title:
+            out += [f"### {block.title}", ""]
+        header = ["Method"] + _flat_header(block)
+        out += [line(header), "| --- |" + " ---: |" * (len(header) - 1)]
+        out += [line([label] + [marks[cell.mark].format(cell.text) for cell in cells]) for label, cells in block.rows]
+        out.append("")
+    notes = table.notes + _legend(table)
+    out += ["Notes:", ""] + [f"- {note}" for note in notes] if notes else []
+    return "\n".join(out).rstrip()
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  NOT_RUN: "--", FAILED: r"$\times$", "·": r"$\cdot$"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
+
+
+def _latex(table: Table) -> str:
+    """booktabs tabulars (\\toprule, \\cmidrule), one per block, as in the paper's tables."""
+    marks = {"best": r"\textbf{%s}", "second": r"\underline{%s}", "": "%s"}
+    out = [f"% {table.title}"]
+    for block in table.blocks:
+        widths = [len(group.columns) for group in block.groups]
+        out += ["\\begin{tabular}{l" + "".join("r" * width for width in widths) + "}", r"\toprule"]
+        if block.title:
+            out += [rf"\multicolumn{{{1 + sum(widths)}}}{{c}}{{{_tex(block.title)}}} \\", r"\midrule"]
+        out.append(" & ".join([""] + [rf"\multicolumn{{{w}}}{{c}}{{{_tex(g.name)}}}"
+                                       for g, w in zip(block.groups, widths)]) + r" \\")
+        starts = [2 + sum(widths[:index]) for index in range(len(widths))]
+        out.append("".join(rf"\cmidrule(lr){{{s}-{s + w - 1}}}" for s, w in zip(starts, widths)))
+        out.append(" & ".join(["Method"] + [_tex(c) for g in block.groups for c in g.columns]) + r" \\")
+        out.append(r"\midrule")
+        out += [" & ".join([_tex(label)] + [marks[c.mark] % _tex(c.text) for c in cells]) + r" \\"
+                for label, cells in block.rows]
+        out += [r"\bottomrule", r"\end{tabular}", ""]
+    out += [rf"\par\noindent{{\footnotesize Note: {_tex(note)}}}" for note in table.notes + _legend(table)]
+    return "\n".join(out).rstrip()
+
+
+def _html(table: Table) -> str:
+    marks = {"best": "<b>{}</b>", "second": "<u>{}</u>", "": "{}"}
+    esc = html.escape
+    out = [f"<h2>{esc(table.title)}</h2>"]
+    for block in table.blocks:
+        out.append("<table>")
+        if block.title:
+            out.append(f"<caption>{esc(block.title)}</caption>")
+        out.append("<thead>")
+        out.append('<tr><th rowspan="2">Method</th>'
+                   + "".join(f'<th colspan="{len(g.columns)}">{esc(g.name)}</th>' for g in block.groups) + "</tr>")
+        out.append("<tr>" + "".join(f"<th>{esc(c)}</th>" for g in block.groups for c in g.columns) + "</tr>")
+        out.append("</thead>")
+        out.append("<tbody>")
+        for label, cells in block.rows:
+            tds = "".join(f"<td>{marks[c.mark].format(esc(c.text))}</td>" for c in cells)
+            out.append(f"<tr><td>{esc(label)}</td>{tds}</tr>")
+        out += ["</tbody>", "</table>"]
+    out += [f'<p class="note">Note: {esc(note)}</p>' for note in table.notes + _legend(table)]
+    return "\n".join(out)
+
+
+def _csv(table: Table) -> str:
+    """One CSV for all blocks: the block's key columns, the method, then "<group> <metric>" columns.
+
+    Notes follow as ``# `` comment lines (pandas: ``read_csv(..., comment="#")``).
+    """
+    key_names = list(table.blocks[0].keys)
+    columns: list[str] = []
+    for block in table.blocks:
+        columns += [name for name in _flat_header(block) if name not in columns]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(key_names + ["method"] + columns)
+    for block in table.blocks:
+        for label, cells in block.rows:
+            by_column = dict(zip(_flat_header(block), (cell.text for cell in cells)))
+            keys = [block.keys[name] for name in key_names]
+            writer.writerow(keys + [label] + [by_column.get(column, "") for column in columns])
+    buffer.writelines(f"# {note}\n" for note in table.notes)
+    return buffer.getvalue().rstrip("\n")
+
+
+RENDERERS: dict[str, Callable[[Table], str]] = {"md": _markdown, "latex": _latex, "csv": _csv, "html": _html}

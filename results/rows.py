@@ -1,0 +1,72 @@
+"""The one place result rows are built: the grid runner, ``kebench edit`` and sweeps all call these.
+
+Rows are plain dicts in the store's long format (one per case × metric; ``results.store`` validates
+them); ``per_case`` pivots them back to one mapping per case for JSON lines and summaries.  This
+module sees scenario results only through the small protocols below, so the results layer keeps
+depending on nothing but the base layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+
+class _Scores(Protocol):
+    case_id: str
+    protocol: str
+    details: tuple[tuple[str, str], ...]
+
+    def as_dict(self) -> Mapping[str, float]: ...
+
+
+class _CaseResult(Protocol):
+    case_id: str
+    stream: int
+    scores: _Scores
+    seconds: float
+    steps: int
+
+
+class _Case(Protocol):
+    case_id: str
+    prompt: str
+    target_new: str
+    rephrase: tuple[str, ...]
+
+
+def case_rows(results: Iterable[_CaseResult], row_protocol: Callable[[str], str] = lambda p: p) -> list[dict[str, Any]]:
+    """One row per case × metric; ``row_protocol`` maps the scored protocol to the stored tag (ConvSent's proxy)."""
+    return [
+        {"stream": r.stream, "case_id": r.case_id, "metric": metric, "value": float(value),
+         "protocol": row_protocol(r.scores.protocol)}
+        for r in results
+        for metric, value in r.scores.as_dict().items()
+        if value is not None
+    ]
+
+
+def per_case(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Long rows → one dict per (case, stream, protocol) with a key per metric, in first-seen order."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        key = (row["case_id"], row["stream"], row["protocol"])
+        entry = out.setdefault(key, {"case_id": row["case_id"], "stream": row["stream"], "protocol": row["protocol"]})
+        entry[row["metric"]] = row["value"]
+    return list(out.values())
+
+
+def cell_artifact(cases: Sequence[_Case], results: Iterable[_CaseResult], streams: Sequence[Mapping[str, Any]],
+                  row_protocol: Callable[[str], str] = lambda p: p) -> dict[str, Any]:
+    """The per-cell JSON artifact: each case's prompt, target and drill-down details per protocol, and
+    what the editor reported per stream (BaFT's gate weights)."""
+    by_id = {case.case_id: case for case in cases}
+    entries: dict[str, dict[str, Any]] = {}
+    for r in results:
+        case = by_id.get(r.case_id)
+        if case is None:
+            continue
+        entry = entries.setdefault(r.case_id, {"prompt": case.prompt, "target": case.target_new,
+                                               "rephrase": list(case.rephrase[:1]), "stream": r.stream,
+                                               "details": {}})
+        entry["details"][row_protocol(r.scores.protocol)] = dict(r.scores.details)
+    return {"cases": entries, "streams": [dict(stream) for stream in streams]}

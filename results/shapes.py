@@ -1,0 +1,279 @@
+"""The BaFT paper's tables, each one registered function over the DuckDB views (``results.views``).
+
+``single`` (Table 1), ``continual`` (Table 2), ``batched`` (Tables 6-7), ``params`` (Table 3, with
+peak memory) and ``downstream`` (Table 8: e.g. PIQA accuracy after a stream, beside the unedited
+model). Values are means over all case rows of the latest ok attempts (so over cases and seeds) of
+the cells that share a method label; Avg. is the mean of the metric means a row has. Rows never pool
+different ``protocol`` values: a label measured under several protocols gets one row per protocol.
+"–" marks a (method, group) that was never run (or a metric it lacks), "×" one with a cell whose
+latest attempt failed: a mean over the seeds that happened to succeed would look like a complete
+result. The reference row ``unedited`` comes first and is never marked best.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+
+from kebench.core import metrics as metric_registry
+from results.registry import FAILED, NOT_RUN, REFERENCE_LABEL, Block, Cell, Group, register_table, row_order
+from results.views import records
+
+
+@dataclass(frozen=True)
+class _Spec:
+    scenario: str
+    block_keys: tuple[str, ...]
+    group_keys: tuple[str, ...]
+    default_metrics: tuple[str, ...]
+
+
+SINGLE = _Spec("single", ("model",), ("benchmark", "split"), ("rel", "loc"))
+CONTINUAL = _Spec("continual", ("model", "benchmark", "split"), ("T",), ("rel", "gen", "loc"))
+BATCHED = _Spec("batched", ("model", "benchmark", "split", "B"), ("T",), ("rel", "gen", "loc"))
+
+_MEANS_SQL = """
+SELECT model, benchmark, split, "B", "T", label, protocol, metric, avg(value) AS mean
+FROM cases_latest
+WHERE cell_id IN (SELECT cell_id FROM cells_latest WHERE scenario = $scenario AND status = 'ok')
+GROUP BY ALL
+"""
+_STATUS_SQL = """
+SELECT model, benchmark, split, "B", "T", label, bool_or(status = 'failed') AS failed
+FROM cells_latest
+WHERE scenario = $scenario
+GROUP BY ALL
+"""
+_PARAMS_SQL = """
+SELECT model, label,
+       bool_or(status = 'ok') AS ok,
+       avg(seconds_per_edit) FILTER (WHERE status = 'ok') AS seconds_per_edit,
+       min(trainable_params) FILTER (WHERE status = 'ok') AS params_min,
+       max(trainable_params) FILTER (WHERE status = 'ok') AS params_max,
+       max(peak_rss_mb) FILTER (WHERE status = 'ok') AS peak_rss_mb
+FROM cells_latest
+GROUP BY ALL
+"""
+_DOWNSTREAM_SQL = """
+SELECT model, benchmark, split, scenario, "T", "B", downstream, label,
+       bool_or(status = 'failed') AS failed,
+       max(downstream_items) AS items,
+       avg(downstream_unedited) FILTER (WHERE status = 'ok') AS unedited,
+       avg(downstream_edited) FILTER (WHERE status = 'ok') AS edited
+FROM cells_latest
+WHERE downstream IS NOT NULL
+GROUP BY ALL
+"""
+_NOTES_SQL = """
+SELECT DISTINCT provenance FROM cells_latest
+WHERE ($scenario IS NULL OR scenario = $scenario) AND coalesce(provenance, '') <> ''
+ORDER BY provenance
+"""
+
+
+def _key(row: dict[str, Any], names: tuple[str, ...]) -> tuple:
+    return tuple(row[name] for name in names)
+
+
+def _metric_blocks(con: duckdb.DuckDBPyConnection, spec: _Spec) -> list[Block]:
+    params = {"scenario": spec.scenario}
+    status = records(con, _STATUS_SQL, params)  # one row per (block, group, label): any cell failed?
+    means = records(con, _MEANS_SQL, params)  # one row per (block, group, label, protocol, metric)
+    splits: dict[str, set[str]] = defaultdict(set)
+    for row in status:
+        splits[row["benchmark"]].add(row["split"])
+    multi_split = {benchmark for benchmark, names in splits.items() if len(names) > 1}
+    blocks = []
+    for block_key in sorted({_key(row, spec.block_keys) for row in status}):
+        keys = dict(zip(spec.block_keys, block_key))
+        block_status = [row for row in status if _key(row, spec.block_keys) == block_key]
+        block_means = [row for row in means if _key(row, spec.block_keys) == block_key]
+        blocks.append(_metric_block(spec, keys, block_status, block_means, multi_split))
+    return blocks
+
+
+def _metric_block(spec: _Spec, keys: dict[str, Any], status: list[dict[str, Any]], means: list[dict[str, Any]],
+                  multi_split: set[str]) -> Block:
+    """One block: a row per (label, protocol), a column group per group key (benchmark or T)."""
+    failed = {(_key(row, spec.group_keys), row["label"]) for row in status if row["failed"]}
+    values: dict[tuple, dict[str, float]] = defaultdict(dict)  # (group, label, protocol) -> metric -> mean
+    protocols: dict[str, set[str]] = {row["label"]: set() for row in status}
+    for row in means:
+        values[(_key(row, spec.group_keys), row["label"], row["protocol"])][row["metric"]] = row["mean"]
+        protocols[row["label"]].add(row["protocol"])
+    row_keys = sorted(((label, protocol) for label, found in protocols.items() for protocol in sorted(found) or [None]),
+                      key=lambda key: (*row_order(key[0]), key[1] or ""))
+    block_metrics = _present_metrics(values.values()) or list(spec.default_metrics)
+
+    groups: list[Group] = []
+    row_cells: list[list[Cell]] = [[] for _ in row_keys]
+    for group in sorted({_key(row, spec.group_keys) for row in status}):
+        metrics = _present_metrics(v for (g, _, _), v in values.items() if g == group) or block_metrics
+        texts = [_group_texts(values.get((group, label, protocol)), (group, label) in failed, metrics)
+                 for label, protocol in row_keys]
+        ranked = _mark_best([t[-1] for t in texts], [label == REFERENCE_LABEL for label, _ in row_keys])
+        for cells, row_texts, avg in zip(row_cells, texts, ranked):
+            cells += [Cell(text) for text in row_texts[:-1]] + [avg]
+        name = _group_name(dict(zip(spec.group_keys, group)), multi_split)
+        groups.append(Group(name, [metric_registry.label(metric) for metric in metrics] + ["Avg."]))
+    rows = [(_row_label(label, protocol, protocols[label]), cells)
+            for (label, protocol), cells in zip(row_keys, row_cells)]
+    return Block(keys, _block_title(keys, multi_split), groups, rows)
+
+
+def _group_texts(found: dict[str, float] | None, failed: bool, metrics: list[str]) -> list[str]:
+    """One row's metric cells and Avg. (the mean of the metric means it has) in one column group."""
+    if failed:
+        return [FAILED] * (len(metrics) + 1)
+    if not found:
+        return [NOT_RUN] * (len(metrics) + 1)
+    return [_number(found.get(metric)) for metric in metrics] + [_number(average(found))]
+
+
+def _present_metrics(metric_maps: Any) -> list[str]:
+    """The registered metrics (in table order) that any of the given rows has."""
+    seen: set[str] = set()
+    for metric_map in metric_maps:
+        seen.update(metric_map)
+    return metric_registry.ordered(seen)
+
+
+def average(found: dict[str, float]) -> float | None:
+    """Avg.: the mean of the metric means a row has, over the metrics that count in the average
+    (a lower-is-better metric such as ConvSent's DD does not)."""
+    counted = [value for metric, value in found.items()
+               if not metric_registry.is_metric(metric) or metric_registry.get_metric(metric).in_average]
+    return sum(counted) / len(counted) if counted else None
+
+
+def _mark_best(texts: list[str], reference: list[bool] | None = None) -> list[Cell]:
+    """Bold the best and underline the second-best Avg. (compared as printed, so ties share a mark);
+    the reference row (unedited) is never ranked."""
+    reference = reference or [False] * len(texts)
+    ranked = sorted({float(t) for t, ref in zip(texts, reference) if _is_number(t) and not ref}, reverse=True)
+    marks = {value: mark for value, mark in zip(ranked, ("best", "second"))}
+    return [Cell(t, marks.get(float(t), "") if _is_number(t) and not ref else "") for t, ref in zip(texts, reference)]
+
+
+def _is_number(text: str) -> bool:
+    return text not in (NOT_RUN, FAILED)
+
+
+def _number(value: float | None) -> str:
+    return NOT_RUN if value is None else f"{round(value, 2) + 0.0:.2f}"
+
+
+def _row_label(label: str, protocol: str | None, protocols: set[str]) -> str:
+    return f"{label} [{protocol}]" if len(protocols) > 1 else label
+
+
+def _bench_name(benchmark: str, split: str, multi_split: set[str]) -> str:
+    # The split is shown only where one benchmark appears with several splits in the table.
+    return f"{benchmark} ({split})" if benchmark in multi_split else benchmark
+
+
+def _group_name(keys: dict[str, Any], multi_split: set[str]) -> str:
+    if "benchmark" in keys:
+        return _bench_name(keys["benchmark"], keys["split"], multi_split)
+    return f"T={keys['T']}"
+
+
+def _block_title(keys: dict[str, Any], multi_split: set[str]) -> str:
+    parts = [keys["model"]]
+    if "benchmark" in keys:
+        parts.append(_bench_name(keys["benchmark"], keys["split"], multi_split))
+    if "B" in keys:
+        parts.append(f"B={keys['B']}")
+    return " · ".join(parts)
+
+
+def _params_blocks(con: duckdb.DuckDBPyConnection) -> list[Block]:
+    """Table 3's shape: one row per method label, a (# Params., Time) column group per model."""
+    stats = {(row["model"], row["label"]): row for row in records(con, _PARAMS_SQL)}
+    if not stats:
+        return []
+    models = sorted({model for model, _ in stats})
+    labels = sorted({label for _, label in stats}, key=row_order)
+    rows = []
+    for label in labels:
+        cells: list[Cell] = []
+        for model in models:
+            row = stats.get((model, label))
+            if row is None:
+                cells += [Cell(NOT_RUN)] * 3
+            elif not row["ok"]:
+                cells += [Cell(FAILED)] * 3
+            else:
+                params = _params_text(row["params_min"], row["params_max"])
+                memory = NOT_RUN if row["peak_rss_mb"] is None else f"{row['peak_rss_mb'] / 1024:.2f}"
+                cells += [Cell(params), Cell(_number(row["seconds_per_edit"])), Cell(memory)]
+        rows.append((label, cells))
+    groups = [Group(model, ["# Params.", "Time (sec./edit)", "Peak mem. (GB)"]) for model in models]
+    return [Block({}, "", groups, rows)]
+
+
+def _downstream_blocks(con: duckdb.DuckDBPyConnection) -> list[Block]:
+    """Table 8's content: per (model, benchmark, stream shape, check), the unedited model's score ("Base")
+    and each method label's score after its streams (mean over streams, seeds), best in bold."""
+    grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in records(con, _DOWNSTREAM_SQL):
+        grouped[(row["model"], row["benchmark"], row["split"], row["scenario"], row["T"], row["B"],
+                 row["downstream"])].append(row)
+    blocks = []
+    for key in sorted(grouped):
+        model, benchmark, split, scenario, t, b, check = key
+        rows = sorted(grouped[key], key=lambda row: row_order(row["label"]))
+        base = [row["unedited"] for row in rows if row["unedited"] is not None]
+        items = max((row["items"] for row in rows if row["items"] is not None), default=None)
+        texts = [FAILED if row["failed"] else _accuracy(row["edited"]) for row in rows]
+        marked = _mark_best(texts, [row["label"] == REFERENCE_LABEL for row in rows])
+        table_rows = [("Base (unedited)", [Cell(_accuracy(sum(base) / len(base)) if base else NOT_RUN)])]
+        table_rows += [(row["label"], [cell]) for row, cell in zip(rows, marked)]
+        shape = f"T={t}" if scenario == "continual" else f"B={b}, T={t}"
+        title = f"{model} · {benchmark}/{split} · {scenario} {shape} · {check}" + (f" ({items} items)" if items else "")
+        keys = {"model": model, "benchmark": benchmark, "split": split, "scenario": scenario, "T": t, "B": b,
+                "downstream": check, "items": items}
+        blocks.append(Block(keys, title, [Group(check, ["Acc."])], table_rows))
+    return blocks
+
+
+def _accuracy(value: float | None) -> str:
+    """Three decimals: 200 PIQA items move in steps of 0.005, which two decimals would hide."""
+    return NOT_RUN if value is None else f"{value:.3f}"
+
+
+def _params_text(low: int | None, high: int | None) -> str:
+    """Thousands-separated count; "/" for no trainable parameters (ROME, MEMIT, GRACE in the paper)."""
+    if low is None or high is None:
+        return NOT_RUN
+    if low == high:
+        return "/" if low == 0 else f"{low:,}"
+    return f"{low:,}–{high:,}"
+
+
+@register_table("single", "Single editing", scenario="single")
+def single_table(con: duckdb.DuckDBPyConnection) -> list[Block]:
+    return _metric_blocks(con, SINGLE)
+
+
+@register_table("continual", "Continual editing (evaluated after T sequential edits)", scenario="continual")
+def continual_table(con: duckdb.DuckDBPyConnection) -> list[Block]:
+    return _metric_blocks(con, CONTINUAL)
+
+
+@register_table("batched", "Batched editing (T sequential edits of B cases each)", scenario="batched")
+def batched_table(con: duckdb.DuckDBPyConnection) -> list[Block]:
+    return _metric_blocks(con, BATCHED)
+
+
+@register_table("params", "Trainable parameters, editing time and peak memory")
+def params_table(con: duckdb.DuckDBPyConnection) -> list[Block]:
+    return _params_blocks(con)
+
+
+@register_table("downstream", "Downstream task accuracy after a stream of edits (unedited model: Base)")
+def downstream_table(con: duckdb.DuckDBPyConnection) -> list[Block]:
+    return _downstream_blocks(con)

@@ -1,0 +1,61 @@
+"""DuckDB views over the result store.
+
+- ``cells_all`` / ``cases_all``: every stored attempt, columns exactly as ``CELLS_SCHEMA`` /
+  ``CASES_SCHEMA`` (a column missing from older files reads as NULL, so the views stay stable as the
+  schema grows);
+- ``cells_latest``: the latest attempt of each cell, so a re-run replaces a failed or stale result
+  without deleting anything; ``cases_latest``: the case rows of exactly those attempts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from results.store import CASES_DIR, CASES_SCHEMA, CELLS_DIR, CELLS_SCHEMA, has_files, parquet_glob
+
+_SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
+              pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ"}
+
+
+def connect(store: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the four views over ``store`` (empty views if it is empty)."""
+    con = duckdb.connect()
+    for view, dataset, schema in (("cells_all", CELLS_DIR, CELLS_SCHEMA), ("cases_all", CASES_DIR, CASES_SCHEMA)):
+        con.execute(f"CREATE VIEW {view} AS {_dataset_select(con, Path(store), dataset, schema)}")
+    con.execute("""
+        CREATE VIEW cells_latest AS
+        SELECT * FROM cells_all
+        QUALIFY row_number() OVER (PARTITION BY cell_id ORDER BY attempt DESC) = 1
+    """)
+    con.execute("""
+        CREATE VIEW cases_latest AS
+        SELECT * FROM cases_all SEMI JOIN cells_latest USING (cell_id, attempt)
+    """)
+    return con
+
+
+def _dataset_select(con: duckdb.DuckDBPyConnection, store: Path, dataset: str, schema: pa.Schema) -> str:
+    """SELECT the schema's columns, in order, from the dataset's Parquet files (NULL where absent).
+
+    hive_types_autocast is off so that a model named e.g. ``7`` stays a string.
+    """
+    present: set[str] = set()
+    source = ""
+    if has_files(store, dataset):
+        glob = parquet_glob(store, dataset).replace("'", "''")
+        source = (f"read_parquet('{glob}', hive_partitioning = true, union_by_name = true, "
+                  "hive_types_autocast = false)")
+        present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    columns = ", ".join(f'"{f.name}"' if f.name in present else f'CAST(NULL AS {_SQL_TYPES[f.type]}) AS "{f.name}"'
+                        for f in schema)
+    return f"SELECT {columns} FROM {source}" if present else f"SELECT {columns} WHERE false"
+
+
+def records(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    result = con.execute(sql, params or {})
+    names = [column[0] for column in result.description]
+    return [dict(zip(names, row)) for row in result.fetchall()]
