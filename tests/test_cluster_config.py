@@ -1,5 +1,7 @@
-"""cluster.yaml is a valid Ray cluster-launcher config that installs kebench on every node, and the grids
-under grids/ (the paper grid in particular) load.  Nothing here starts Ray or touches a cloud."""
+"""cluster.yaml (AWS) and cluster.local.yaml (on-prem, Ray's local provider) are valid Ray cluster-launcher
+configs, rendered from one source (orchestrator/cluster_config.py), that install kebench on every node the
+same way; run_grid.py joins the right cluster; the grids under grids/ (the paper grid in particular) load.
+Nothing here starts Ray or touches a cloud (tests/test_cluster_launcher.py runs the local one for real)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import copy
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"
+LOCAL = ROOT / "cluster.local.yaml"
 GRIDS = sorted((ROOT / "grids").glob("*.yaml"))
 PAPER_MODELS = {"llama2-7b", "llama3-8b-instruct", "gemma-1.1-7b-it"}
 
@@ -21,6 +25,13 @@ PAPER_MODELS = {"llama2-7b", "llama3-8b-instruct", "gemma-1.1-7b-it"}
 @pytest.fixture(scope="module")
 def cluster() -> dict:
     config = yaml.safe_load(CLUSTER.read_text(encoding="utf-8"))
+    assert isinstance(config, dict)
+    return config
+
+
+@pytest.fixture(scope="module")
+def local() -> dict:
+    config = yaml.safe_load(LOCAL.read_text(encoding="utf-8"))
     assert isinstance(config, dict)
     return config
 
@@ -84,11 +95,13 @@ def test_every_node_installs_kebench_and_smollm2(cluster: dict, node_type: str) 
         assert all("\n" not in c.strip() for c in commands), "each setup command runs in its own shell"
 
 
-def test_launcher_commands_are_valid_bash(cluster: dict) -> None:
+@pytest.mark.parametrize("path", [CLUSTER, LOCAL], ids=["aws", "local"])
+def test_launcher_commands_are_valid_bash(path: Path) -> None:
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
     keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
             "head_start_ray_commands", "worker_start_ray_commands")
     for key in keys:
-        for command in cluster.get(key, []):
+        for command in config.get(key, []):
             check = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
             assert check.returncode == 0, f"{key}: {command!r}: {check.stderr.strip()}"
 
@@ -107,6 +120,127 @@ def test_start_commands_are_rays(cluster: dict) -> None:
     worker = " ".join(cluster["worker_start_ray_commands"])
     assert "ray start --head" in head and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
     assert "ray start --address=$RAY_HEAD_IP:6379" in worker
+
+
+# --- the two configs are one source: cluster.local.yaml (on-prem) --------------------------------------
+
+
+def test_both_configs_are_rendered_from_one_source() -> None:
+    """Edit orchestrator/cluster_config.py, then run `python -m orchestrator.cluster_config`."""
+    from orchestrator.cluster_config import render_aws, render_local
+
+    assert CLUSTER.read_text(encoding="utf-8") == render_aws(), "cluster.yaml is out of date"
+    assert LOCAL.read_text(encoding="utf-8") == render_local(), "cluster.local.yaml is out of date"
+
+
+def test_the_generators_check_mode(tmp_path: Path) -> None:
+    from orchestrator.cluster_config import main
+
+    assert main(["--check"]) == 0
+    assert main(["--check", "--root", str(tmp_path)]) == 1  # nothing rendered there yet
+    assert main(["--root", str(tmp_path)]) == 0 and main(["--check", "--root", str(tmp_path)]) == 0
+
+
+def test_local_yaml_matches_rays_schema_and_validation(local: dict) -> None:
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    jsonschema.validate(local, _ray_schema())
+    prepared = prepare_config(copy.deepcopy(local))
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == "local" and prepared["provider"]["head_ip"] == "127.0.0.1"
+    assert re.fullmatch(r"[A-Za-z0-9_]+", local["cluster_name"])
+
+
+def test_local_and_aws_share_mounts_and_setup_steps(cluster: dict, local: dict) -> None:
+    for key in ("file_mounts", "rsync_exclude", "rsync_filter"):
+        assert local[key] == cluster[key], key
+    aws_steps, local_steps = cluster["setup_commands"], local["setup_commands"]
+    assert len(local_steps) == len(aws_steps) == 4
+    assert all("torch==2.13.0" in step for step in (aws_steps[0], local_steps[0]))
+    assert "torch.version.cuda" in aws_steps[0] and "torch.version.cuda" not in local_steps[0]  # any build on-prem
+    assert local_steps[1].replace(" --no-build-isolation", "") == aws_steps[1] == "pip install -e ~/kebench"
+    assert local_steps[2:] == aws_steps[2:]
+
+
+def test_local_start_commands_never_stop_other_rays(local: dict) -> None:
+    head, worker = local["head_start_ray_commands"], local["worker_start_ray_commands"]
+    assert not any("ray stop" in command for command in head + worker)
+    assert any("ray start --head" in c and "--autoscaling-config=~/ray_bootstrap_config.yaml" in c
+               and "--node-ip-address=127.0.0.1" in c and "--dashboard-host=127.0.0.1" in c for c in head)
+    assert any("ray start --address=$RAY_HEAD_IP:6379" in command for command in worker)
+
+
+def test_local_config_renders_for_another_box_and_port() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from orchestrator.cluster_config import render_local
+
+    config = yaml.safe_load(render_local(
+        cluster_name="lab", head_ip="10.0.0.5", worker_ips=("10.0.0.6", "10.0.0.7"), ssh_user="me",
+        ssh_proxy_command="nc %h 2222", port=6380, ray_start_options="--num-cpus=8"))
+    validate_config(prepare_config(copy.deepcopy(config)))
+    assert config["provider"]["worker_ips"] == ["10.0.0.6", "10.0.0.7"]
+    assert config["auth"] == {"ssh_user": "me", "ssh_private_key": "~/.ssh/id_ed25519",
+                              "ssh_proxy_command": "nc %h 2222"}
+    [head] = config["head_start_ray_commands"]
+    assert "--node-ip-address=10.0.0.5 --port=6380" in head and head.endswith(" --num-cpus=8")
+    assert config["worker_start_ray_commands"] == ["ray start --address=$RAY_HEAD_IP:6380"]
+
+
+# --- run_grid.py: which cluster it joins ------------------------------------------------------------
+
+
+@pytest.fixture
+def run_grid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_grid_under_test", ROOT / "run_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    return module
+
+
+def _record_cluster(tmp_path: Path, address: str) -> None:
+    (tmp_path / "ray").mkdir(exist_ok=True)
+    (tmp_path / "ray" / "ray_current_cluster").write_text(address + "\n")
+
+
+def test_run_grid_runs_locally_on_a_node_without_ray(run_grid) -> None:
+    assert run_grid._resolve_address(["--grid", "g.yaml"]) == ["--grid", "g.yaml"]
+
+
+def test_run_grid_joins_the_cluster_ray_start_recorded(run_grid, tmp_path: Path) -> None:
+    _record_cluster(tmp_path, "127.0.0.1:41234")
+    assert run_grid._resolve_address(["--grid", "g.yaml"]) == ["--grid", "g.yaml", "--ray-address", "127.0.0.1:41234"]
+    # `auto` is resolved here, never left to Ray (whose `auto` joins any Ray instance running on the machine)
+    assert run_grid._resolve_address(["--ray-address", "auto", "--quiet"]) == ["--ray-address", "127.0.0.1:41234",
+                                                                                "--quiet"]
+    assert run_grid._resolve_address(["--ray-address=auto"]) == ["--ray-address=127.0.0.1:41234"]
+    assert run_grid._resolve_address(["--ray-address", "10.0.0.5:6379"]) == ["--ray-address", "10.0.0.5:6379"]
+
+
+def test_run_grid_prefers_ray_address_and_refuses_a_blind_auto(run_grid, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit, match="no Ray cluster on this node"):
+        run_grid._resolve_address(["--ray-address", "auto"])
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # what `ray job submit` gives its entrypoint
+    assert run_grid._resolve_address(["--ray-address", "auto"]) == ["--ray-address", "http://127.0.0.1:8265"]
+
+
+def test_run_grid_outside_the_checkout_does_not_import_it_as_a_namespace(run_grid, monkeypatch, tmp_path) -> None:
+    """`ray submit` runs ~/run_grid.py next to the synced ~/kebench checkout."""
+    home = tmp_path / "home"
+    (home / "kebench").mkdir(parents=True)
+    monkeypatch.setattr(run_grid, "_HERE", str(home))
+    monkeypatch.setattr(sys, "path", [str(home), "/elsewhere"])
+    run_grid._drop_own_directory_from_path()
+    assert sys.path == ["/elsewhere"]
+    monkeypatch.setattr(run_grid, "_HERE", str(ROOT))  # `python run_grid.py` in the checkout keeps it
+    monkeypatch.setattr(sys, "path", [str(ROOT), "/elsewhere"])
+    run_grid._drop_own_directory_from_path()
+    assert sys.path == [str(ROOT), "/elsewhere"]
 
 
 def test_paper_grid_loads() -> None:
