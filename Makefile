@@ -17,6 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/kebench grid --grid grids/smoke.yaml --tables continual,params,single
+	$(VENV)/bin/kebench leaderboard --store runs/smoke --out runs/smoke/leaderboard
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +12,10 @@ from typing import Callable, ClassVar, TypeVar
 
 from benchmarks.case import EditCase
 from benchmarks.data import file_sha256, resolve_data_dir
+from kebench.core import plugins
 from kebench.core.errors import KebenchError
+
+ENTRY_POINT_GROUP = "kebench.benchmarks"
 
 SPLITS = ("dev", "test", "all")
 
@@ -59,10 +64,20 @@ def benchmark_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def benchmark_source(name: str) -> str:
+    """"kebench", or the plug-in distribution (else module) that registered the benchmark."""
+    module = _REGISTRY[name].__module__
+    if module.startswith("benchmarks."):
+        return "kebench"
+    return plugins.distribution_of_module(module) or module
+
+
 def get_benchmark(name: str) -> Benchmark:
     _import_builtin()
     if name not in _REGISTRY:
-        raise KebenchError(f"unknown benchmark '{name}'; known: {', '.join(sorted(_REGISTRY))}")
+        broken = plugins.failures(ENTRY_POINT_GROUP)
+        hint = f"; {len(broken)} plug-in(s) failed to load (kebench list shows why)" if broken else ""
+        raise KebenchError(f"unknown benchmark '{name}'; known: {', '.join(sorted(_REGISTRY))}{hint}")
     return _REGISTRY[name]()
 
 
@@ -106,15 +121,21 @@ def get_downstream(name: str) -> DownstreamCheck:
 _NOT_LOADERS = {"case", "data", "registry", "metrics", "evaluate", "generation"}
 
 
-def _import_builtin() -> None:
-    """Import every loader module in this package; each registers its benchmarks on import."""
-    import importlib
-    import pkgutil
+_imported = False
 
+
+def _import_builtin() -> None:
+    """Import every loader module in this package (each registers its benchmarks on import), then the
+    ``kebench.benchmarks`` entry-point plug-ins; a broken plug-in is recorded, not raised."""
+    global _imported
+    if _imported:
+        return
     package = Path(__file__).resolve().parent
     for info in sorted(pkgutil.iter_modules([str(package)]), key=lambda m: m.name):
         if not info.name.startswith("_") and info.name not in _NOT_LOADERS:
             importlib.import_module(f"benchmarks.{info.name}")
+    plugins.load_group(ENTRY_POINT_GROUP)
+    _imported = True
 
 
 def split_of(key: str, dev_fraction_percent: int = 10) -> str:

@@ -1,0 +1,457 @@
+"""``kebench leaderboard``: every method of a store ranked, with paired bootstrap intervals, the paper's
+tables, figures, a per-case drill-down and the provenance of every number.
+
+Writes ``leaderboard.md`` (figures as files under ``plots/``) and one self-contained
+``leaderboard.html`` (CSS, data and figures inline: it opens from disk with no network).
+
+Per (model, benchmark, split, scenario, T, B, protocol) group the reference row ``unedited`` comes
+first, then the methods ranked by Avg.; each metric carries a 95% paired bootstrap interval
+(``results.bootstrap``) and a method whose Avg. interval overlaps the leader's is marked as tied.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from kebench.core import metrics as metric_registry
+from kebench.core.errors import KebenchError
+from results import plots
+from results.bootstrap import AVG, Estimate, bootstrap_group, resample_indices
+from results.registry import REFERENCE_LABEL, table_names
+from results.render import RENDERERS, build_table
+from results.store import CELLS_DIR, has_files, read_artifact
+from results.views import connect, records
+
+GROUP_KEYS = ("model", "benchmark", "split", "scenario", "T", "B", "protocol")
+DRILLDOWN_LIMIT = 12  # failing cases shown per method and group
+
+_VALUES_SQL = """
+SELECT c.model, c.benchmark, c.split, c.scenario, c."T", c."B", k.protocol, c.label, c.method, c.seed,
+       k.case_id, k.metric, k.value
+FROM cases_latest k JOIN cells_latest c USING (cell_id, attempt)
+WHERE c.status = 'ok'
+"""
+_FAILED_SQL = """
+SELECT model, benchmark, split, scenario, "T", "B", label, any_value(error) AS error
+FROM cells_latest WHERE status = 'failed' GROUP BY ALL
+"""
+_OK_CELLS_SQL = """
+SELECT cell_id, attempt, model, benchmark, split, scenario, "T", "B", label, method
+FROM cells_latest WHERE status = 'ok'
+"""
+
+
+@dataclass
+class Entry:
+    label: str
+    method: str
+    estimates: dict[str, Estimate]
+    cases: int
+    status: str = ""  # "leader" | "tied" | "" ; reference rows are never ranked
+
+    @property
+    def reference(self) -> bool:
+        return self.label == REFERENCE_LABEL
+
+
+@dataclass
+class Group:
+    key: dict[str, Any]
+    entries: list[Entry]
+    failed: dict[str, str] = field(default_factory=dict)  # label -> error of a failed cell
+    per_case: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # label -> case -> metric -> value
+
+    @property
+    def title(self) -> str:
+        k = self.key
+        shape = {"single": "single", "continual": f"continual T={k['T']}", "batched": f"batched B={k['B']} T={k['T']}"}
+        return f"{k['model']} · {k['benchmark']}/{k['split']} · {shape.get(k['scenario'], k['scenario'])} · {k['protocol']}"
+
+    @property
+    def metrics(self) -> list[str]:
+        present = {m for e in self.entries for m in e.estimates if m != AVG}
+        return metric_registry.ordered(present)
+
+
+# --------------------------------------------------------------------------- numbers
+
+def leaderboard_groups(con: duckdb.DuckDBPyConnection, resamples: int = 1000, seed: int = 0) -> list[Group]:
+    """Every group's entries with bootstrap intervals, reference first, then ranked by Avg."""
+    values: dict[tuple, dict[str, dict[str, dict[str, list[float]]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
+    methods: dict[str, str] = {}
+    for row in records(con, _VALUES_SQL):
+        key = tuple(row[name] for name in GROUP_KEYS)
+        values[key][row["label"]][row["case_id"]][row["metric"]].append(row["value"])
+        methods[row["label"]] = row["method"]
+    failed: dict[tuple, dict[str, str]] = defaultdict(dict)
+    for row in records(con, _FAILED_SQL):
+        failed[tuple(row[name] for name in GROUP_KEYS[:-1])][row["label"]] = row["error"] or "failed"
+
+    groups = []
+    for key in sorted(values, key=_group_order):
+        by_label = values[key]
+        cases = sorted({case for per_case in by_label.values() for case in per_case})
+        metrics = sorted({m for per_case in by_label.values() for scores in per_case.values() for m in scores})
+        indices = resample_indices(len(cases), resamples, seed)
+        laid_out = {label: {m: [float(np.mean(per_case[c][m])) if per_case.get(c, {}).get(m) else np.nan for c in cases]
+                            for m in metrics}
+                    for label, per_case in by_label.items()}
+        estimates = bootstrap_group(laid_out, indices)
+        entries = [Entry(label, methods[label], estimates[label], len(by_label[label])) for label in by_label]
+        _rank(entries)
+        per_case = {label: {case: {m: float(np.mean(v)) for m, v in scores.items()} for case, scores in pc.items()}
+                    for label, pc in by_label.items()}
+        group_key = dict(zip(GROUP_KEYS, key))
+        groups.append(Group(group_key, entries, failed.get(key[:-1], {}), per_case))
+    return groups
+
+
+_SCENARIO_ORDER = {"single": 0, "continual": 1, "batched": 2}
+
+
+def _group_order(key: tuple) -> tuple:
+    model, benchmark, split, scenario, t, b, protocol = key
+    return (str(model), str(benchmark), str(split), _SCENARIO_ORDER.get(scenario, 9), str(scenario), b, t, str(protocol))
+
+
+def _rank(entries: list[Entry]) -> None:
+    """Reference first; the rest by Avg. (descending, then label); leader and ties by interval overlap."""
+    def avg(entry: Entry) -> float:
+        estimate = entry.estimates.get(AVG)
+        return estimate.mean if estimate is not None else float("-inf")
+
+    entries.sort(key=lambda e: (not e.reference, -avg(e), e.label.lower()))
+    ranked = [e for e in entries if not e.reference and AVG in e.estimates]
+    if not ranked:
+        return
+    leader = ranked[0]
+    leader.status = "leader"
+    for entry in ranked[1:]:
+        if entry.estimates[AVG].overlaps(leader.estimates[AVG]):
+            entry.status = "tied"
+
+
+# --------------------------------------------------------------------------- figures
+
+@dataclass(frozen=True)
+class Figure:
+    name: str  # file name under plots/
+    title: str
+    png: bytes
+
+
+def _figures(store: Path, con: duckdb.DuckDBPyConnection, groups: list[Group]) -> list[Figure]:
+    figures: list[Figure] = []
+    for group in groups:
+        points = [(e.label, e.estimates["rel"], e.estimates["loc"]) for e in group.entries
+                  if "rel" in e.estimates and "loc" in e.estimates]
+        if points:
+            name = _slug("tradeoff", group.key)
+            figures.append(Figure(name, f"Rel. vs Loc.: {group.title}", plots.tradeoff(group.title, points)))
+    for scenario, x_name in (("continual", "T"), ("batched", "T")):
+        curves: dict[tuple, dict[str, list[tuple[int, dict[str, Estimate]]]]] = defaultdict(lambda: defaultdict(list))
+        for group in groups:
+            k = group.key
+            if k["scenario"] != scenario:
+                continue
+            for entry in group.entries:
+                by_metric = {m: e for m, e in entry.estimates.items() if m != AVG}
+                curves[(k["model"], k["benchmark"], k["split"], k["B"], k["protocol"])][entry.label].append((k["T"], by_metric))
+        for (model, benchmark, split, b, protocol), series in sorted(curves.items(), key=lambda item: str(item[0])):
+            if max(len(points) for points in series.values()) < 2:
+                continue  # a single T is a table row, not a curve
+            shape = f"batched B={b}" if scenario == "batched" else "continual"
+            title = f"{model} · {benchmark}/{split} · {shape} · {protocol}: metrics against {x_name}"
+            figures.append(Figure(_slug(f"{scenario}-curves", {"m": model, "b": benchmark, "s": split, "B": b, "p": protocol}),
+                                  title, plots.metric_curves(title, x_name, series)))
+    figures += _gate_figures(store, con)
+    return figures
+
+
+def _gate_figures(store: Path, con: duckdb.DuckDBPyConnection) -> list[Figure]:
+    """BaFT's gate weights (paper Fig. 2): averaged over layers, streams and the cells of a (model,
+    benchmark, scenario shape, label)."""
+    pooled: dict[tuple, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+    for cell in records(con, _OK_CELLS_SQL):
+        artifact = read_artifact(store, cell)
+        for stream in (artifact or {}).get("streams", []):
+            gates = stream.get("gate_weights")
+            if not gates:
+                continue
+            key = (cell["model"], cell["benchmark"], cell["split"], cell["scenario"], cell["T"], cell["B"], cell["label"])
+            for kind in ("edit", "rephrase", "unrelated"):
+                if gates.get(kind):
+                    pooled[key][kind].append(np.mean(np.asarray(gates[kind], dtype=np.float64), axis=0).tolist())
+    figures = []
+    for key in sorted(pooled, key=lambda k: tuple(str(part) for part in k)):
+        model, benchmark, split, scenario, t, b, label = key
+        weights = {kind: np.mean(np.asarray(rows), axis=0).tolist() for kind, rows in pooled[key].items()}
+        shape = {"single": "single", "continual": f"continual T={t}"}.get(scenario, f"batched B={b} T={t}")
+        title = f"{label} gate weights per basis · {model} · {benchmark}/{split} · {shape}"
+        figures.append(Figure(_slug("gates", {"m": model, "b": benchmark, "s": split, "x": scenario, "T": t, "B": b, "l": label}),
+                              title, plots.gate_weights(title, weights)))
+    return figures
+
+
+def _slug(prefix: str, key: dict[str, Any]) -> str:
+    text = "-".join(str(value) for value in key.values())
+    safe = "".join(ch if ch.isalnum() or ch in "._=" else "-" for ch in text)
+    return f"{prefix}-{safe}.png"
+
+
+# --------------------------------------------------------------------------- drill-down and provenance
+
+@dataclass(frozen=True)
+class Failure:
+    case_id: str
+    prompt: str
+    target: str
+    scores: dict[str, float]
+    details: dict[str, str]
+
+
+def _drilldown(store: Path, con: duckdb.DuckDBPyConnection, groups: list[Group]) -> dict[tuple[str, str], list[Failure]]:
+    """(group title, label) -> the cases the method fails (Rel < 1 or Loc < 1), with the model's argmax."""
+    artifacts: dict[tuple, dict[str, Any]] = defaultdict(dict)  # (group key w/o protocol, label) -> case -> entry
+    for cell in records(con, _OK_CELLS_SQL):
+        artifact = read_artifact(store, cell)
+        if artifact:
+            key = (cell["model"], cell["benchmark"], cell["split"], cell["scenario"], cell["T"], cell["B"], cell["label"])
+            artifacts[key].update(artifact.get("cases", {}))
+    out: dict[tuple[str, str], list[Failure]] = {}
+    for group in groups:
+        k = group.key
+        for entry in group.entries:
+            if entry.reference:
+                continue
+            cases = artifacts.get((k["model"], k["benchmark"], k["split"], k["scenario"], k["T"], k["B"], entry.label), {})
+            failing = []
+            for case_id, scores in sorted(group.per_case.get(entry.label, {}).items()):
+                if scores.get("rel", 1.0) < 1.0 or scores.get("loc", 1.0) < 1.0:
+                    info = cases.get(case_id, {})
+                    details = (info.get("details") or {}).get(k["protocol"], {})
+                    failing.append(Failure(case_id, info.get("prompt", ""), info.get("target", ""), scores, details))
+            if failing:
+                out[(group.title, entry.label)] = failing
+    return out
+
+
+_PROVENANCE_SQL = """
+SELECT model, label, any_value(code_version) AS code_version, string_agg(DISTINCT device, ', ') AS device,
+       string_agg(DISTINCT dtype, ', ') AS dtype, count(*) AS cells, any_value(packages) AS packages
+FROM cells_latest GROUP BY ALL ORDER BY model, label
+"""
+_DATA_SQL = "SELECT DISTINCT benchmark, split, data_sha256 FROM cells_latest ORDER BY ALL"
+_NOTES_SQL = "SELECT DISTINCT provenance FROM cells_latest WHERE coalesce(provenance, '') <> '' ORDER BY 1"
+
+
+def _provenance(con: duckdb.DuckDBPyConnection) -> dict[str, list[dict[str, Any]] | list[str]]:
+    return {
+        "cells": records(con, _PROVENANCE_SQL),
+        "data": records(con, _DATA_SQL),
+        "notes": [row["provenance"] for row in records(con, _NOTES_SQL)],
+    }
+
+
+# --------------------------------------------------------------------------- writing
+
+def write_leaderboard(store: Path, out: Path, resamples: int = 1000, seed: int = 0) -> list[Path]:
+    """Write ``leaderboard.md``, ``leaderboard.html`` and ``plots/*.png`` under ``out``; returns the two pages."""
+    store, out = Path(store), Path(out)
+    if not has_files(store, CELLS_DIR):
+        raise KebenchError(f"no results in {store}: run a grid into it first")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "plots").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise KebenchError(f"--out {out}: cannot create: {exc.strerror or exc}") from None
+    with connect(store) as con:
+        groups = leaderboard_groups(con, resamples, seed)
+        tables = [(name, built) for name in table_names() if (built := build_table(con, name)) is not None]
+        figures = _figures(store, con, groups)
+        failures = _drilldown(store, con, groups)
+        provenance = _provenance(con)
+    for figure in figures:
+        (out / "plots" / figure.name).write_bytes(figure.png)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = {"store": str(store), "generated": stamp, "resamples": resamples, "seed": seed}
+    markdown = out / "leaderboard.md"
+    markdown.write_text(_markdown(meta, groups, tables, figures, failures, provenance), encoding="utf-8")
+    page = out / "leaderboard.html"
+    page.write_text(_html(meta, groups, tables, figures, failures, provenance), encoding="utf-8")
+    return [markdown, page]
+
+
+def _fmt(estimate: Estimate | None) -> str:
+    return "–" if estimate is None else f"{estimate.mean:.2f} [{estimate.low:.2f}, {estimate.high:.2f}]"
+
+
+def _intro(meta: dict[str, Any]) -> str:
+    return (f"Store `{meta['store']}`, generated {meta['generated']}. Each value: mean over cases "
+            f"[95% paired percentile bootstrap interval, {meta['resamples']} resamples of the cases, seed "
+            f"{meta['seed']}; the same resampled cases for every method of a group]. `unedited` is the "
+            "reference (no edit; Loc = 1.00 by definition) and is not ranked; a method whose Avg. interval "
+            "overlaps the leader's is tied with it.")
+
+
+def _markdown(meta, groups: list[Group], tables, figures: list[Figure], failures, provenance) -> str:
+    out = ["# kebench leaderboard", "", _intro(meta), ""]
+    for group in groups:
+        metrics = group.metrics
+        out += [f"## {group.title}", ""]
+        header = ["Rank", "Method"] + [metric_registry.label(m) for m in metrics] + ["Avg.", "Cases", ""]
+        out += ["| " + " | ".join(header) + " |", "| ---: | --- |" + " ---: |" * (len(metrics) + 2) + " --- |"]
+        rank = 0
+        for entry in group.entries:
+            rank_text = "ref." if entry.reference else str(rank := rank + 1)
+            cells = [_fmt(entry.estimates.get(m)) for m in metrics + [AVG]]
+            label = f"**{entry.label}**" if entry.status == "leader" else entry.label
+            out.append("| " + " | ".join([rank_text, label, *cells, str(entry.cases), entry.status]) + " |")
+        for label, error in sorted(group.failed.items()):
+            out.append(f"| × | {label} |" + " × |" * (len(metrics) + 1) + f" – | failed: {error.replace('|', '/')} |")
+        out.append("")
+    out += ["# The paper's tables", ""]
+    for _, built in tables:
+        out += [RENDERERS["md"](built), ""]
+    if figures:
+        out += ["# Figures", ""]
+        out += [f"![{figure.title}](plots/{figure.name})\n" for figure in figures]
+    out += _markdown_drilldown(failures)
+    out += _markdown_provenance(provenance)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _markdown_drilldown(failures) -> list[str]:
+    if not failures:
+        return []
+    out = ["# Failed cases (Rel. < 1 or Loc. < 1)", ""]
+    for (title, label), cases in failures.items():
+        out += [f"## {label} · {title} ({len(cases)} cases)", ""]
+        for failure in cases[:DRILLDOWN_LIMIT]:
+            scores = ", ".join(f"{metric_registry.label(m)} {v:.2f}" for m, v in failure.scores.items())
+            out.append(f"- `{failure.case_id}` ({scores}): {failure.prompt!r} → target {failure.target!r}; "
+                       f"model's argmax: {failure.details.get('rel_output', '?')!r}"
+                       + (f"; locality {failure.details['loc_prompt']!r}: {failure.details.get('loc_output')!r} "
+                          f"(unedited {failure.details.get('loc_unedited')!r})" if "loc_prompt" in failure.details else ""))
+        if len(cases) > DRILLDOWN_LIMIT:
+            out.append(f"- … and {len(cases) - DRILLDOWN_LIMIT} more (leaderboard.html lists all)")
+        out.append("")
+    return out
+
+
+def _markdown_provenance(provenance) -> list[str]:
+    out = ["# Provenance", "", "| Model | Method | Cells | Code | Device | Dtype |", "| --- | --- | ---: | --- | --- | --- |"]
+    out += [f"| {r['model']} | {r['label']} | {r['cells']} | {r['code_version']} | {r['device'] or '–'} | {r['dtype'] or '–'} |"
+            for r in provenance["cells"]]
+    out += ["", "Data files (sha256 of the files each split reads):", ""]
+    out += [f"- {r['benchmark']}/{r['split']}: `{r['data_sha256']}`" for r in provenance["data"]]
+    out += ["", "Notes recorded with the results (statistics corpora, substituted splits, hyperparameter files):", ""]
+    out += [f"- {note}" for note in provenance["notes"]]
+    packages = {r["packages"] for r in provenance["cells"] if r["packages"]}
+    out += ["", "Packages: " + "; ".join(sorted(_packages_text(p) for p in packages))]
+    return out
+
+
+def _packages_text(packages_json: str) -> str:
+    try:
+        return ", ".join(f"{k} {v}" for k, v in sorted(json.loads(packages_json).items()))
+    except ValueError:
+        return packages_json
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#1b1f24;padding:0 1rem}
+h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem}h3{font-size:1rem}
+table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.88rem}
+th,td{border-bottom:1px solid #d0d7de;padding:.3rem .6rem;text-align:right;white-space:nowrap}
+th:first-child,td:first-child,td.method{text-align:left}
+tr.reference td{color:#57606a;font-style:italic}tr.leader td{background:#dafbe1}tr.tied td{background:#f6f8fa}
+td.ci small{color:#57606a}.status{font-size:.8rem;color:#57606a}
+caption{caption-side:top;text-align:left;font-weight:600;padding:.2rem 0}
+img{max-width:100%;border:1px solid #d0d7de;margin:.5rem 0}figure{margin:1rem 0}figcaption{font-size:.85rem;color:#57606a}
+details{margin:.4rem 0}summary{cursor:pointer;font-weight:600}code{background:#f6f8fa;padding:0 .2rem}
+td.text{text-align:left;white-space:normal;max-width:28rem}.note{font-size:.85rem;color:#57606a}
+"""
+
+
+def _html(meta, groups: list[Group], tables, figures: list[Figure], failures, provenance) -> str:
+    esc = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           "<title>kebench leaderboard</title>", f"<style>{_CSS}</style></head><body>",
+           "<h1>kebench leaderboard</h1>", f"<p>{esc(_intro(meta)).replace('`', '')}</p>"]
+    out.append('<nav><ul>' + "".join(f'<li><a href="#group-{i}">{esc(g.title)}</a></li>' for i, g in enumerate(groups))
+               + '<li><a href="#tables">The paper\'s tables</a></li><li><a href="#figures">Figures</a></li>'
+                 '<li><a href="#failures">Failed cases</a></li><li><a href="#provenance">Provenance</a></li></ul></nav>')
+    for index, group in enumerate(groups):
+        metrics = group.metrics
+        out.append(f'<section class="group" id="group-{index}"><h2>{esc(group.title)}</h2>')
+        out.append('<table class="leaderboard" data-group="' + esc(group.title) + '"><thead><tr><th>Rank</th><th>Method</th>'
+                   + "".join(f"<th>{esc(metric_registry.label(m))}</th>" for m in metrics)
+                   + "<th>Avg.</th><th>Cases</th><th></th></tr></thead><tbody>")
+        rank = 0
+        for entry in group.entries:
+            rank_text = "ref." if entry.reference else str(rank := rank + 1)
+            css = "reference" if entry.reference else entry.status
+            cells = "".join(_ci_cell(metric, entry.estimates.get(metric)) for metric in metrics + [AVG])
+            out.append(f'<tr class="ranked {css}" data-label="{esc(entry.label)}" data-rank="{rank_text}">'
+                       f'<td>{rank_text}</td><td class="method">{esc(entry.label)}</td>{cells}'
+                       f'<td>{entry.cases}</td><td class="status">{esc(entry.status)}</td></tr>')
+        for label, error in sorted(group.failed.items()):
+            out.append(f'<tr class="failed" data-label="{esc(label)}"><td>×</td><td class="method">{esc(label)}</td>'
+                       + "<td>×</td>" * (len(metrics) + 1) + f'<td>–</td><td class="status">failed: {esc(error)}</td></tr>')
+        out.append("</tbody></table></section>")
+    out.append('<section id="tables"><h1>The paper\'s tables</h1>')
+    out += [RENDERERS["html"](built) for _, built in tables]
+    out.append('</section><section id="figures"><h1>Figures</h1>')
+    for figure in figures:
+        data = base64.b64encode(figure.png).decode("ascii")
+        out.append(f'<figure><img alt="{esc(figure.title)}" src="data:image/png;base64,{data}">'
+                   f"<figcaption>{esc(figure.title)}</figcaption></figure>")
+    out.append('</section><section id="failures"><h1>Failed cases (Rel. &lt; 1 or Loc. &lt; 1)</h1>')
+    for (title, label), cases in failures.items():
+        out.append(f"<details><summary>{esc(label)} · {esc(title)} ({len(cases)} cases)</summary>"
+                   '<table class="failures"><thead><tr><th>Case</th><th>Scores</th><th>Prompt</th><th>Target</th>'
+                   "<th>Model's argmax</th><th>Locality (edited / unedited argmax)</th></tr></thead><tbody>")
+        for failure in cases:
+            scores = ", ".join(f"{metric_registry.label(m)} {v:.2f}" for m, v in failure.scores.items())
+            loc = ""
+            if "loc_prompt" in failure.details:
+                loc = (f"{esc(failure.details['loc_prompt'])} → <code>{esc(failure.details.get('loc_output', ''))}</code> / "
+                       f"<code>{esc(failure.details.get('loc_unedited', ''))}</code>")
+            out.append(f"<tr><td>{esc(failure.case_id)}</td><td>{esc(scores)}</td><td class=\"text\">{esc(failure.prompt)}</td>"
+                       f"<td class=\"text\">{esc(failure.target)}</td>"
+                       f"<td class=\"text\"><code>{esc(failure.details.get('rel_output', ''))}</code></td>"
+                       f"<td class=\"text\">{loc}</td></tr>")
+        out.append("</tbody></table></details>")
+    out.append('</section><section id="provenance"><h1>Provenance</h1>')
+    out.append("<table><thead><tr><th>Model</th><th>Method</th><th>Cells</th><th>Code</th><th>Device</th><th>Dtype</th>"
+               "</tr></thead><tbody>")
+    out += [f"<tr><td>{esc(r['model'])}</td><td class=\"method\">{esc(r['label'])}</td><td>{r['cells']}</td>"
+            f"<td>{esc(r['code_version'] or '')}</td><td>{esc(r['device'] or '–')}</td><td>{esc(r['dtype'] or '–')}</td></tr>"
+            for r in provenance["cells"]]
+    out.append("</tbody></table><h3>Data files</h3><ul>")
+    out += [f"<li>{esc(r['benchmark'])}/{esc(r['split'])}: <code>{esc(r['data_sha256'])}</code></li>" for r in provenance["data"]]
+    out.append("</ul><h3>Notes recorded with the results</h3><ul>")
+    out += [f'<li class="note">{esc(note)}</li>' for note in provenance["notes"]]
+    packages = sorted({_packages_text(r["packages"]) for r in provenance["cells"] if r["packages"]})
+    out.append("</ul><p class=\"note\">Packages: " + esc("; ".join(packages)) + "</p></section></body></html>")
+    return "\n".join(out)
+
+
+def _ci_cell(metric: str, estimate: Estimate | None) -> str:
+    if estimate is None:
+        return f'<td class="ci" data-metric="{metric}">–</td>'
+    return (f'<td class="ci" data-metric="{metric}" data-mean="{estimate.mean:.6f}" data-low="{estimate.low:.6f}" '
+            f'data-high="{estimate.high:.6f}">{estimate.mean:.2f} <small>[{estimate.low:.2f}, {estimate.high:.2f}]</small></td>')

@@ -1,0 +1,90 @@
+"""The leaderboard's figures, drawn with matplotlib (Agg backend) and returned as PNG bytes.
+
+- ``tradeoff``: Rel. against Loc. per method with 95% intervals (the editing-locality trade-off);
+- ``metric_curves``: each metric against T (continual editing, paper Fig. 3; batched editing per B);
+- ``gate_weights``: BaFT's mean per-basis gate weight on edited, rephrased and unrelated inputs
+  (paper Fig. 2), from the per-cell artifacts.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display here or on a cluster head
+import matplotlib.pyplot as plt  # noqa: E402
+
+from kebench.core import metrics as metric_registry  # noqa: E402
+from results.bootstrap import Estimate  # noqa: E402
+
+_DPI = 100
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=_DPI)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def tradeoff(title: str, points: Sequence[tuple[str, Estimate, Estimate]]) -> bytes:
+    """``points``: (method label, Rel estimate, Loc estimate)."""
+    figure, axis = plt.subplots(figsize=(5.5, 4.2))
+    for label, rel, loc in points:
+        axis.errorbar(loc.mean, rel.mean, xerr=[[loc.mean - loc.low], [loc.high - loc.mean]],
+                      yerr=[[rel.mean - rel.low], [rel.high - rel.mean]], fmt="o", capsize=3, label=label)
+    axis.set_xlabel("Locality (Loc.)")
+    axis.set_ylabel("Reliability (Rel.)")
+    axis.set_xlim(-0.02, 1.02)
+    axis.set_ylim(-0.02, 1.02)
+    axis.grid(alpha=0.3)
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7, loc="lower left")
+    return _png(figure)
+
+
+def metric_curves(title: str, x_label: str, series: Mapping[str, Sequence[tuple[int, Mapping[str, Estimate]]]]) -> bytes:
+    """``series[label]`` = [(x, {metric: estimate}), ...]; one panel per metric any series has."""
+    present = {metric for points in series.values() for _, by_metric in points for metric in by_metric}
+    metrics = [m for m in metric_registry.ordered(present)]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        for label, points in series.items():
+            chosen = sorted((x, by_metric[metric]) for x, by_metric in points if metric in by_metric)
+            if not chosen:
+                continue
+            xs = [x for x, _ in chosen]
+            means = [e.mean for _, e in chosen]
+            axis.plot(xs, means, marker="o", label=label)
+            axis.fill_between(xs, [e.low for _, e in chosen], [e.high for _, e in chosen], alpha=0.15)
+        axis.set_title(metric_registry.label(metric), fontsize=9)
+        axis.set_xlabel(x_label)
+        axis.set_ylim(-0.02, 1.02)
+        if len({x for points in series.values() for x, _ in points}) > 1:
+            axis.set_xscale("log")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    return _png(figure)
+
+
+def gate_weights(title: str, weights: Mapping[str, Sequence[float]]) -> bytes:
+    """``weights[kind]`` = mean gate weight per basis for kind in edit / rephrase / unrelated."""
+    names = {"edit": "Rel. (edited)", "rephrase": "Gen. (rephrased)", "unrelated": "Loc. (unrelated)"}
+    kinds = [kind for kind in names if kind in weights]
+    rank = max(len(weights[kind]) for kind in kinds)
+    figure, axis = plt.subplots(figsize=(max(5.0, 0.45 * rank + 2), 3.4))
+    width = 0.8 / len(kinds)
+    for index, kind in enumerate(kinds):
+        xs = [basis + (index - (len(kinds) - 1) / 2) * width for basis in range(len(weights[kind]))]
+        axis.bar(xs, weights[kind], width=width, label=names[kind])
+    axis.set_xlabel("basis k")
+    axis.set_ylabel("mean gate weight w_k(h)")
+    axis.set_xticks(range(rank))
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=7)
+    axis.set_title(title, fontsize=9)
+    return _png(figure)
