@@ -8,7 +8,7 @@ import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, Protocol, Sequence, TypeVar
 
 from benchmarks.case import EditCase
 from benchmarks.data import file_sha256, resolve_data_dir
@@ -42,6 +42,22 @@ class Benchmark(ABC):
     @abstractmethod
     def load(self, split: str, data_dir: Path) -> list[EditCase]:
         """All cases of ``split``, in a fixed order."""
+
+    def extra_scorer(self, split: str, data_dir: Path) -> "ExtraScorer | None":
+        """Metrics of the benchmark's own that the shared teacher-forced scorer cannot compute (ConvSent's
+        ES/DD need the unedited model's full distributions); None for most benchmarks."""
+        return None
+
+
+class ExtraScorer(Protocol):
+    """Scores registered metrics under its own ``protocol``: ``before`` runs on the unedited model before a
+    stream's edits, ``after`` on the edited model, returning ``{case_id: {metric: value}}``."""
+
+    protocol: str
+
+    def before(self, unedited: Callable, lm: Any, cases: Sequence[EditCase]) -> Any: ...
+
+    def after(self, edited: Callable, lm: Any, cases: Sequence[EditCase], state: Any) -> dict[str, dict[str, float]]: ...
 
 
 _REGISTRY: dict[str, type[Benchmark]] = {}

@@ -28,6 +28,7 @@ import torch
 from benchmarks.case import EditCase
 from benchmarks.evaluate import CaseScores, PreEdit, check_protocols, compute_pre_edit, score_cases, with_protocols
 from benchmarks.metrics import encode
+from benchmarks.registry import ExtraScorer
 from methods.base import Editor, get_method
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
@@ -177,10 +178,13 @@ def run_scenario(
     verify_restore: bool = True,
     data_dir: str | None = None,
     downstream_unedited: float | None = None,
+    extra_scorer: ExtraScorer | None = None,
 ) -> ScenarioResult:
     """Run every stream of ``scenario`` over ``cases``; ``on_edit(n)`` is called after each edit call.
 
     ``downstream_unedited``: the unedited model's downstream score when the caller has it cached.
+    ``extra_scorer``: the benchmark's own metrics (``Benchmark.extra_scorer``), scored under their own
+    protocol: references on the unedited model before each stream, scores after its edits.
     """
     editor_class = get_method(method)
     protocols = tuple(editor_class.protocols)
@@ -202,6 +206,8 @@ def run_scenario(
     downstream_items = 0
     result = ScenarioResult(scenario)
     for stream_index, stream in enumerate(streams):
+        stream_cases = [case for call in stream for case in call]
+        extra_state = extra_scorer.before(plain_logits(lm), lm, stream_cases) if extra_scorer is not None else None
         torch.manual_seed(seed)
         editor: Editor = editor_class(lm, hparams, seed)
         try:
@@ -215,10 +221,13 @@ def run_scenario(
                     timings[case.case_id] = (elapsed, stats.steps)
                 if on_edit is not None:
                     on_edit(len(call))
-            stream_cases = [case for call in stream for case in call]
             scores = [score for protocol in protocols
                       for score in score_cases(editor.logits, lm.tokenizer, lm.pad_token_id, lm.device, stream_cases,
                                                pre, metrics, protocol=protocol)]
+            if extra_scorer is not None:
+                extra = extra_scorer.after(editor.logits, lm, stream_cases, extra_state)
+                scores += [CaseScores(case.case_id, tuple(sorted(extra[case.case_id].items())), extra_scorer.protocol)
+                           for case in stream_cases]
             result.trainable_parameters = max(result.trainable_parameters, editor.trainable_parameters())
             result.artifacts.append(editor.artifacts(stream_cases))
             if check is not None:
