@@ -46,3 +46,49 @@ def toy_cases(n: int = 2, irrelevant: bool = True) -> list[EditCase]:
             irrelevant=(PromptAnswer("nq question: what is the capital of peru", "Lima"),) if irrelevant else (),
         ))
     return cases
+
+
+# --------------------------------------------------------------------------- editors on the tiny model
+
+import torch  # noqa: E402
+
+from benchmarks.metrics import encode  # noqa: E402
+from methods.base import get_method, load_hparams  # noqa: E402
+from orchestrator.scenarios import PROBE_TEXTS  # noqa: E402
+
+#: Two invented facts the tiny model cannot know, with everything every method and metric needs.
+TOY_CASES = (
+    EditCase("t0", "The capital of Atlantis is", "Poseidonia", subject="Atlantis",
+             locality={"nq": (PromptAnswer("Grass is", "green"),)}, rephrase=("Atlantis has its capital in",),
+             irrelevant=(PromptAnswer("The sky is", "blue"),)),
+    EditCase("t1", "The inventor of the zorb is", "Quill", subject="the zorb",
+             locality={"nq": (PromptAnswer("Snow is", "white"),)}, rephrase=("Who invented the zorb?",),
+             irrelevant=(PromptAnswer("Fire is", "hot"),)),
+)
+
+
+def make_editor(lm, method: str, scenario: str = "single", **overrides):
+    """The method's editor on ``lm`` with its shipped YAML for that model plus ``overrides``, seed 0."""
+    return get_method(method)(lm, load_hparams(method, lm.name, scenario, overrides), seed=0)
+
+
+def plain_forward(lm, pairs):
+    """(batch, logits) of the unedited forward pass over ``prompt + " " + answer`` pairs."""
+    batch = encode(lm.tokenizer, pairs, lm.pad_token_id)
+    with torch.no_grad():
+        return batch, lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def probe_logits(lm) -> torch.Tensor:
+    """Logits on the scenario runner's restore probes (unrelated prompts)."""
+    return plain_forward(lm, [(text, "X") for text in PROBE_TEXTS])[1]
+
+
+def state_snapshot(lm) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in lm.model.state_dict().items()}
+
+
+def changed_keys(lm, snapshot: dict[str, torch.Tensor]) -> set[str]:
+    current = lm.model.state_dict()
+    return {key for key in set(current) | set(snapshot)
+            if key not in current or key not in snapshot or not torch.equal(current[key], snapshot[key])}

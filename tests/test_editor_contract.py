@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from benchmarks.metrics import encode
 from kebench.core.models import model_names
 from methods.base import SCENARIO_BLOCKS, get_method, hparams_path, load_hparams, method_names
-from orchestrator.scenarios import PROBE_TEXTS
+from helpers import probe_logits
 
 METHODS = method_names()
 
@@ -32,10 +32,6 @@ def _target_logprob(logits_fn, lm, case) -> float:
     return -float(F.cross_entropy(logits[:, :-1][predicted_at].float(), targets))
 
 
-def _probe_logits(lm) -> torch.Tensor:
-    batch = encode(lm.tokenizer, [(text, "X") for text in PROBE_TEXTS], lm.pad_token_id).to(lm.device)
-    with torch.no_grad():
-        return lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 
 def test_every_builtin_method_is_covered() -> None:
@@ -49,7 +45,7 @@ def test_apply_moves_towards_the_target_and_restore_is_bit_exact(method: str, ti
     editor_class = get_method(method)
     hparams = load_hparams(method, "tiny-random-llama", "single")
     original = {name: tensor.clone() for name, tensor in tiny_lm.model.state_dict().items()}
-    probes = _probe_logits(tiny_lm)
+    probes = probe_logits(tiny_lm)
     plain = lambda batch: tiny_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # noqa: E731
     before = _target_logprob(plain, tiny_lm, case)
 
@@ -72,7 +68,7 @@ def test_apply_moves_towards_the_target_and_restore_is_bit_exact(method: str, ti
     state = tiny_lm.model.state_dict()
     assert state.keys() == original.keys()
     assert all(torch.equal(state[name], original[name]) for name in original), f"{method}: weights changed"
-    assert torch.equal(_probe_logits(tiny_lm), probes), f"{method}: outputs changed after restore"
+    assert torch.equal(probe_logits(tiny_lm), probes), f"{method}: outputs changed after restore"
     assert not any(p.requires_grad for p in tiny_lm.model.parameters()), f"{method}: left the model trainable"
 
 

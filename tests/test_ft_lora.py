@@ -6,37 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.case import EditCase, PromptAnswer
 from benchmarks.evaluate import compute_pre_edit, score_cases
 from benchmarks.metrics import encode
-from methods.base import get_method, load_hparams
+from methods.base import load_hparams
 from methods.ft import edit_loss
 from kebench.core.errors import KebenchError
-from orchestrator.scenarios import PROBE_TEXTS, plain_logits
+from orchestrator.scenarios import plain_logits
+from helpers import TOY_CASES, changed_keys, make_editor, probe_logits, state_snapshot
 
-CASES = (
-    EditCase("t0", "The capital of Atlantis is", "Poseidonia", locality={"nq": (PromptAnswer("Grass is", "green"),)}),
-    EditCase("t1", "The inventor of the zorb is", "Quill", locality={"nq": (PromptAnswer("Snow is", "white"),)}),
-)
-
-
-def _editor(lm, method: str, **overrides):
-    return get_method(method)(lm, load_hparams(method, "tiny-random-llama", "single", overrides), seed=0)
-
-
-def _probe(lm) -> torch.Tensor:
-    batch = encode(lm.tokenizer, [(t, "X") for t in PROBE_TEXTS], lm.pad_token_id)
-    with torch.no_grad():
-        return lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-
-
-def _state(lm) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in lm.model.state_dict().items()}
+CASES = TOY_CASES
+_editor, _probe, _state = make_editor, probe_logits, state_snapshot
 
 
 def _same_state(lm, state) -> bool:
-    current = lm.model.state_dict()
-    return set(current) == set(state) and all(torch.equal(current[k], v) for k, v in state.items())
+    return not changed_keys(lm, state)
 
 
 def test_ft_objectives_follow_their_definitions(tiny_lm):

@@ -9,33 +9,16 @@ from benchmarks.case import EditCase, PromptAnswer
 from benchmarks.evaluate import compute_pre_edit, score_cases
 from benchmarks.generation import PROTOCOL_GENERATION, generate, greedy_continuations
 from benchmarks.metrics import PROTOCOL_TEACHER_FORCED, encode
-from methods.base import get_method, load_hparams
+from methods.base import load_hparams
 from methods.grace import Codebook
 from methods.melo import NO_BLOCK, VectorDatabase
-from orchestrator.scenarios import PROBE_TEXTS, Scenario, plain_logits, run_scenario
+from orchestrator.scenarios import Scenario, plain_logits, run_scenario
+from helpers import TOY_CASES, make_editor, plain_forward, probe_logits
 
 CPU = torch.device("cpu")
-CASES = (
-    EditCase("t0", "The capital of Atlantis is", "Poseidonia", locality={"nq": (PromptAnswer("Grass is", "green"),)},
-             rephrase=("Atlantis has its capital in",), irrelevant=(PromptAnswer("The sky is", "blue"),)),
-    EditCase("t1", "The inventor of the zorb is", "Quill", locality={"nq": (PromptAnswer("Snow is", "white"),)},
-             rephrase=("Who invented the zorb?",), irrelevant=(PromptAnswer("Fire is", "hot"),)),
-)
+CASES = TOY_CASES
 UNRELATED = ("Grass is", "green")
-
-
-def _editor(lm, method: str, **overrides):
-    return get_method(method)(lm, load_hparams(method, lm.name, "single", overrides), seed=0)
-
-
-def _plain(lm, pairs):
-    batch = encode(lm.tokenizer, pairs, lm.pad_token_id)
-    with torch.no_grad():
-        return batch, lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-
-
-def _probe(lm):
-    return _plain(lm, [(t, "X") for t in PROBE_TEXTS])[1]
+_editor, _plain, _probe = make_editor, plain_forward, probe_logits
 
 
 # --------------------------------------------------------------------------- generation protocol

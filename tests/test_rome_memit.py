@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 import methods.memit as memit_module
-from benchmarks.case import EditCase
 from benchmarks.metrics import encode
 from methods._stats import second_moment
-from methods.base import NonFiniteError, get_method, load_hparams
+from methods.base import NonFiniteError, get_method
 from methods.rome import ValueSettings, capture, context_templates, encode_rows, optimize_value
+from helpers import TOY_CASES, changed_keys, make_editor, state_snapshot
 
-CASES = (
-    EditCase("t0", "The capital of Atlantis is", "Poseidonia", subject="Atlantis"),
-    EditCase("t1", "The inventor of the zorb is", "Quill", subject="the zorb"),
-)
+CASES = TOY_CASES
 
 
 @pytest.fixture(autouse=True)
@@ -26,16 +21,7 @@ def _stats_in_tmp(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KEBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "kebench-cache"))
 
 
-def _editor(lm, method: str, **overrides):
-    return get_method(method)(lm, load_hparams(method, "tiny-random-llama", "single", overrides), seed=0)
-
-
-def _state(lm) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in lm.model.state_dict().items()}
-
-
-def _changed(lm, state) -> set[str]:
-    return {k for k, v in lm.model.state_dict().items() if not torch.equal(v, state[k])}
+_editor, _state, _changed = make_editor, state_snapshot, changed_keys
 
 
 def test_fact_token_is_the_subjects_last_token_and_answers_match_the_scorer(tiny_lm):

@@ -5,37 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.case import EditCase, PromptAnswer
+from benchmarks.case import EditCase
 from benchmarks.evaluate import compute_pre_edit, score_cases
 from benchmarks.metrics import encode
-from methods.base import get_method, load_hparams
+from methods.base import load_hparams
 from methods.wise import ORIGINAL, SIDE, ties_merge
 from kebench.core.errors import KebenchError
-from orchestrator.scenarios import PROBE_TEXTS, Scenario, plain_logits, run_scenario
+from orchestrator.scenarios import Scenario, plain_logits, run_scenario
+from helpers import TOY_CASES, make_editor, plain_forward, probe_logits
 
 CPU = torch.device("cpu")
-CASES = (
-    EditCase("t0", "The capital of Atlantis is", "Poseidonia", locality={"nq": (PromptAnswer("Grass is", "green"),)},
-             rephrase=("Atlantis has its capital in",), irrelevant=(PromptAnswer("The sky is", "blue"),)),
-    EditCase("t1", "The inventor of the zorb is", "Quill", locality={"nq": (PromptAnswer("Snow is", "white"),)},
-             rephrase=("Who invented the zorb?",), irrelevant=(PromptAnswer("Fire is", "hot"),)),
-)
+CASES = TOY_CASES
 # The plain "{}" template only: the scored row is then exactly the trained row (faster, too).
 PLAIN = {"context_lengths": ()}
 
 
 def _editor(lm, method: str = "wise", **overrides):
-    return get_method(method)(lm, load_hparams(method, lm.name, "single", {**PLAIN, **overrides}), seed=0)
+    return make_editor(lm, method, **{**PLAIN, **overrides})
 
 
-def _plain(lm, pairs):
-    batch = encode(lm.tokenizer, pairs, lm.pad_token_id)
-    with torch.no_grad():
-        return batch, lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-
-
-def _probe(lm):
-    return _plain(lm, [(t, "X") for t in PROBE_TEXTS])[1]
+_plain, _probe = plain_forward, probe_logits
 
 
 def test_ties_merge_by_hand():
