@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.case import EditCase, PromptAnswer
-from benchmarks.data import require
+from benchmarks.data import require, require_text, require_texts
 from benchmarks.knowedit import _check_unique, read_records
 from benchmarks.registry import Benchmark, register_benchmark
 from kebench.core.errors import KebenchError
@@ -55,11 +55,7 @@ class CounterFact(Benchmark):
 
 
 def _strings(record: object, key: str, where: str) -> tuple[str, ...]:
-    values = require(record, key, list, where)
-    for index, value in enumerate(values):
-        if not isinstance(value, str):
-            raise KebenchError(f"{where}: {key}[{index}] should be str, got {type(value).__name__}")
-    return tuple(values)
+    return tuple(require_texts(record, key, where))
 
 
 def _parse_full(record: object, where: str, split: str) -> EditCase:
@@ -67,12 +63,12 @@ def _parse_full(record: object, where: str, split: str) -> EditCase:
     case_id = require(record, "case_id", int, where)
     rewrite = require(record, "requested_rewrite", dict, where)
     at = f"{where} requested_rewrite"
-    template = require(rewrite, "prompt", str, at)
-    subject = require(rewrite, "subject", str, at)
+    template = require_text(rewrite, "prompt", at)
+    subject = require_text(rewrite, "subject", at)
     if template.count("{}") != 1:
         raise KebenchError(f"{at}: field 'prompt' should contain exactly one '{{}}' for the subject, got {template!r}")
-    target_new = require(require(rewrite, "target_new", dict, at), "str", str, f"{at} target_new")
-    target_true = require(require(rewrite, "target_true", dict, at), "str", str, f"{at} target_true")
+    target_new = require_text(require(rewrite, "target_new", dict, at), "str", f"{at} target_new")
+    target_true = require_text(require(rewrite, "target_true", dict, at), "str", f"{at} target_true")
     neighbours = _strings(record, "neighborhood_prompts", where)
     portability = require(record, "portability", dict, where)
     question = require(portability, "New Question", str, f"{where} portability")
@@ -94,15 +90,15 @@ def _parse_full(record: object, where: str, split: str) -> EditCase:
 def _parse_flat(record: object, where: str, split: str) -> EditCase:
     """EasyEdit's flat split: one rephrase, one locality prompt, no portability."""
     case_id = require(record, "case_id", int, where)
-    truth = require(record, "ground_truth", str, where)
-    loc_prompt = require(record, "locality_prompt", str, where)
-    loc_answer = require(record, "locality_ground_truth", str, where)
+    truth = require_text(record, "ground_truth", where)
+    loc_prompt = require_text(record, "locality_prompt", where)
+    loc_answer = require_text(record, "locality_ground_truth", where)
     return EditCase(
         case_id=f"counterfact-{split}-{case_id}",
-        prompt=require(record, "prompt", str, where),
-        target_new=require(record, "target_new", str, where),
+        prompt=require_text(record, "prompt", where),
+        target_new=require_text(record, "target_new", where),
         ground_truth=(truth,),
-        subject=require(record, "subject", str, where),
-        rephrase=(require(record, "rephrase_prompt", str, where),),
+        subject=require_text(record, "subject", where),
+        rephrase=(require_text(record, "rephrase_prompt", where),),
         locality={"neighborhood": (PromptAnswer(loc_prompt, loc_answer, (loc_answer,)),)},
     )

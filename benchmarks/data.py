@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,26 @@ def data_file(data_dir: Path, relative: str, source_hint: str) -> Path:
 @lru_cache(maxsize=32)
 def _read_json_cached(path: str, mtime_ns: int) -> Any:
     opener = gzip.open if path.endswith(".gz") else open
+    line_number = 0
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             if path.endswith(".jsonl"):
-                return [json.loads(line) for line in handle if line.strip()]
+                records = []
+                for line_number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        records.append(json.loads(line))
+                return records
             return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise KebenchError(f"{path}: cannot parse: {exc}") from None
+    except json.JSONDecodeError as exc:
+        where = f"line {line_number}, column {exc.colno}" if line_number else f"line {exc.lineno}, column {exc.colno}"
+        raise KebenchError(f"{path}: cannot parse: {exc.msg} ({where})") from None
+    except UnicodeDecodeError as exc:
+        raise KebenchError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise KebenchError(f"{path}: truncated or damaged gzip file ({' '.join(str(exc).split()) or type(exc).__name__}); "
+                           "download it again") from None
+    except OSError as exc:
+        raise KebenchError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def read_json(path: Path) -> Any:
@@ -86,3 +100,27 @@ def require(record: Any, key: str, kind: type | tuple[type, ...], where: str) ->
         expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise KebenchError(f"{where}: field '{key}' should be {expected}, got {type(value).__name__}")
     return value
+
+
+def require_text(record: Any, key: str, where: str) -> str:
+    """``record[key]`` as a string that is not empty or blank: a prompt, rephrase or target that would
+    otherwise fail as "produced no tokens" deep inside a run (or be scored silently as empty)."""
+    value = require(record, key, str, where)
+    if not value.strip():
+        raise KebenchError(f"{where}: field '{key}' is empty")
+    return value
+
+
+def require_texts(record: Any, key: str, where: str, allow_empty_list: bool = True) -> list[str]:
+    """``record[key]`` as a list of non-empty strings (null or blank elements are named by index)."""
+    values = require(record, key, list, where)
+    if not values and not allow_empty_list:
+        raise KebenchError(f"{where}: field '{key}' is an empty list")
+    for index, value in enumerate(values):
+        if value is None:
+            raise KebenchError(f"{where}: {key}[{index}] is null")
+        if not isinstance(value, str):
+            raise KebenchError(f"{where}: {key}[{index}] should be str, got {type(value).__name__}")
+        if not value.strip():
+            raise KebenchError(f"{where}: {key}[{index}] is empty")
+    return values

@@ -55,9 +55,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.case import EditCase, PromptAnswer
-from benchmarks.data import data_file, read_json, require
+from benchmarks.data import data_file, read_json, require, require_text
 from benchmarks.metrics import LogitsFn, encode
 from benchmarks.registry import Benchmark, register_benchmark, split_of
+from kebench.core.metrics import register_metric
 from kebench.core.errors import KebenchError
 
 KNOWEDIT_SOURCE = "the KnowEdit release (huggingface.co/datasets/zjunlp/KnowEdit; see shared/data/PROVENANCE.md)"
@@ -92,6 +93,8 @@ def aliases_of(value: object, where: str) -> tuple[str, ...]:
                 flat.append(element)
             elif isinstance(element, list) and all(isinstance(alias, str) for alias in element):
                 flat.extend(element)
+            elif element is None:
+                raise KebenchError(f"{where}: field 'ground_truth' holds a null answer")
             else:
                 raise KebenchError(f"{where}: field 'ground_truth' should hold strings or lists of strings, "
                                    f"got an element of type {type(element).__name__}")
@@ -195,10 +198,10 @@ def _wikidata_case(record: object, where: str, case_id: str, with_ground_truth: 
         ground_truth = aliases_of(require(record, "ground_truth", (str, list), where), where)
     return EditCase(
         case_id=case_id,
-        prompt=require(record, "prompt", str, where),
-        target_new=require(record, "target_new", str, where),
+        prompt=require_text(record, "prompt", where),
+        target_new=require_text(record, "target_new", where),
         ground_truth=ground_truth,
-        subject=require(record, "subject", str, where),
+        subject=require_text(record, "subject", where),
         portability=keyed_section(record, "portability", where),
         locality=keyed_section(record, "locality", where),
     )
@@ -245,11 +248,11 @@ class ZsREKnowEdit(_HashSplitFile):
     def parse(self, record: object, where: str, case_id: str) -> EditCase:
         return EditCase(
             case_id=case_id,
-            prompt=require(record, "prompt", str, where),
-            target_new=require(record, "target_new", str, where),
+            prompt=require_text(record, "prompt", where),
+            target_new=require_text(record, "target_new", where),
             ground_truth=aliases_of(require(record, "ground_truth", (str, list), where), where),
-            subject=require(record, "subject", str, where),
-            rephrase=(require(record, "rephrase_prompt", str, where),),
+            subject=require_text(record, "subject", where),
+            rephrase=(require_text(record, "rephrase_prompt", where),),
             portability=keyed_section(record, "portability", where),
             locality=keyed_section(record, "locality", where),
         )
@@ -267,9 +270,9 @@ class WikiBio(_TestDevFiles):
     def parse(self, record: object, where: str, case_id: str) -> EditCase:
         return EditCase(
             case_id=case_id,
-            prompt=require(record, "text", str, where),
-            target_new=require(record, "labels", str, where),
-            subject=require(record, "concept", str, where),
+            prompt=require_text(record, "text", where),
+            target_new=require_text(record, "labels", where),
+            subject=require_text(record, "concept", where),
             locality=keyed_section(record, "locality", where),
         )
 
@@ -327,7 +330,7 @@ def convsent_build(records: list[Any], path: Path, split: str,
     parsed = []
     for index, record in enumerate(records):
         where = f"{path}: record {index}"
-        topic = require(record, "ent", str, where)
+        topic = require_text(record, "ent", where)
         pos, neg = _responses(record, "pos", where), _responses(record, "neg", where)
         if not pos or not neg or not all(pos + neg):
             raise KebenchError(f"{where}: 'pos' and 'neg' must be non-empty lists of non-empty responses")
@@ -359,8 +362,8 @@ class ConvSent(_TestDevFiles):
     test_file = "knowedit/convsent_blender_test.json"
     dev_file = "knowedit/convsent_blender_val.json"
     provenance_note = (f"protocol {PROTOCOL_CONVSENT_PROXY}: Rel = teacher-forced token accuracy of the target-sentiment "
-                       "response after EasyEdit's edit prompt, not EasyEdit's likelihood ES (needs unedited and edited "
-                       "distributions; see benchmarks.knowedit.convsent_scores); no irrelevant texts")
+                       "response after EasyEdit's edit prompt (a proxy); EasyEdit's likelihood ES and DD are reported "
+                       "beside it under protocol convsent_es_dd; no irrelevant texts")
 
     def load(self, split: str, data_dir: Path) -> list[EditCase]:
         path, records = read_records(data_dir, self.files(split)[0])
@@ -369,6 +372,9 @@ class ConvSent(_TestDevFiles):
     def probes(self, split: str, data_dir: Path) -> dict[str, ConvSentProbe]:
         path, records = read_records(data_dir, self.files(split)[0])
         return {probe.case_id: probe for _, probe in convsent_build(records, path, split, self.name)}
+
+    def extra_scorer(self, split: str, data_dir: Path) -> "ConvSentScorer":
+        return ConvSentScorer(self.probes(split, data_dir))
 
 
 @dataclass(frozen=True)
@@ -394,6 +400,40 @@ def _answer_distributions(logits_fn: LogitsFn, tokenizer, pairs: Sequence[Prompt
     return out
 
 
+@dataclass(frozen=True)
+class ConvSentReference:
+    """What ES and DD need from the unedited model for one case: the pooled log-probability of the
+    target-sentiment responses and the full next-token distributions over the next topic's responses."""
+
+    pos_base: float
+    outer_base: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+def _pooled(distributions: list[tuple[torch.Tensor, torch.Tensor]], on_target: Sequence[bool], want: bool) -> float:
+    picked = [lp.gather(-1, tok[:, None]).squeeze(-1) for (lp, tok), hit in zip(distributions, on_target) if hit == want]
+    return float(torch.cat(picked).mean())
+
+
+def convsent_reference(unedited: LogitsFn, tokenizer, pad_token_id: int, device: torch.device, probe: ConvSentProbe,
+                       batch_size: int = 32) -> ConvSentReference:
+    inner = _answer_distributions(unedited, tokenizer, probe.responses, pad_token_id, device, batch_size)
+    outer = _answer_distributions(unedited, tokenizer, probe.outer, pad_token_id, device, batch_size)
+    return ConvSentReference(_pooled(inner, probe.on_target, True), tuple(outer))
+
+
+def convsent_scores_against(edited: LogitsFn, tokenizer, pad_token_id: int, device: torch.device, probe: ConvSentProbe,
+                            reference: ConvSentReference, batch_size: int = 32) -> ConvSentScores:
+    """ES and DD of the edited model against the unedited model's ``reference`` (see ``convsent_scores``)."""
+    inner_edit = _answer_distributions(edited, tokenizer, probe.responses, pad_token_id, device, batch_size)
+    pos_edit = _pooled(inner_edit, probe.on_target, True)
+    neg_edit = _pooled(inner_edit, probe.on_target, False)
+    z_sent = 1.0 / (1.0 + math.exp(-(pos_edit - neg_edit)))
+    z_topic = min(1.0, math.exp(pos_edit - reference.pos_base))
+    outer_edit = _answer_distributions(edited, tokenizer, probe.outer, pad_token_id, device, batch_size)
+    kl = torch.cat([(base.exp() * (base - edit)).sum(-1) for (base, _), (edit, _) in zip(reference.outer_base, outer_edit)])
+    return ConvSentScores(es=z_sent * z_topic, z_sent=z_sent, z_topic=z_topic, dd=float(kl.mean()))
+
+
 def convsent_scores(edited: LogitsFn, unedited: LogitsFn, tokenizer, pad_token_id: int, device: torch.device,
                     probe: ConvSentProbe, batch_size: int = 32) -> ConvSentScores:
     """EasyEdit's ConvSent metric (``compute_sent_metric``: ``es`` and ``kl_loc_loss``) for one case.
@@ -403,19 +443,36 @@ def convsent_scores(edited: LogitsFn, unedited: LogitsFn, tokenizer, pad_token_i
     token t is read from the logits at t − 1 (EasyEdit's ``gather_log_probs`` reads position t), and
     question and response are joined by a space instead of LLaMA's literal " </s> ".
     """
-    inner_edit = _answer_distributions(edited, tokenizer, probe.responses, pad_token_id, device, batch_size)
-    inner_base = _answer_distributions(unedited, tokenizer, probe.responses, pad_token_id, device, batch_size)
+    reference = convsent_reference(unedited, tokenizer, pad_token_id, device, probe, batch_size)
+    return convsent_scores_against(edited, tokenizer, pad_token_id, device, probe, reference, batch_size)
 
-    def pooled(distributions: list[tuple[torch.Tensor, torch.Tensor]], want: bool) -> float:
-        picked = [lp.gather(-1, tok[:, None]).squeeze(-1)
-                  for (lp, tok), hit in zip(distributions, probe.on_target) if hit == want]
-        return float(torch.cat(picked).mean())
 
-    pos_edit, neg_edit, pos_base = pooled(inner_edit, True), pooled(inner_edit, False), pooled(inner_base, True)
-    z_sent = 1.0 / (1.0 + math.exp(-(pos_edit - neg_edit)))
-    z_topic = min(1.0, math.exp(pos_edit - pos_base))
+# ES and DD as registered metrics, scored under their own protocol next to the teacher-forced proxy.
+PROTOCOL_CONVSENT = "convsent_es_dd"
+register_metric("es", "ES", protocol=PROTOCOL_CONVSENT, order=60,
+                description="ConvSent edit success (SERAC/EasyEdit): z_sent * z_topic, likelihood-based")
+register_metric("dd", "DD", protocol=PROTOCOL_CONVSENT, order=61, higher_is_better=False, in_average=False,
+                description="ConvSent locality: KL(unedited || edited) per response token on the next topic (lower is better)")
 
-    outer_edit = _answer_distributions(edited, tokenizer, probe.outer, pad_token_id, device, batch_size)
-    outer_base = _answer_distributions(unedited, tokenizer, probe.outer, pad_token_id, device, batch_size)
-    kl = torch.cat([(base.exp() * (base - edit)).sum(-1) for (base, _), (edit, _) in zip(outer_base, outer_edit)])
-    return ConvSentScores(es=z_sent * z_topic, z_sent=z_sent, z_topic=z_topic, dd=float(kl.mean()))
+
+class ConvSentScorer:
+    """``Benchmark.extra_scorer`` for ConvSent: the unedited model's references are taken before a
+    stream's edits (the editor may change weights in place), ES/DD after them."""
+
+    protocol = PROTOCOL_CONVSENT
+
+    def __init__(self, probes: dict[str, ConvSentProbe]) -> None:
+        self.probes = probes
+
+    def before(self, unedited: LogitsFn, lm, cases: Sequence[EditCase]) -> dict[str, ConvSentReference]:
+        return {case.case_id: convsent_reference(unedited, lm.tokenizer, lm.pad_token_id, lm.device, self.probes[case.case_id])
+                for case in cases}
+
+    def after(self, edited: LogitsFn, lm, cases: Sequence[EditCase],
+              references: dict[str, ConvSentReference]) -> dict[str, dict[str, float]]:
+        out = {}
+        for case in cases:
+            scores = convsent_scores_against(edited, lm.tokenizer, lm.pad_token_id, lm.device, self.probes[case.case_id],
+                                             references[case.case_id])
+            out[case.case_id] = {"es": scores.es, "dd": scores.dd}
+        return out

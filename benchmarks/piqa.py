@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from benchmarks.data import data_file, read_json, require, resolve_data_dir
+from benchmarks.data import data_file, read_json, require_text, resolve_data_dir
 from benchmarks.metrics import LogitsFn, encode
 from benchmarks.registry import register_downstream
 from kebench.core.errors import KebenchError
@@ -65,8 +65,8 @@ def load_piqa(data_dir: str | os.PathLike[str] | None = None, n: int | None = No
         where = f"{items_path}: record {index}"
         if label not in ("0", "1"):
             raise KebenchError(f"{labels_path}: line {index + 1}: label should be 0 or 1, got {label!r}")
-        out.append(PiqaItem(require(record, "goal", str, where), require(record, "sol1", str, where),
-                            require(record, "sol2", str, where), int(label)))
+        out.append(PiqaItem(require_text(record, "goal", where), require_text(record, "sol1", where),
+                            require_text(record, "sol2", where), int(label)))
     return out
 
 

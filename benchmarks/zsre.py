@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.case import EditCase, PromptAnswer
-from benchmarks.data import data_file, read_json, require
+from benchmarks.data import data_file, read_json, require, require_text, require_texts
 from benchmarks.registry import Benchmark, register_benchmark, split_of
 from kebench.core.errors import KebenchError
 
@@ -59,21 +59,23 @@ class ZsRE(Benchmark):
 
 
 def _parse(record: object, where: str, index: int) -> tuple[EditCase, PromptAnswer]:
-    prompt = require(record, "src", str, where)
-    target = require(record, "alt", str, where)
-    answers = require(record, "answers", list, where)
-    rephrase = require(record, "rephrase", str, where)
-    loc = PromptAnswer(require(record, "loc", str, where), require(record, "loc_ans", str, where))
+    """One record; an empty prompt, target, rephrase, locality or portability text, or a null/empty
+    answer, is an error naming the file and record index (every record of the released file has them)."""
+    prompt = require_text(record, "src", where)
+    target = require_text(record, "alt", where)
+    answers = require_texts(record, "answers", where)
+    rephrase = require_text(record, "rephrase", where)
+    loc = PromptAnswer(require_text(record, "loc", where), require_text(record, "loc_ans", where))
     loc = PromptAnswer(loc.prompt, loc.answer, (loc.answer,))
     portability = require(record, "portability", dict, where)
-    question = require(portability, "New Question", str, f"{where} portability")
-    answer = require(portability, "New Answer", str, f"{where} portability")
+    question = require_text(portability, "New Question", f"{where} portability")
+    answer = require_text(portability, "New Answer", f"{where} portability")
     case = EditCase(
         case_id=f"zsre-{index}",
         prompt=prompt,
         target_new=target,
-        ground_truth=tuple(str(a) for a in answers),
-        subject=require(record, "subject", str, where),
+        ground_truth=tuple(answers),
+        subject=require_text(record, "subject", where),
         rephrase=(rephrase,),
         locality={"nq": (loc,)},
         portability={"one_hop": (PromptAnswer(question, answer, (answer,)),)},
@@ -93,7 +95,7 @@ def _trivia_pairs(data_dir: Path) -> list[PromptAnswer]:
     pairs = []
     for index, record in enumerate(records):
         where = f"{path}: K_R record {index}"
-        pairs.append(PromptAnswer(require(record, "question", str, where), require(record, "ground_truth", str, where)))
+        pairs.append(PromptAnswer(require_text(record, "question", where), require_text(record, "ground_truth", where)))
     if not pairs:
         raise KebenchError(f"{path}: K_R is empty")
     return [PromptAnswer(p.prompt, p.answer, (p.answer,)) for p in pairs]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import sys
 import types
@@ -86,6 +87,36 @@ class Editor(ABC):
         """One line on what the numbers depend on beyond model, data and hyperparameters (e.g. the corpus of
         precomputed statistics), added to every result row's provenance; "" when there is nothing."""
         return ""
+
+    @classmethod
+    def check_hparams(cls, hparams: Any, num_layers: int | None, hidden_size: int | None,
+                      benchmark: Any = None) -> None:
+        """Cheap checks of ``hparams`` against the model's shape, before any weights load (grid expansion,
+        ``kebench edit``); raise a one-line ``KebenchError`` naming the field.  ``num_layers`` /
+        ``hidden_size`` are None when the model's config is not known without loading it.
+        ``benchmark``: the ``CaseSelection`` the cell edits (or None), for methods that need something
+        of the cases (WISE: unrelated training texts).
+
+        The default checks, where present: ``layer``/``layers`` and fields ending in ``_layers`` lie in
+        ``0..num_layers-1``; fields ending in ``_layer`` may also count from the end (``-1``: the last
+        layer); ``rank`` lies in ``1..hidden_size``.  Override it (and call ``super()``) for more.
+        """
+        values = dataclasses.asdict(hparams) if dataclasses.is_dataclass(hparams) else {}
+        for key, value in values.items():
+            is_list = key == "layers" or key.endswith("_layers")
+            is_one = key == "layer" or key.endswith("_layer")
+            if num_layers is None or not (is_list or is_one):
+                continue
+            items = value if isinstance(value, (list, tuple)) else [value]
+            low = -num_layers if is_one and key != "layer" else 0
+            for item in items:
+                if isinstance(item, int) and not isinstance(item, bool) and not low <= item < num_layers:
+                    raise KebenchError(f"{cls.name}: {key}: layer {item} out of range for a model with {num_layers} "
+                                       f"layers (0..{num_layers - 1})")
+        rank = values.get("rank")
+        if hidden_size is not None and isinstance(rank, int) and not isinstance(rank, bool) \
+                and not 0 < rank <= hidden_size:
+            raise KebenchError(f"{cls.name}: rank must be in 1..{hidden_size} (the model's hidden size), got {rank}")
 
     def logits(self, batch: TFBatch) -> torch.Tensor:
         return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -248,9 +279,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise KebenchError(f"{where} should be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise KebenchError(f"{where} should be a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan/inf would only fail deep inside an optimizer or a Ray task
+            raise KebenchError(f"{where} should be a finite number, got {value!r}")
+        return number
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise KebenchError(f"{where} should be an integer, got {value!r}")

@@ -237,9 +237,22 @@ class WiseAdapter(nn.Module):
 
 # --------------------------------------------------------------------------- the editor
 
+def _no_irrelevant_message(method: str, case_id: str) -> str:
+    return (f"{method}: case {case_id} has no unrelated training text (EditCase.irrelevant, WISE's loc_prompts); "
+            "zsre has them in every split (dev, test, all), the KnowEdit sets and CounterFact carry none")
+
+
 @register_method("wise")
 class WISE(Editor):
     hparams_class = WiseHParams
+
+    @classmethod
+    def check_hparams(cls, hparams, num_layers, hidden_size, benchmark=None) -> None:
+        super().check_hparams(hparams, num_layers, hidden_size, benchmark)
+        cases = getattr(benchmark, "cases", None) or ()
+        missing = [case.case_id for case in cases if not case.irrelevant]
+        if missing:
+            raise KebenchError(_no_irrelevant_message(cls.name, missing[0]))
 
     def __init__(self, lm: LoadedModel, hparams: WiseHParams, seed: int) -> None:
         super().__init__(lm, hparams, seed)
@@ -282,8 +295,7 @@ class WISE(Editor):
         hp, lm, adapter = self.hparams, self.lm, self.adapter
         missing = [case.case_id for case in cases if not case.irrelevant]
         if missing:
-            raise KebenchError(f"{self.name}: case {missing[0]} has no unrelated training text (EditCase.irrelevant, "
-                               "WISE's loc_prompts); the zsre 'all' split has none")
+            raise KebenchError(_no_irrelevant_message(self.name, missing[0]))
         edit_pairs = [(template.format(case.prompt), case.target_new) for case in cases for template in self.templates]
         loc_pairs = [(case.irrelevant[0].prompt, case.irrelevant[0].answer) for case in cases]
         batch = encode(lm.tokenizer, edit_pairs + loc_pairs, lm.pad_token_id).to(lm.device)

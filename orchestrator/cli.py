@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -28,13 +29,41 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**63 - 1  # seeds are stored in an int64 column (results/store.py)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED}, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED} (stored as a 64-bit integer), got {value}")
+    return value
+
+
+def _gpus(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _override(text: str) -> tuple[str, Any]:
     import yaml
 
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--downstream-n", type=_positive_int, default=None, help="items of the downstream check")
     edit.add_argument("--n", type=_positive_int, default=None, help="number of cases (default: the whole split)")
     edit.add_argument("--offset", type=int, default=0)
-    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--seed", type=_seed, default=0)
     edit.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                       help="override a hyperparameter (repeatable)")
     edit.add_argument("--hparams", type=Path, default=None, help="hyperparameter YAML instead of methods/hparams/<method>/<model>.yaml")
@@ -88,7 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--device", default=None)
     stats.add_argument("--force", action="store_true", help="recompute even if cached")
 
-    sub.add_parser("list", help="list registered models, benchmarks and methods")
+    board = sub.add_parser("leaderboard", help="write leaderboard.md and a self-contained leaderboard.html from a store")
+    board.add_argument("--store", type=Path, required=True)
+    board.add_argument("--out", type=Path, default=None, help="output folder (default: <store>/leaderboard)")
+    board.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    board.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
+    sub.add_parser("list", help="list registered models, benchmarks, methods (with their source) and plug-in failures")
     return parser
 
 
@@ -100,7 +135,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_positive_int, default=None, help="at most this many concurrent cells")
     parser.add_argument("--ray-address", default=None, help="join a running Ray cluster ('auto' on a cluster head)")
     parser.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs for a local Ray instance")
-    parser.add_argument("--num-gpus", type=float, default=None,
+    parser.add_argument("--num-gpus", type=_gpus, default=None,
                         help="GPUs for a local Ray instance (default: CUDA devices; >0 on a CPU machine is bookkeeping)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--tables", default="single,continual,batched,params",
@@ -123,19 +158,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "stats":
             return _stats(args)
+        if args.command == "leaderboard":
+            return _leaderboard(args)
     except KebenchError as exc:
-        print(f"kebench: error: {exc}", file=sys.stderr)
+        print(f"kebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kebench: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if type(exc).__name__ == "NonFiniteError":  # methods.base: an edit diverged (not a bug, not bad input)
+            print(f"kebench: error: non-finite: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+        raise
     return 0
+
+
+def check_output_path(path: Path, flag: str = "--out") -> None:
+    """An output file must be creatable: not a directory, not under a file, in a writable directory.
+    Checked before any work, so a run is never lost to its output path."""
+    import os
+
+    if path.is_dir():
+        raise KebenchError(f"{flag} {path} is a directory; name a file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise KebenchError(f"{flag} {path}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise KebenchError(f"{flag} {path}: directory {parent} is not writable")
+            break
+    if path.exists() and not os.access(path, os.W_OK):
+        raise KebenchError(f"{flag} {path} is not writable")
 
 
 def _stats(args: argparse.Namespace) -> int:
     """``kebench stats``: one pass over the corpus for every requested layer not yet cached."""
     from methods._stats import canonical_corpus, check_dtype, ensure_stats
-    from kebench.core.models import check_model_name, load_model
+    from kebench.core.models import check_device, check_model_name, load_model, model_facts
 
     try:
         layers = sorted({int(item) for item in args.layers.split(",") if item.strip()})
@@ -146,7 +206,11 @@ def _stats(args: argparse.Namespace) -> int:
     check_model_name(args.model)
     canonical_corpus(args.corpus)
     check_dtype(args.dtype)
-    lm = load_model(args.model, device=args.device)
+    facts = model_facts(args.model)
+    if facts is not None and any(not 0 <= layer < facts.num_layers for layer in layers):
+        bad = next(layer for layer in layers if not 0 <= layer < facts.num_layers)
+        raise KebenchError(f"--layers: layer {bad} out of range for {args.model} ({facts.num_layers} layers, 0-based)")
+    lm = load_model(args.model, device=check_device(args.device))
     outcomes = ensure_stats(lm, layers, args.corpus, args.n, args.dtype, data_dir=args.data_dir, force=args.force)
     for outcome in outcomes:
         action = f"computed in {outcome.seconds:.1f} s" if outcome.computed else "cached"
@@ -171,10 +235,38 @@ def _table(args: argparse.Namespace) -> int:
     get_table(args.table)
     if args.fmt not in FORMATS:
         raise KebenchError(f"unknown format '{args.fmt}'; known: {', '.join(FORMATS)}")
+    if args.store.exists() and not args.store.is_dir():
+        raise KebenchError(f"store {args.store} is a file, not a store directory")
     if not args.store.is_dir():
         raise KebenchError(f"store {args.store} does not exist")
-    print(render(args.store, args.table, args.fmt))
+    print(_render_readable(args.store, args.table, args.fmt))
     return 0
+
+
+def _render_readable(store: Path, table: str, fmt: str) -> str:
+    """Render ``table``; unreadable Parquet files are named on stderr and left out (the rest renders)."""
+    import shutil
+    import tempfile
+
+    from results.store import scan_store
+    from results.tables import render
+
+    scan = scan_store(store)
+    if not scan.unreadable:
+        return render(store, table, fmt)
+    for path, reason in scan.unreadable:
+        print(f"kebench: warning: skipped unreadable {path} ({reason})", file=sys.stderr)
+    bad = {path.resolve() for path, _ in scan.unreadable}
+    shadow = Path(tempfile.mkdtemp(prefix="kebench-table-"))
+    try:  # a view of the store without the bad files: links to every other file
+        for file in store.rglob("*"):
+            if file.is_file() and file.resolve() not in bad:
+                target = shadow / file.relative_to(store)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(file.resolve())
+        return render(shadow, table, fmt).replace(str(shadow), str(store))
+    finally:
+        shutil.rmtree(shadow, ignore_errors=True)
 
 
 def run_grid_command(args: argparse.Namespace) -> int:
@@ -194,24 +286,44 @@ def run_grid_command(args: argparse.Namespace) -> int:
     if unknown:
         raise KebenchError(f"--tables: unknown table '{unknown[0]}'; known: {', '.join(table_names())}")
     console = Console(stderr=True)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=args.quiet) as progress:
-        task = progress.add_task(grid.name, total=None, status="starting")
+    if args.data_dir is None and grid.data_dir is not None and not Path(grid.data_dir).expanduser().is_dir():
+        raise KebenchError(f"{grid.source}: data_dir: {grid.data_dir} is not a directory")
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=args.quiet)
+    task = progress.add_task(grid.name, total=None, status="starting")
 
-        def update(report, left: int) -> None:
-            progress.update(task, total=report.ok + report.failed + left, completed=report.ok + report.failed,
-                            status=f"done {report.ok} · failed {report.failed} · left {left}")
+    def start(report, left: int) -> None:  # only once everything is validated: errors stay one line
+        progress.start()
+        progress.update(task, total=report.skipped + left, completed=report.skipped,
+                        status=f"skipped {report.skipped} · left {left}")
 
-        report = run_grid(grid, store, rerun_failed=args.rerun_failed, force=args.force, workers=args.workers,
-                          ray_address=args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                          data_dir=args.data_dir, on_update=update)
+    def update(report, left: int) -> None:
+        progress.update(task, total=report.ok + report.failed + left, completed=report.ok + report.failed,
+                        status=f"done {report.ok} · failed {report.failed} · left {left}")
+
+    try:
+        # Only the tables go to stdout: Ray prints task-retry notices to stdout from a background thread.
+        with contextlib.redirect_stdout(sys.stderr):
+            report = run_grid(grid, store, rerun_failed=args.rerun_failed, force=args.force, workers=args.workers,
+                              ray_address=args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                              data_dir=args.data_dir, on_update=update, on_start=start)
+    finally:
+        progress.stop()
+    for path, reason in report.quarantined:
+        print(f"kebench: warning: unreadable store file moved aside as {path} ({reason}); its cell re-ran",
+              file=sys.stderr)
+    if report.interrupted:
+        import signal as _signal
+
+        signum = report.signal or _signal.SIGINT
+        print(f"kebench: interrupted by {_signal.Signals(signum).name}: {report.finished} of {report.total} cells "
+              f"stored ({report.ok + report.failed} this run, {report.failed} failed), workers stopped; run the same "
+              "command again to resume", file=sys.stderr)
+        return 128 + int(signum)
     console.print(f"{grid.name}: {report.total} cells · ran {report.ok + report.failed} (ok {report.ok}, "
                   f"failed {report.failed}) · skipped {report.skipped} already in {store} · {report.wall_seconds:.0f} s")
     for title, error in report.failures:
         console.print(f"  × {title}: {error}")
-    if report.interrupted:
-        console.print("interrupted: every finished cell is stored; run the same command again to resume")
-        return 130
     for name in wanted:
         text = render(store, name, "md")
         if not text.startswith("no "):
@@ -219,14 +331,36 @@ def run_grid_command(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _leaderboard(args: argparse.Namespace) -> int:
+    from results.leaderboard import write_leaderboard
+
+    if not args.store.is_dir():
+        raise KebenchError(f"store {args.store} does not exist")
+    out = args.out or args.store / "leaderboard"
+    written = write_leaderboard(args.store, out, resamples=args.resamples, seed=args.seed)
+    for path in written:
+        print(path)
+    return 0
+
+
 def _list() -> int:
-    from benchmarks.registry import benchmark_names
-    from methods.base import method_names
+    from benchmarks.registry import benchmark_names, benchmark_source
+    from kebench.core import plugins
+    from kebench.core.metrics import metric_names
     from kebench.core.models import model_names
+    from methods.base import method_names, method_source
+    from results.tables import table_names
+
+    def named(names: list[str], source) -> str:
+        return ", ".join(name if source(name) == "kebench" else f"{name} ({source(name)})" for name in names)
 
     print("models:     " + ", ".join(model_names()))
-    print("benchmarks: " + ", ".join(benchmark_names()))
-    print("methods:    " + ", ".join(method_names()))
+    print("benchmarks: " + named(benchmark_names(), benchmark_source))
+    print("methods:    " + named(method_names(), method_source))
+    print("metrics:    " + ", ".join(metric_names()))
+    print("tables:     " + ", ".join(table_names()))
+    for failure in plugins.failures():
+        print(f"failed:     {failure.describe()}")
     return 0
 
 
@@ -235,9 +369,11 @@ def _edit(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from benchmarks.data import resolve_data_dir
     from benchmarks.registry import get_benchmark, select_cases
     from methods.base import get_method, hparams_dict, load_hparams
-    from kebench.core.models import check_model_name, load_model
+    from kebench.core.models import check_device, check_model_name, load_model
+    from orchestrator.grid import check_method_fits
     from orchestrator.scenarios import Scenario, make_streams, run_scenario
     from kebench.core.metrics import metric_names
     from results import rows as result_rows
@@ -250,15 +386,25 @@ def _edit(args: argparse.Namespace) -> int:
     bench = get_benchmark(args.benchmark)
     selection = select_cases(args.benchmark, args.split, args.n, args.offset, args.data_dir)
     make_streams(selection.cases, scenario)
+    if args.hparams is not None and args.hparams.is_dir():
+        raise KebenchError(f"--hparams {args.hparams} is a directory; name a hyperparameter YAML file")
     hparams = load_hparams(args.method, args.model, scenario.kind, dict(args.overrides), path=args.hparams)
+    check_method_fits(args.method, args.model, hparams, selection)
+    try:
+        device = check_device(args.device)
+    except KebenchError as exc:
+        raise KebenchError(f"--device: {exc}") from None
+    if args.out is not None:
+        check_output_path(args.out)
 
     console = Console(stderr=True)
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=device)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, disable=args.quiet, transient=False) as progress:
         task = progress.add_task(f"{args.method} {scenario.label}", total=len(selection.cases))
         result = run_scenario(lm, args.method, hparams, selection.cases, scenario, args.seed, bench.metrics,
-                              on_edit=lambda n: progress.advance(task, n), data_dir=args.data_dir)
+                              on_edit=lambda n: progress.advance(task, n), data_dir=args.data_dir,
+                              extra_scorer=bench.extra_scorer(args.split, resolve_data_dir(args.data_dir)))
 
     timing = {(c.case_id, c.stream): (round(c.seconds, 4), c.steps) for c in result.cases}
     rows = [{**row, "seconds": timing[(row["case_id"], row["stream"])][0], "steps": timing[(row["case_id"], row["stream"])][1]}

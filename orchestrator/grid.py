@@ -30,7 +30,7 @@ import yaml
 from benchmarks.registry import SPLITS, get_benchmark, select_cases
 from methods.base import build_hparams, get_method, hparams_dict, hparams_path, load_hparams
 from kebench.core.errors import KebenchError
-from kebench.core.models import check_model_name, model_revision
+from kebench.core.models import check_model_name, model_facts, model_revision
 from orchestrator.scenarios import SCENARIO_KINDS, Scenario
 
 CODE_VERSION_ENV = "KEBENCH_CODE_VERSION"
@@ -46,6 +46,8 @@ DEFAULT_MAX_RETRIES = 2
 # Grid names and method labels end up in store paths and hive partition values: keep them path-safe.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
 _CELL_ID_CHARS = 16
+#: seeds are stored in an int64 column (results/store.py): a larger one would fail after the cell ran
+MAX_SEED = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- the parsed spec
@@ -247,6 +249,7 @@ def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> li
     root = data_dir if data_dir is not None else grid.data_dir
     version = code_version()
     selections: list[tuple[int, str]] = []  # (n, data_sha256) per benchmark spec
+    loaded = []
     for index, bench in enumerate(grid.benchmarks):
         try:
             selection = select_cases(bench.name, bench.split, bench.n, bench.offset, root)
@@ -255,8 +258,10 @@ def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> li
         for scenario in grid.scenarios:
             _check_streams(source, index, bench, selection.n, scenario)
         selections.append((selection.n, selection.data_sha256))
+        loaded.append(selection)
 
     hparams_cache: dict[tuple[int, str, str], str] = {}
+    checked: set[tuple[int, str, str, int]] = set()
     cells: list[Cell] = []
     for model in grid.models:
         for bench, (n, data_sha256) in zip(grid.benchmarks, selections):
@@ -264,14 +269,39 @@ def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> li
                 for m_index, method in enumerate(grid.methods):
                     key = (m_index, model, scenario.kind)
                     if key not in hparams_cache:
-                        hparams_cache[key] = canonical_json(
-                            hparams_dict(_resolve_or_fail(source, m_index, method, model, scenario.kind)))
+                        resolved = _resolve_or_fail(source, m_index, method, model, scenario.kind)
+                        hparams_cache[key] = canonical_json(hparams_dict(resolved))
+                    b_index = grid.benchmarks.index(bench)
+                    check_key = (m_index, model, scenario.kind, b_index)
+                    if check_key not in checked:
+                        checked.add(check_key)
+                        _check_method_fits(source, m_index, method, model, scenario.kind,
+                                           _resolve_or_fail(source, m_index, method, model, scenario.kind),
+                                           loaded[b_index], f"benchmarks[{b_index}]")
                     for seed in grid.seeds:
                         cells.append(Cell(model, bench.name, bench.split, n, bench.offset, scenario, method.name,
                                           method.label, hparams_cache[key], seed, data_sha256, version,
                                           model_revision(model), method.hparams_source(model)))
     _check_unique_ids(source, cells)
     return cells
+
+
+def check_method_fits(method: str, model: str, hparams: Any, selection: Any = None) -> None:
+    """The method's own cheap checks (``Editor.check_hparams``) of ``hparams`` against the model's layer
+    count and hidden size, read from its config without loading weights, and the cases it will edit."""
+    facts = model_facts(model)
+    get_method(method).check_hparams(hparams, facts.num_layers if facts else None,
+                                     facts.hidden_size if facts else None, selection)
+
+
+def _check_method_fits(source: str, index: int, method: MethodSpec, model: str, kind: str, hparams: Any,
+                       selection: Any, bench_where: str | None) -> None:
+    try:
+        check_method_fits(method.name, model, hparams, selection)
+    except KebenchError as exc:
+        on = f", {bench_where} {selection.benchmark}/{selection.split}" if bench_where else ""
+        raise KebenchError(f"{source}: methods[{index}] ('{method.label}', model '{model}', scenario {kind}{on}): "
+                           f"{_one_line(exc)}") from None
 
 
 def _check_unique_ids(source: str, cells: Sequence[Cell]) -> None:
@@ -486,7 +516,9 @@ def _validate_hparams(methods: Sequence[MethodSpec], models: Sequence[str], scen
     for index, method in enumerate(methods):
         for model in models:
             for kind in kinds:
-                resolved = canonical_json(hparams_dict(_resolve_or_fail(source, index, method, model, kind)))
+                hparams = _resolve_or_fail(source, index, method, model, kind)
+                _check_method_fits(source, index, method, model, kind, hparams, None, None)
+                resolved = canonical_json(hparams_dict(hparams))
                 key = (method.name, model, kind, resolved)
                 if key in seen:
                     other = methods[seen[key]]
@@ -511,7 +543,7 @@ def _seeds(value: Any, source: str) -> tuple[int, ...]:
     seeds: list[int] = []
     for index, item in enumerate(items):
         where = f"seeds[{index}]"
-        seed = _integer(item, source, where, minimum=0)
+        seed = _integer(item, source, where, minimum=0, maximum=MAX_SEED)
         _no_duplicate(seed, seeds, source, where, "seed")
         seeds.append(seed)
     return tuple(seeds)
@@ -560,13 +592,15 @@ def _safe_name(value: Any, source: str, where: str) -> str:
     return text
 
 
-def _integer(value: Any, source: str, where: str, minimum: int) -> int:
+def _integer(value: Any, source: str, where: str, minimum: int, maximum: int | None = None) -> int:
     """YAML ``true`` is a Python bool, which is an int subclass: reject it explicitly."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise KebenchError(f"{source}: {where} must be an integer >= {minimum}, got {_describe(value)}")
     if value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise KebenchError(f"{source}: {where} must be {kind}, got {value}")
+    if maximum is not None and value > maximum:
+        raise KebenchError(f"{source}: {where} must be at most {maximum} (it is stored as a 64-bit integer), got {value}")
     return value
 
 

@@ -8,14 +8,31 @@ them.  Only the driver writes the store, one file per finished cell attempt, so 
 An exception inside a cell makes that cell ``failed`` with its error text; the rest of the grid goes
 on.  A worker process that dies is restarted by Ray and its cell retried up to ``max_retries`` times
 before the cell is recorded as failed.
+
+Ctrl-C (SIGINT) and SIGTERM stop the workers (``ray.kill``), shut down the local Ray instance this run
+started, and return a report with ``interrupted`` set to the signal; the command exits 128 + signal.
+Everything that can be checked before Ray starts is: the grid (``expand``), the store (writable, not a
+file, locked against a second driver, unreadable files moved aside), the resources a cell asks for
+against what a local instance will have, and whether a ``--ray-address`` answers at all.
+
+A local instance is bound to the loopback interface: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray
+use 127.0.0.1 as the node address, which is what its GCS, raylet, workers and agents listen on
+(``_node_ip_address`` alone is rewritten to the routable address).  ``ray_constants`` reads that
+variable when ``ray`` is imported, so ``local_ray_loopback`` sets both the variable (for the processes
+Ray starts) and the already-imported constant (for this driver).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
+import signal
+import socket
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -137,6 +154,7 @@ def _packages() -> dict[str, str]:
 
 def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from benchmarks.evaluate import compute_pre_edit
+    from benchmarks.data import resolve_data_dir
     from benchmarks.registry import get_benchmark, select_cases
     from methods.base import get_method
     from orchestrator.scenarios import plain_logits, run_scenario
@@ -153,7 +171,8 @@ def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[
     downstream_key = (cell.scenario.downstream, cell.scenario.downstream_n)
     result = run_scenario(lm, cell.method, hparams, selection.cases, cell.scenario, cell.seed,
                           bench.metrics, pre=cache.pre_edit[key], data_dir=data_dir,
-                          downstream_unedited=cache.downstream_unedited.get(downstream_key))
+                          downstream_unedited=cache.downstream_unedited.get(downstream_key),
+                          extra_scorer=bench.extra_scorer(cell.split, resolve_data_dir(data_dir)))
     case_rows = rows.case_rows(result.cases, bench.row_protocol)
     artifact = rows.cell_artifact(selection.cases, result.cases, result.artifacts, bench.row_protocol)
     notes = [f"model {lm.info.revision}"]
@@ -203,10 +222,18 @@ class GridReport:
     ok: int = 0
     failed: int = 0
     interrupted: bool = False
+    signal: int | None = None  # SIGINT or SIGTERM when interrupted by a signal
     wall_seconds: float = 0.0
     compute_seconds: float = 0.0
     loads_per_worker: dict[int, int] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (cell title, error)
+    #: unreadable store files moved aside as ``*.corrupt`` before the run (their cells re-run)
+    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (new path, reason)
+
+    @property
+    def finished(self) -> int:
+        """Cells of the grid stored after this run: skipped ones plus those this run finished."""
+        return self.skipped + self.ok + self.failed
 
     @property
     def overhead_fraction(self) -> float:
@@ -224,30 +251,151 @@ def select_cells(cells: list[Cell], latest: dict[str, tuple[int, str]], rerun_fa
     return chosen
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def local_ray_loopback() -> None:
+    """Make a local Ray instance started from this process listen on 127.0.0.1 only.
+
+    With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray takes the loopback address as the node address (its
+    GCS, raylet, workers, dashboard agent and metrics exporters bind to it); the variable is read at
+    ``import ray``, so the constant is set too when Ray is already imported.  A user who set the variable
+    explicitly (to join or form a real cluster) is left alone.
+    """
+    import sys
+
+    if os.environ.get(LOOPBACK_ENV, "0") != "0":
+        return
+    os.environ[LOOPBACK_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) that accepts no TCP connection is a one-line error within
+    seconds, instead of ``ray.init`` waiting for a GCS that is not there."""
+    if address in ("auto", "local"):
+        return
+    text = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise KebenchError(f"--ray-address {address!r}: expected host:port, ray://host:port or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise KebenchError(f"--ray-address {address}: no Ray cluster answers there ({reason}); start one with "
+                           "'ray start --head' or leave --ray-address out for a local instance") from None
+
+
+def check_local_resources(grid: GridSpec, num_cpus: int | None, num_gpus: float | None) -> None:
+    """What a cell asks for must fit a local instance, or no cell would ever be scheduled (Ray waits forever)."""
+    cpus = num_cpus or os.cpu_count() or 1
+    if grid.resources.num_cpus > cpus:
+        raise KebenchError(f"{grid.source}: resources.num_cpus={grid.resources.num_cpus:g} but the local Ray instance "
+                           f"has {cpus} CPUs; lower it, or pass --num-cpus to give the instance more (logical) CPUs")
+    if num_gpus is not None and (not math.isfinite(num_gpus) or num_gpus < 0):
+        raise KebenchError(f"--num-gpus must be a number >= 0, got {num_gpus}")
+
+
 def _start_ray(grid: GridSpec, ray_address: str | None, num_cpus: int | None, num_gpus: float | None) -> bool:
     """Connect to Ray; returns True when this call started a local instance (and so must shut it down)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if ray_address:
-        ray.init(address=ray_address, log_to_driver=False)
+        check_ray_address(ray_address)
+        try:
+            ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            raise KebenchError(f"--ray-address {ray_address}: {' '.join(str(exc).split())[:300]}") from None
         return False
     if num_gpus is None:
         import torch
 
         num_gpus = torch.cuda.device_count()
+    local_ray_loopback()
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
-             include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+             include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
     return True
+
+
+class GridInterrupted(BaseException):
+    """Raised in the driver's main thread by SIGINT or SIGTERM while a grid runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT and SIGTERM become ``GridInterrupted`` (once); later ones are remembered, not raised, so
+    that clean-up (killing workers, shutting Ray down) runs to the end.  Ray's own SIGTERM handler
+    (``sys.exit`` from inside a C++ wait, which aborts with a stack dump) is replaced while the grid runs."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.deferred = False
+        self._raised = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            if sig not in self._previous:
+                self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            try:
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            except (ValueError, TypeError):
+                pass
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+        if not self.deferred and not self._raised:
+            self._raised = True
+            raise GridInterrupted(self.signum)
+
+    def quiet(self) -> None:
+        """From now on only remember signals (clean-up must not be interrupted)."""
+        self._raised = True
+
+    @contextmanager
+    def defer(self):
+        """Hold a signal until the block ends (a store write is never cut in half)."""
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
+        if self.signum is not None and not self._raised:
+            self._raised = True
+            raise GridInterrupted(self.signum)
 
 
 def _pool_size(grid: GridSpec, cells: int, workers: int | None) -> int:
     import ray
 
     resources = ray.cluster_resources()
-    limits = [cells, int(resources.get("CPU", 1) // max(grid.resources.num_cpus, 1e-9))]
+    cpus = resources.get("CPU", 0)
+    if cpus < grid.resources.num_cpus:
+        raise KebenchError(f"{grid.source}: resources.num_cpus={grid.resources.num_cpus:g} but the Ray cluster has "
+                           f"{cpus:g} CPUs: no cell could ever be scheduled; lower it or add nodes")
+    limits = [cells, int(cpus // max(grid.resources.num_cpus, 1e-9))]
     if grid.resources.num_gpus > 0:
         gpus = resources.get("GPU", 0)
         if gpus < grid.resources.num_gpus:
@@ -273,64 +421,105 @@ def run_grid(
     num_gpus: float | None = None,
     data_dir: str | None = None,
     on_update: Callable[[GridReport, int], None] | None = None,
+    on_start: Callable[[GridReport, int], None] | None = None,
 ) -> GridReport:
-    """Run every cell of ``grid`` not yet in ``store``; ``on_update(report, left)`` after each cell."""
+    """Run every cell of ``grid`` not yet in ``store``; ``on_start(report, cells to run)`` once everything is
+    validated (before Ray starts), ``on_update(report, left)`` after each cell.
+
+    Raises ``KebenchError`` (before Ray starts, before any cell runs) for a bad grid, a store that is a
+    file, unwritable or held by another driver, resources a local instance cannot provide, or a
+    ``ray_address`` that does not answer.
+    """
+    from results.store import StoreLock, check_store_writable, quarantine, scan_store
+
+    store = Path(store)
+    data_dir = data_dir or grid.data_dir
+    cells = expand(grid, data_dir)  # validates everything before anything is written
+    check_store_writable(store)
+    local = ray_address is None and not _ray_initialized()
+    if local:
+        check_local_resources(grid, num_cpus, num_gpus)
+    elif ray_address:
+        check_ray_address(ray_address)
+    with StoreLock(store):
+        scan = scan_store(store)
+        report = GridReport(total=len(cells))
+        for path, reason in scan.unreadable:
+            report.quarantined.append((str(quarantine(path)), reason))
+        if scan.unreadable:
+            scan = scan_store(store)
+        todo = select_cells(cells, scan.usable(), rerun_failed, force)
+        report.skipped = len(cells) - len(todo)
+        if todo:
+            if on_start is not None:
+                on_start(report, len(todo))
+            _run_cells(grid, store, todo, report, workers=workers, ray_address=ray_address, num_cpus=num_cpus,
+                       num_gpus=num_gpus, data_dir=data_dir, on_update=on_update)
+    return report
+
+
+def _ray_initialized() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport, *, workers: int | None,
+               ray_address: str | None, num_cpus: int | None, num_gpus: float | None, data_dir: str | None,
+               on_update: Callable[[GridReport, int], None] | None) -> None:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    from results.store import latest_attempts, next_attempt, write_cell_attempt
+    from results.store import next_attempt, write_cell_attempt
 
-    data_dir = data_dir or grid.data_dir
-    cells = expand(grid, data_dir)  # validates everything before anything is written
-    todo = select_cells(cells, latest_attempts(store), rerun_failed, force)
-    report = GridReport(total=len(cells), skipped=len(cells) - len(todo))
-    if not todo:
-        return report
-    started_here = _start_ray(grid, ray_address, num_cpus, num_gpus)
+    signals = _Signals()
+    signals.install()  # before Ray starts: a Ctrl-C during start-up is an interrupt too
     clock = time.perf_counter()
+    started_here = False
+    actors: list[Any] = []
     try:
+        started_here = _start_ray(grid, ray_address, num_cpus, num_gpus)
+        signals.install()  # ray.init installs its own SIGTERM handler: take it back
+        size = _pool_size(grid, len(todo), workers)
         _precompute_statistics(grid, todo, data_dir, report)
-    except KeyboardInterrupt:
-        report.interrupted = True
-        report.wall_seconds = time.perf_counter() - clock
-        if started_here:
-            ray.shutdown()
-        return report
-    worker_class = ray.remote(CellWorker).options(
-        num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus,
-        max_restarts=grid.max_retries, max_task_retries=grid.max_retries,
-    )
-    size = _pool_size(grid, len(todo), workers)
-    actors = [worker_class.remote(data_dir) for _ in range(size)]
-    actor_model: dict[int, str | None] = {index: None for index in range(size)}
-    queue = list(todo)
-    pending: dict[Any, tuple[int, Cell, int]] = {}
+        worker_class = ray.remote(CellWorker).options(
+            num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus,
+            max_restarts=grid.max_retries, max_task_retries=grid.max_retries,
+        )
+        actors.extend(worker_class.remote(data_dir) for _ in range(size))
+        actor_model: dict[int, str | None] = {index: None for index in range(size)}
+        queue = list(todo)
+        pending: dict[Any, tuple[int, Cell, int]] = {}
 
-    def submit(index: int) -> None:
-        if not queue:
-            return
-        # Prefer a cell of the model this worker already holds: one model load per worker, not per cell.
-        pick = next((i for i, c in enumerate(queue) if c.model == actor_model[index]), 0)
-        cell = queue.pop(pick)
-        attempt = next_attempt(store, cell.cell_id)
-        actor_model[index] = cell.model
-        pending[actors[index].run.remote(cell, attempt)] = (index, cell, attempt)
+        def submit(index: int) -> None:
+            if not queue:
+                return
+            # Prefer a cell of the model this worker already holds: one model load per worker, not per cell.
+            pick = next((i for i, c in enumerate(queue) if c.model == actor_model[index]), 0)
+            cell = queue.pop(pick)
+            attempt = next_attempt(store, cell.cell_id)
+            actor_model[index] = cell.model
+            pending[actors[index].run.remote(cell, attempt)] = (index, cell, attempt)
 
-    def record(outcome: CellOutcome, cell: Cell) -> None:
-        write_cell_attempt(store, outcome.cell_row, outcome.case_rows, outcome.artifact)
-        report.compute_seconds += outcome.compute_seconds
-        report.loads_per_worker[outcome.worker_pid] = outcome.model_loads
-        if outcome.cell_row["status"] == OK:
-            report.ok += 1
-        else:
-            report.failed += 1
-            report.failures.append((cell.title, outcome.cell_row["error"]))
+        def record(outcome: CellOutcome, cell: Cell) -> None:
+            with signals.defer():  # a cell attempt is stored whole or not at all
+                write_cell_attempt(store, outcome.cell_row, outcome.case_rows, outcome.artifact)
+                report.compute_seconds += outcome.compute_seconds
+                report.loads_per_worker[outcome.worker_pid] = outcome.model_loads
+                if outcome.cell_row["status"] == OK:
+                    report.ok += 1
+                else:
+                    report.failed += 1
+                    report.failures.append((cell.title, outcome.cell_row["error"]))
 
-    try:
         for index in range(size):
             submit(index)
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            # A timeout so that the signal handler runs promptly even while Ray waits in C++.
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if not done:
+                continue
             ref = done[0]
             index, cell, attempt = pending.pop(ref)
             try:
@@ -344,17 +533,25 @@ def run_grid(
             if on_update is not None:
                 on_update(report, len(queue) + len(pending))
             submit(index)
-    except KeyboardInterrupt:
+    except (GridInterrupted, KeyboardInterrupt) as exc:
         report.interrupted = True
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        report.signal = exc.signum if isinstance(exc, GridInterrupted) else signal.SIGINT
     finally:
-        for actor in actors:
-            ray.kill(actor)
-        report.wall_seconds = time.perf_counter() - clock
-        if started_here:
-            ray.shutdown()
-    return report
+        signals.quiet()
+        try:
+            if started_here:
+                ray.shutdown()  # stops the workers with the instance (and says nothing about retries)
+            else:
+                for actor in actors:  # ends the running cells too (actor tasks cannot be force-cancelled)
+                    try:
+                        ray.kill(actor, no_restart=True)
+                    except Exception:  # noqa: BLE001 - an actor that is already gone
+                        pass
+        finally:
+            signals.restore()
+            report.wall_seconds = time.perf_counter() - clock
+    if signals.signum is not None and not report.interrupted:  # a signal during the final clean-up
+        report.interrupted, report.signal = True, signals.signum
 
 
 def _precompute_statistics(grid: GridSpec, cells: list[Cell], data_dir: str | None, report: GridReport) -> None:

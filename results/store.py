@@ -19,15 +19,26 @@ Why this shape:
   registers a new metric stores it with no change here.
 - Partition values are percent-encoded (``urllib.parse.quote``), which DuckDB's hive reader decodes, so
   a model called ``meta-llama/Llama-2-7b-hf`` round-trips exactly and never escapes its directory.
+
+Faults (``scan_store``): a ``*.parquet`` file that cannot be read (truncated, junk) is reported by name;
+``kebench table`` renders the rest, ``kebench grid`` moves it aside as ``*.parquet.corrupt`` (no reader
+globs it) and re-runs its cell as a new attempt.  An ``ok`` cell whose cases file is gone (a deleted
+partition) counts as missing too.  One driver at a time: ``StoreLock`` holds ``<store>/.kebench.lock``
+(``flock``, with the holder's PID and host written inside) for the whole run; a second driver gets a
+one-line error naming the holder; the kernel releases the lock when its holder dies, so a stale lock
+file is simply taken over.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import importlib.metadata
 import json
 import os
+import socket
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import quote
@@ -36,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kebench.core import metrics
+from kebench.core.errors import KebenchError
 
 SCHEMA_VERSION = 1
 
@@ -45,6 +57,8 @@ ARTIFACTS_DIR = "artifacts"
 PARTITION_KEYS = ("benchmark", "model", "method")
 TMP_PREFIX = ".tmp-"
 TMP_SUFFIX = ".parquet.tmp"
+CORRUPT_SUFFIX = ".corrupt"
+LOCK_NAME = ".kebench.lock"
 
 SCENARIOS = ("single", "continual", "batched")
 STATUSES = ("ok", "failed")
@@ -108,6 +122,11 @@ CELLS_SCHEMA = pa.schema(
         pa.field("started_at", _UTC_US, nullable=False),
         pa.field("finished_at", _UTC_US, nullable=False),
         pa.field("schema_version", pa.int32(), nullable=False),
+        # Ray Tune trials stored beside grid cells (orchestrator/sweep.py): kind NULL or "grid" for grid
+        # cells, "tune" for a trial; the sweep's name and Tune's trial id (NULL for grid cells).
+        pa.field("kind", pa.string(), nullable=True),
+        pa.field("sweep", pa.string(), nullable=True),
+        pa.field("trial_id", pa.string(), nullable=True),
     ]
 )
 
@@ -208,19 +227,169 @@ def read_artifact(store: Path, cell_row: Mapping[str, Any]) -> dict[str, Any] | 
 
 
 def latest_attempts(store: Path) -> dict[str, tuple[int, str]]:
-    """cell_id -> (attempt, status) of its latest finished attempt; {} for an empty or missing store."""
-    if not has_files(store, CELLS_DIR):
-        return {}
-    import duckdb
+    """cell_id -> (attempt, status) of its latest finished attempt; {} for an empty or missing store.
 
-    glob = parquet_glob(store, CELLS_DIR)
-    with duckdb.connect() as con:
-        rows = con.execute(
-            "SELECT cell_id, attempt, status FROM read_parquet(?, hive_partitioning = false, union_by_name = true) "
-            "QUALIFY row_number() OVER (PARTITION BY cell_id ORDER BY attempt DESC) = 1",
-            [glob],
-        ).fetchall()
-    return {cell_id: (int(attempt), status) for cell_id, attempt, status in rows}
+    Unreadable files are skipped (``scan_store`` names them)."""
+    return scan_store(store).latest
+
+
+@dataclass
+class StoreScan:
+    """What ``scan_store`` found: the latest readable attempt per cell, and the files that are not sound."""
+
+    latest: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: ``(path, reason)`` of every ``*.parquet`` file under cells/ or cases/ that cannot be read
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    #: cell ids whose latest attempt is ``ok`` but whose cases file is missing or unreadable
+    incomplete: set[str] = field(default_factory=set)
+
+    def usable(self) -> dict[str, tuple[int, str]]:
+        """``latest`` without the incomplete cells: what a grid may skip."""
+        return {cell_id: value for cell_id, value in self.latest.items() if cell_id not in self.incomplete}
+
+
+def _reason(path: Path, exc: BaseException) -> str:
+    """A short reason for an unreadable file (pyarrow's messages repeat the path and run long)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    size = path.stat().st_size if path.exists() else 0
+    if "magic bytes" in text or "minimum file footer" in text:
+        return f"not a complete Parquet file ({size} bytes): truncated or not Parquet"
+    return text.replace(f"'{path}'", "").replace(str(path), "")[:160]
+
+
+def _read_problem(path: Path, columns: Sequence[str] | None = None) -> tuple[pa.Table | None, str | None]:
+    try:
+        return pq.read_table(path, columns=list(columns) if columns else None), None
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for truncated or junk files
+        return None, _reason(path, exc)
+
+
+def scan_store(store: Path) -> StoreScan:
+    """Read every finished file's header and the cell rows, one file at a time, so that one bad file
+    is named instead of failing the whole store."""
+    store = Path(store)
+    scan = StoreScan()
+    cases_files: dict[tuple[str, int], Path] = {}
+    cases_dir = store / CASES_DIR
+    if cases_dir.is_dir():
+        for path in sorted(cases_dir.rglob("*.parquet")):
+            try:
+                pq.read_metadata(path)
+            except Exception as exc:  # noqa: BLE001
+                scan.unreadable.append((path, _reason(path, exc)))
+                continue
+            stem, _, number = path.stem.rpartition("-a")
+            if number.isdigit():
+                cases_files[(stem, int(number))] = path
+    cells_dir = store / CELLS_DIR
+    if not cells_dir.is_dir():
+        return scan
+    for path in sorted(cells_dir.rglob("*.parquet")):
+        table, problem = _read_problem(path, ("cell_id", "attempt", "status"))
+        if table is None:
+            scan.unreadable.append((path, problem or "unreadable"))
+            continue
+        for cell_id, attempt, status in zip(*(table.column(name).to_pylist() for name in ("cell_id", "attempt", "status"))):
+            if cell_id is None or attempt is None:
+                continue
+            if cell_id not in scan.latest or int(attempt) > scan.latest[cell_id][0]:
+                scan.latest[cell_id] = (int(attempt), status)
+    for cell_id, (attempt, status) in scan.latest.items():
+        if status == "ok" and (path_safe(cell_id), attempt) not in cases_files:
+            scan.incomplete.add(cell_id)
+    return scan
+
+
+def quarantine(path: Path) -> Path:
+    """Move an unreadable store file aside as ``<name>.corrupt`` (kept for inspection, never globbed)."""
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    counter = 1
+    while target.exists():
+        counter += 1
+        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}{counter}")
+    os.replace(path, target)
+    return target
+
+
+def check_store_writable(store: Path) -> Path:
+    """Create the store directory if needed and prove a file can be written there; a one-line error if not
+    (a path that is a file or lies under one, a read-only directory or file system)."""
+    store = Path(store)
+    for parent in [store, *store.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == store else f"lies under {parent}, which is a file"
+                raise KebenchError(f"store {store} {what}; choose a directory")
+            break
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        probe = store / f"{TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise KebenchError(f"store {store} is not writable ({reason}); choose another --store or fix its "
+                           "permissions") from None
+    return store
+
+
+class StoreLock:
+    """An advisory lock on a store for one driver (``with StoreLock(store): ...``).
+
+    ``flock`` on ``<store>/.kebench.lock``; the holder's PID, host and start time are written into the
+    file so that a second driver can say who holds it.  The kernel drops the lock when the holding
+    process dies, so a lock file left by a dead driver is taken over without any clean-up.
+    """
+
+    def __init__(self, store: Path) -> None:
+        self.path = Path(store) / LOCK_NAME
+        self._fd: int | None = None
+
+    def holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise KebenchError(f"store {self.path.parent}: cannot lock {self.path}: {exc.strerror or exc}") from None
+            info = self.holder()
+            who = (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')}"
+                   if info else "another process")
+            raise KebenchError(f"store {self.path.parent} is in use by another kebench grid ({who}); wait for it "
+                               "to finish or use another --store") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode("utf-8"))
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "StoreLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def next_attempt(store: Path, cell_id: str) -> int:

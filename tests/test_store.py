@@ -145,3 +145,74 @@ def test_package_versions() -> None:
     versions = package_versions()
     assert {"duckdb", "pyarrow"} <= set(versions)
     assert all(isinstance(value, str) and value for value in versions.values())
+
+
+# --------------------------------------------------------------------------- faults and the driver lock
+
+
+def _stored_cell(store, cell_id="c1", attempt=1):
+    write_cell_attempt(store, cell_row(cell_id, attempt=attempt), case_rows())
+
+
+def test_scan_names_unreadable_files_and_incomplete_cells(tmp_path):
+    from results.store import CASES_DIR, CELLS_DIR, quarantine, scan_store
+
+    _stored_cell(tmp_path, "c1")
+    _stored_cell(tmp_path, "c2")
+    _stored_cell(tmp_path, "c3")
+    c1 = next((tmp_path / CELLS_DIR).rglob("c1-a1.parquet"))
+    c1.write_bytes(c1.read_bytes()[:30])  # truncated
+    junk = c1.with_name("junk-a1.parquet")
+    junk.write_text("junk")
+    next((tmp_path / CASES_DIR).rglob("c2-a1.parquet")).unlink()  # cases gone: the cell is incomplete
+    scan = scan_store(tmp_path)
+    assert sorted(path.name for path, _ in scan.unreadable) == ["c1-a1.parquet", "junk-a1.parquet"]
+    assert all("truncated or not Parquet" in reason for _, reason in scan.unreadable)
+    assert set(scan.latest) == {"c2", "c3"} and scan.incomplete == {"c2"} and set(scan.usable()) == {"c3"}
+    assert latest_attempts(tmp_path) == {"c2": (1, "ok"), "c3": (1, "ok")}  # never raises on a bad file
+    moved = quarantine(c1)
+    assert moved.name == "c1-a1.parquet.corrupt" and not c1.exists()
+    assert next_attempt(tmp_path, "c1") == 2  # the cases file of attempt 1 still holds its number
+
+
+def test_store_must_be_a_writable_directory(tmp_path):
+    from kebench.core.errors import KebenchError
+    from results.store import check_store_writable
+
+    assert check_store_writable(tmp_path / "new" / "store").is_dir()
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(KebenchError, match="is a file"):
+        check_store_writable(file)
+    with pytest.raises(KebenchError, match="which is a file"):
+        check_store_writable(file / "store")
+
+
+def test_lock_names_its_holder_and_a_dead_holder_is_taken_over(tmp_path):
+    import multiprocessing
+    import os
+
+    from kebench.core.errors import KebenchError
+    from results.store import StoreLock
+
+    with StoreLock(tmp_path) as lock:
+        assert lock.holder()["pid"] == os.getpid()
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+
+        def second() -> None:  # another process: flock conflicts across open file descriptions
+            try:
+                StoreLock(tmp_path).acquire()
+                queue.put("acquired")
+            except KebenchError as exc:
+                queue.put(str(exc))
+
+        child = ctx.Process(target=second)
+        child.start()
+        child.join(30)
+        message = queue.get(timeout=5)
+        assert f"is in use by another kebench grid (pid {os.getpid()} on " in message
+    # Released (or its holder died, which releases a flock too): the next driver takes the file over.
+    (tmp_path / ".kebench.lock").write_text('{"pid": 999999999, "host": "gone"}')
+    with StoreLock(tmp_path) as lock:
+        assert lock.holder()["pid"] == os.getpid()

