@@ -19,6 +19,8 @@ import yaml
 from results.store import latest_attempts
 from results.tables import render
 
+pytestmark = pytest.mark.ray  # starts a local Ray instance
+
 ROOT = Path(__file__).resolve().parents[1]
 KEBENCH = [sys.executable, "-m", "orchestrator.cli"]
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}

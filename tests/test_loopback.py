@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import yaml
+
+pytestmark = pytest.mark.ray  # starts a local Ray instance
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {key: value for key, value in os.environ.items() if key != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}

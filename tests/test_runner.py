@@ -21,6 +21,8 @@ import yaml
 from results.store import latest_attempts
 from results.tables import render
 
+pytestmark = pytest.mark.ray  # starts a local Ray instance
+
 ROOT = Path(__file__).resolve().parents[1]
 KEBENCH = [sys.executable, "-m", "orchestrator.cli"]
 ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
@@ -143,11 +145,12 @@ def test_gpu_cells_are_scheduled_on_a_cpu_machine(tmp_path):
     import ray
 
     from orchestrator.grid import load_grid
-    from orchestrator.runner import run_grid
+    from orchestrator.runner import local_ray_loopback, run_grid
 
     grid = load_grid(_grid(tmp_path, "gpu", resources={"num_cpus": 1, "num_gpus": 1}, scenarios=[{"kind": "single"}],
                            methods=["reft"]))
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+    local_ray_loopback()  # _node_ip_address alone is rewritten by Ray 2.60 to the routable address
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
     try:
         report = run_grid(grid, tmp_path / "store-gpu")
     finally:
