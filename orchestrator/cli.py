@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--sweep", type=Path, required=True, help="sweep YAML (see sweeps/)")
     sweep.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs for a local Ray instance")
     sweep.add_argument("--data-dir", default=None)
+    sweep.add_argument("--restart", action="store_true", help="start afresh instead of resuming the sweep's Tune experiment")
+    sweep.add_argument("--export", type=Path, default=None,
+                       help="write the chosen configuration as a hyperparameter YAML (usable as a grid's hparams_file)")
 
     stats = sub.add_parser("stats", help="compute and cache second-moment statistics (ROME/MEMIT) for a model")
     stats.add_argument("--model", default="smollm2-135m")
@@ -219,14 +222,9 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import best_yaml, load_sweep, run_sweep
+    from orchestrator.sweep import sweep_command
 
-    spec = load_sweep(args.sweep)
-    results = run_sweep(spec, data_dir=args.data_dir, num_cpus=args.num_cpus)
-    failed = len(results.errors)
-    print(f"{spec.name}: {len(results)} trials ({failed} failed); all trials in {spec.store}/trials.parquet")
-    print(best_yaml(results, spec))
-    return 1 if failed else 0
+    return sweep_command(args)
 
 
 def _table(args: argparse.Namespace) -> int:

@@ -99,7 +99,10 @@ class MethodSpec:
         if not path.is_file():
             return f"hparams: defaults of {self.name}"
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        return f"hparams: {path} (sha256 {digest})"
+        from orchestrator.sweep import hparams_file_origin
+
+        origin = hparams_file_origin(path) if self.hparams_file else ""
+        return f"hparams: {path} (sha256 {digest})" + (f", {origin}" if origin else "")
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,9 @@ def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> li
                                           method.label, hparams_cache[key], seed, data_sha256, version,
                                           model_revision(model), method.hparams_source(model)))
     _check_unique_ids(source, cells)
+    from orchestrator.sweep import check_hparams_file_leakage  # an exported hparams_file must not have seen these cases
+
+    check_hparams_file_leakage(grid, cells, root)
     return cells
 
 

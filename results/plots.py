@@ -88,3 +88,69 @@ def gate_weights(title: str, weights: Mapping[str, Sequence[float]]) -> bytes:
     axis.legend(fontsize=7)
     axis.set_title(title, fontsize=9)
     return _png(figure)
+
+
+def sweep_objectives(title: str, params: Sequence[str], objectives: Sequence[str],
+                     points: Sequence[tuple[Mapping[str, object], Mapping[str, float], bool]],
+                     labels: Mapping[str, str] | None = None, log_x: "set[str] | None" = None) -> bytes:
+    """A Ray Tune sweep: one panel per (objective, searched hyperparameter), a dot per trial, the Pareto
+    front (or the best trial) as a filled star. ``points``: (hyperparameters, objective values, on front)."""
+    labels = labels or {}
+    log_x = log_x or set()
+    rows, cols = len(objectives), len(params)
+    figure, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.6, 2.4 * rows + 0.6), squeeze=False)
+    for r, objective in enumerate(objectives):
+        for c, param in enumerate(params):
+            axis = axes[r][c]
+            values = [hp.get(param) for hp, _, _ in points]
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if numeric:
+                xs = [float(v) for v in values]
+            else:
+                categories = sorted({str(v) for v in values})
+                xs = [float(categories.index(str(v))) for v in values]
+                axis.set_xticks(range(len(categories)))
+                axis.set_xticklabels(categories, fontsize=7, rotation=20)
+            for x, (_, scores, front) in zip(xs, points):
+                if objective not in scores:
+                    continue
+                axis.plot(x, scores[objective], marker="*" if front else "o", markersize=11 if front else 5,
+                          color="tab:red" if front else "tab:blue", alpha=0.9 if front else 0.6, linestyle="none")
+            if numeric and param in log_x and min(xs) > 0:
+                from matplotlib.ticker import LogLocator, NullFormatter
+
+                axis.set_xscale("log")
+                axis.xaxis.set_major_locator(LogLocator(base=10, numticks=4))
+                axis.xaxis.set_minor_formatter(NullFormatter())
+            if r == rows - 1:
+                axis.set_xlabel(param, fontsize=8)
+            if c == 0:
+                axis.set_ylabel(labels.get(objective, objective), fontsize=8)
+            axis.tick_params(labelsize=7)
+            axis.grid(alpha=0.3)
+    figure.suptitle(title + "  (★ = Pareto front / best)", fontsize=8)
+    return _png(figure)
+
+
+def sweep_front(title: str, objectives: Sequence[str],
+                points: Sequence[tuple[Mapping[str, object], Mapping[str, float], bool]],
+                labels: Mapping[str, str] | None = None) -> bytes:
+    """Two objectives against each other, a dot per trial, the Pareto front joined by a step line."""
+    labels = labels or {}
+    x_name, y_name = objectives[0], objectives[1]
+    figure, axis = plt.subplots(figsize=(4.8, 4.0))
+    chosen = [(s[x_name], s[y_name], front) for _, s, front in points if x_name in s and y_name in s]
+    axis.scatter([x for x, _, f in chosen if not f], [y for _, y, f in chosen if not f], s=22, alpha=0.6,
+                 label="trial")
+    front = sorted((x, y) for x, y, f in chosen if f)
+    if front:
+        axis.plot([x for x, _ in front], [y for _, y in front], marker="*", markersize=11, color="tab:red",
+                  drawstyle="steps-post", label="Pareto front")
+    axis.set_xlabel(labels.get(x_name, x_name))
+    axis.set_ylabel(labels.get(y_name, y_name))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    import textwrap
+
+    axis.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=8)
+    return _png(figure)

@@ -81,6 +81,7 @@ def register_table(name: str, title: str, scenario: str | None = None) -> Callab
 
 def _load_builtin() -> None:
     import results.shapes  # noqa: F401  (registers the paper's tables)
+    import results.sweeps  # noqa: F401  (registers the sweep table: Ray Tune trials)
 
 
 def table_names() -> list[str]:

@@ -3,8 +3,12 @@
 - ``cells_all`` / ``cases_all``: every stored attempt, columns exactly as ``CELLS_SCHEMA`` /
   ``CASES_SCHEMA`` (a column missing from older files reads as NULL, so the views stay stable as the
   schema grows);
-- ``cells_latest``: the latest attempt of each cell, so a re-run replaces a failed or stale result
-  without deleting anything; ``cases_latest``: the case rows of exactly those attempts.
+- ``cells_latest``: the latest attempt of each grid cell, so a re-run replaces a failed or stale result
+  without deleting anything; ``cases_latest``: the case rows of exactly those attempts.  Ray Tune
+  trials (``kind = 'tune'``, written by ``orchestrator/sweep.py``) are not grid cells: the paper's
+  tables and the leaderboard never see them;
+- ``trials_latest`` / ``trial_cases``: the latest attempt of each trial and its case rows (the
+  ``sweep`` table); ``kebench_store``: one row naming the store directory (where tables write plots).
 """
 
 from __future__ import annotations
@@ -22,19 +26,26 @@ _SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT
 
 
 def connect(store: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the four views over ``store`` (empty views if it is empty)."""
+    """An in-memory DuckDB connection with the views over ``store`` (empty views if it is empty)."""
     con = duckdb.connect()
     for view, dataset, schema in (("cells_all", CELLS_DIR, CELLS_SCHEMA), ("cases_all", CASES_DIR, CASES_SCHEMA)):
         con.execute(f"CREATE VIEW {view} AS {_dataset_select(con, Path(store), dataset, schema)}")
     con.execute("""
-        CREATE VIEW cells_latest AS
+        CREATE VIEW attempts_latest AS
         SELECT * FROM cells_all
         QUALIFY row_number() OVER (PARTITION BY cell_id ORDER BY attempt DESC) = 1
     """)
+    con.execute("CREATE VIEW cells_latest AS SELECT * FROM attempts_latest WHERE coalesce(kind, 'grid') <> 'tune'")
+    con.execute("CREATE VIEW trials_latest AS SELECT * FROM attempts_latest WHERE kind = 'tune'")
     con.execute("""
         CREATE VIEW cases_latest AS
         SELECT * FROM cases_all SEMI JOIN cells_latest USING (cell_id, attempt)
     """)
+    con.execute("""
+        CREATE VIEW trial_cases AS
+        SELECT * FROM cases_all SEMI JOIN trials_latest USING (cell_id, attempt)
+    """)
+    con.execute("CREATE TABLE kebench_store AS SELECT $store AS path", {"store": str(Path(store).resolve())})
     return con
 
 
