@@ -42,6 +42,9 @@ from kebench.core.models import LoadedModel
 #: exact for them.  Other architectures use the full forward.
 SPLIT_FORWARD_MODEL_TYPES = frozenset({"llama"})
 
+#: what ``early_stop_loss`` is compared with (``early_stop_on``; see ``RepresentationEditor.stop_value``)
+EARLY_STOP_RULES = ("mean_ce", "sum_ce", "total")
+
 
 class OrthonormalRows(nn.Module):
     """Parametrize a wide r×d matrix by the orthonormal factor of its QR decomposition: R Rᵀ = I exactly.
@@ -75,8 +78,10 @@ class BasisIntervention(nn.Module):
         self.source = nn.Linear(hidden_size, rank)  # A h + b, initialised as in pyreft's LoReFT
         self.gate: nn.Linear | None = None
         if gated:
-            # Zero init: every basis starts at weight 1/2, so no basis is favoured before training.
-            self.gate = nn.Linear(hidden_size, rank)
+            # Zero init: every basis starts at weight 1/2, so no basis is favoured before training.  Built
+            # with ``skip_init`` so that it draws nothing from the random generator: R, A, b of every layer
+            # are then the same for BaFT and ReFT under one seed (the comparison is about the gates alone).
+            self.gate = torch.nn.utils.skip_init(nn.Linear, hidden_size, rank)
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
 
@@ -232,6 +237,8 @@ class RepresentationEditor(Editor):
         if hparams.last_prompt_tokens < 0:
             raise KebenchError(f"{self.name}: last_prompt_tokens must be >= 0, got {hparams.last_prompt_tokens}")
         self.layer_ids = tuple(sorted(set(layers)))
+        # R, A, b come from a generator seeded with ``seed`` alone (the global generator is left as it was),
+        # and the gates draw nothing, so BaFT and ReFT built with one seed start from identical subspaces.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.interventions = nn.ModuleDict(
@@ -276,6 +283,36 @@ class RepresentationEditor(Editor):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.interventions.parameters() if p.requires_grad)
 
+    def mean_basis_weights(self, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+        """[len(pairs), layers, r] float32 on the CPU: each basis's weight w_k(h) at each intervened layer,
+        averaged over the intervened positions of ``prompt + " " + answer`` (the last ``last_prompt_tokens``
+        prompt tokens and every answer token), under the current intervention (W ≡ 1 for ReFT).
+
+        Runs the model under ``torch.no_grad()``; an editor that was restored hooks itself on for the call and
+        off again, so the model is left as it was.
+        """
+        rank = self.hparams.rank
+        if not pairs:
+            return torch.zeros(0, len(self.layer_ids), rank, dtype=torch.float32)
+        lm = self.lm
+        batch = encode(lm.tokenizer, list(pairs), lm.pad_token_id).to(lm.device)
+        mask = batch.intervention_mask(self.hparams.last_prompt_tokens)
+        temporary = [] if self._handles else [lm.layers[layer].register_forward_hook(self._hook(layer))
+                                              for layer in self.layer_ids]
+        try:
+            with torch.no_grad():
+                self._mask, self._recorded = mask, {}
+                lm.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                recorded = self._recorded
+        finally:
+            self._mask, self._recorded = None, None
+            for handle in temporary:
+                handle.remove()
+        weight = mask[..., None].float()
+        counts = weight.sum(dim=1).clamp_min(1.0)  # [B, 1]
+        means = [(recorded[layer].float() * weight).sum(dim=1) / counts for layer in self.layer_ids]
+        return torch.stack(means, dim=1).to(device="cpu", dtype=torch.float32)
+
     # ------------------------------------------------------------------ training
 
     def irrelevant_pairs(self, cases: Sequence[EditCase]) -> list[tuple[str, str]]:
@@ -290,6 +327,26 @@ class RepresentationEditor(Editor):
     def after_edit(self, weights: dict[int, torch.Tensor], edit_mask: torch.Tensor) -> None:
         """Called with the final basis weights of an edit (BaFT updates its running means)."""
 
+    def combine_loss(self, ce: torch.Tensor, terms: dict[str, torch.Tensor], first_step: bool) -> torch.Tensor:
+        """The training loss from the teacher-forcing CE and the regularizers (BaFT balances them; ReFT has none)."""
+        return ce + sum(terms.values(), torch.zeros((), device=ce.device))
+
+    def stop_value(self, ce: torch.Tensor, loss: torch.Tensor, target_tokens: int) -> float:
+        """The number compared with ``early_stop_loss`` (``early_stop_on``).
+
+        ``mean_ce``: the CE averaged over target tokens (what the loss trains); ``sum_ce``: summed over the
+        target tokens, as the paper's L_1 is written; ``total``: the whole training loss, regularizers included
+        (for ReFT, which has none, the same as ``mean_ce``).
+        """
+        rule = getattr(self.hparams, "early_stop_on", "mean_ce")
+        if rule == "mean_ce":
+            return float(ce.detach())
+        if rule == "sum_ce":
+            return float(ce.detach()) * target_tokens
+        if rule == "total":
+            return float(loss.detach())
+        raise KebenchError(f"{self.name}: early_stop_on must be mean_ce, sum_ce or total, got {rule!r}")
+
     def apply(self, cases: Sequence[EditCase]) -> EditStats:
         hp = self.hparams
         lm = self.lm
@@ -301,6 +358,7 @@ class RepresentationEditor(Editor):
         n_edit = len(edit_pairs)
         mask = batch.intervention_mask(hp.last_prompt_tokens)
         targets = _targets(batch, n_edit)
+        target_tokens = int(targets.labels.numel())
         edit_mask = mask.clone()
         edit_mask[n_edit:] = False
         irrelevant_mask = None
@@ -341,10 +399,10 @@ class RepresentationEditor(Editor):
                     logits = lm.model.lm_head(hidden)[targets.rows, target_columns]
                 ce = F.cross_entropy(logits.float(), targets.labels)
                 terms = self.regularizers(weights, live_edit_mask, live_irrelevant_mask)
-                loss = ce + sum((_same_magnitude(term, ce) for term in terms.values()), torch.zeros((), device=ce.device))
+                loss = self.combine_loss(ce, terms, first_step=step == 0)
             if not math.isfinite(float(loss.detach())):
                 raise NonFiniteError(f"{self.name}: non-finite training loss at step {step}")
-            if not training or float(ce.detach()) < hp.early_stop_loss:
+            if not training or self.stop_value(ce, loss, target_tokens) < hp.early_stop_loss:
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -353,15 +411,3 @@ class RepresentationEditor(Editor):
         self.after_edit({k: v.detach() for k, v in weights.items()}, live_edit_mask)
         return EditStats(steps=step, loss=float(ce.detach()))
 
-
-def _same_magnitude(term: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Rescale a regularizer to the teacher-forcing loss's current value (its gradient direction is kept).
-
-    The paper "rescale[s] the three terms to the same magnitude" (Eq. 4) without saying how; we multiply
-    each term by stop_gradient(CE / term), so each contributes as much loss as the CE does at that step.
-    A term that is (numerically) zero is already satisfied and is left as it is.
-    """
-    value = float(term.detach())
-    if value <= 1e-8:
-        return term
-    return term * (reference.detach() / value)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -67,7 +68,7 @@ def metric_curves(title: str, x_label: str, series: Mapping[str, Sequence[tuple[
             axis.set_xscale("log")
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(textwrap.fill(title, 100), fontsize=9)
     return _png(figure)
 
 
@@ -86,7 +87,7 @@ def gate_weights(title: str, weights: Mapping[str, Sequence[float]]) -> bytes:
     axis.set_xticks(range(rank))
     axis.set_ylim(0, 1)
     axis.legend(fontsize=7)
-    axis.set_title(title, fontsize=9)
+    axis.set_title(textwrap.fill(title, 60), fontsize=8)
     return _png(figure)
 
 

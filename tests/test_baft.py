@@ -120,7 +120,7 @@ def test_same_seed_same_numbers(tiny_lm):
 
 
 def test_load_balancing_formula(tiny_lm):
-    editor = _editor(tiny_lm, "baft")
+    editor = _editor(tiny_lm, "baft", balance_form="printed")
     layer = editor.layer_ids[0]
     editor.weight_sums[layer] = torch.tensor([1.0, 2.0, 3.0, 2.0], dtype=torch.float64)
     editor.weight_count = 4
@@ -175,3 +175,182 @@ def test_bad_layer_is_a_clear_error(tiny_lm):
         _editor(tiny_lm, "baft", layers=[5])
     hp = load_hparams("baft", "tiny-random-llama")
     assert dataclasses.replace(hp, rank=3).rank == 3
+
+
+# ---------------------------------------------------------------- issue 12: BaFT as the paper means it
+
+
+def test_baft_and_reft_built_with_one_seed_share_the_subspace(tiny_lm):
+    for seed in (0, 7):
+        hp_b = load_hparams("baft", "tiny-random-llama", "single")
+        hp_r = load_hparams("reft", "tiny-random-llama", "single")
+        baft, reft = get_method("baft")(tiny_lm, hp_b, seed=seed), get_method("reft")(tiny_lm, hp_r, seed=seed)
+        assert len(baft.layer_ids) >= 2  # the gates of the first layer must not shift the second layer's draw
+        for layer in baft.layer_ids:
+            b, r = baft.interventions[str(layer)], reft.interventions[str(layer)]
+            assert torch.equal(b.rotation.weight, r.rotation.weight), (seed, layer)
+            assert torch.equal(b.source.weight, r.source.weight), (seed, layer)
+            assert torch.equal(b.source.bias, r.source.bias), (seed, layer)
+            assert torch.equal(b.gate.weight, torch.zeros_like(b.gate.weight))
+        baft.restore()
+        reft.restore()
+    other = _editor(tiny_lm, "reft")  # a different seed gives a different subspace (the test can fail)
+    moved = get_method("reft")(tiny_lm, load_hparams("reft", "tiny-random-llama"), seed=1)
+    assert not torch.equal(other.interventions["0"].rotation.weight, moved.interventions["0"].rotation.weight)
+    other.restore()
+    moved.restore()
+
+
+def _balance_gradient(editor, layer, eps: float, first_step: bool) -> float:
+    """‖∂(balanced loss)/∂w‖ for weights 0.5 + eps·v: R_bal → 0 as eps → 0 (a quadratic in eps)."""
+    v = torch.tensor([[1.0, -1.0, 0.5, -0.5], [0.5, -0.5, 1.0, -1.0]])
+    current = (0.5 + eps * v).requires_grad_(True)
+    ce = torch.tensor(2.0)
+    loss = editor.combine_loss(ce, {"balance": editor._balance(current, layer)}, first_step=first_step)
+    (grad,) = torch.autograd.grad(loss, current)
+    return float(grad.norm())
+
+
+def test_regularizer_gradient_stays_bounded_as_the_term_vanishes(tiny_lm):
+    default = load_hparams("baft", "tiny-random-llama")
+    epsilons = [0.3, 0.1, 0.03, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5, 1e-6]
+    editor = _editor(tiny_lm, "baft")  # the default balancing, with its floor
+    layer = editor.layer_ids[0]
+    plain = _editor(tiny_lm, "baft", balancing="fixed", lambda_bal=1.0)  # ‖∇R_bal‖ itself
+    raw = [_balance_gradient(plain, layer, eps, first_step=True) for eps in epsilons]
+    if default.balancing == "frozen_at_start":  # scales set at the first step of the call, then held
+        grads = [_balance_gradient(editor, layer, epsilons[0], first_step=True)]
+        grads += [_balance_gradient(editor, layer, eps, first_step=False) for eps in epsilons[1:]]
+    else:
+        grads = [_balance_gradient(editor, layer, eps, first_step=True) for eps in epsilons]
+    bound = 2.0 * max(1.0, 1.0 / default.scale_floor) * max(raw)  # CE = 2: ‖grad‖ <= CE/floor · ‖∇R_bal‖
+    assert max(grads) <= bound * 1.0001, (default.balancing, grads, bound)
+    assert grads[-1] < 1e-3 * max(grads)  # and it vanishes with the term, as ∇R_bal does
+    # Without a (meaningful) floor, the per-step rescaling stop_grad(CE / term) is what the issue reports:
+    # its gradient CE·∇log(term) grows as the term shrinks.
+    no_floor = _editor(tiny_lm, "baft", balancing="per_step", scale_floor=1e-9)
+    unbounded = [_balance_gradient(no_floor, layer, eps, first_step=True) for eps in epsilons]
+    assert unbounded[6] > 1000 * unbounded[0] and unbounded[6] > 10 * max(grads), unbounded
+    for e in (editor, plain, no_floor):
+        e.restore()
+
+
+def test_each_balancing_weights_the_terms_as_specified(tiny_lm):
+    def loss(editor, ce, bal, loc, first):
+        terms = {"balance": torch.tensor(bal, requires_grad=True), "locality": torch.tensor(loc, requires_grad=True)}
+        return float(editor.combine_loss(torch.tensor(ce), terms, first_step=first))
+
+    fixed = _editor(tiny_lm, "baft", balancing="fixed", lambda_bal=3.0, lambda_loc=0.5)
+    assert loss(fixed, 2.0, 0.5, 0.25, True) == pytest.approx(2.0 + 3.0 * 0.5 + 0.5 * 0.25)
+    assert loss(fixed, 1.0, 0.1, 0.05, False) == pytest.approx(1.0 + 0.3 + 0.025)
+    per_step = _editor(tiny_lm, "baft", balancing="per_step", scale_floor=0.01)
+    assert loss(per_step, 2.0, 0.5, 0.25, True) == pytest.approx(6.0)  # each term weighs as much as the CE
+    assert loss(per_step, 1.0, 0.1, 0.05, False) == pytest.approx(3.0)  # re-scaled at every step
+    assert loss(per_step, 2.0, 1e-4, 0.25, False) == pytest.approx(2.0 + 2.0 * 1e-4 / 0.01 + 2.0)  # floor
+    frozen = _editor(tiny_lm, "baft", balancing="frozen_at_start", scale_floor=0.01)
+    assert loss(frozen, 2.0, 0.5, 0.25, True) == pytest.approx(6.0)  # scales 4 and 8, set at the first step
+    assert loss(frozen, 1.0, 0.1, 0.05, False) == pytest.approx(1.0 + 4 * 0.1 + 8 * 0.05)  # then held
+    assert loss(frozen, 1.0, 0.1, 0.05, True) == pytest.approx(3.0)  # the next edit call sets new scales
+    assert loss(frozen, 2.0, 0.0, 0.25, True) == pytest.approx(4.0)  # a satisfied term: floored, finite
+    for editor in (fixed, per_step, frozen):
+        editor.restore()
+    with pytest.raises(Exception, match="balancing must be one of"):
+        _editor(tiny_lm, "baft", balancing="sometimes")
+
+
+def test_balance_forms_printed_and_squared_cv(tiny_lm):
+    printed = _editor(tiny_lm, "baft", balance_form="printed")
+    cv2 = _editor(tiny_lm, "baft", balance_form="cv2")
+    layer = printed.layer_ids[0]
+    current = torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.7, 0.2, 0.4, 0.2]])
+    means = current.mean(dim=0)
+    spread = ((means - means.mean()) ** 2).sum() / 3
+    assert float(printed._balance(current, layer)) == pytest.approx(float(spread / means.mean()), rel=1e-6)
+    assert float(cv2._balance(current, layer)) == pytest.approx(float(spread / means.mean() ** 2), rel=1e-6)
+    # cv2 is scale-invariant; the printed form falls when every weight shrinks
+    assert float(cv2._balance(current * 0.1, layer)) == pytest.approx(float(cv2._balance(current, layer)), rel=1e-5)
+    assert float(printed._balance(current * 0.1, layer)) == pytest.approx(0.1 * float(printed._balance(current, layer)), rel=1e-5)
+    # w̄ = 0 (every gate shut) is guarded: finite, zero, with a finite gradient
+    for editor in (printed, cv2):
+        zeros = torch.zeros(2, 4, requires_grad=True)
+        value = editor._balance(zeros, layer)
+        value.backward()
+        assert float(value) == 0.0 and torch.isfinite(zeros.grad).all()
+        editor.restore()
+
+
+def test_balance_single_leaves_r_bal_out_while_one_fact_is_seen(tiny_lm):
+    weights = {layer: torch.full((2, 3, 4), 0.5) for layer in (0, 1)}
+    one_row = torch.tensor([[True, True, True], [False, False, False]])
+    two_rows = torch.ones(2, 3, dtype=torch.bool)
+    off = _editor(tiny_lm, "baft", balance_single=False)
+    assert "balance" not in off.regularizers(weights, one_row, None)  # single editing / first edit of a stream
+    assert "balance" in off.regularizers(weights, two_rows, None)  # a batch of two facts
+    off.after_edit(weights, one_row)
+    assert "balance" in off.regularizers(weights, one_row, None)  # second edit of a continual stream
+    off.restore()
+    on = _editor(tiny_lm, "baft", balance_single=True)
+    assert "balance" in on.regularizers(weights, one_row, None)
+    on.restore()
+
+
+def test_early_stop_rules(tiny_lm):
+    ce, loss = torch.tensor(0.004), torch.tensor(0.05)
+    values = {}
+    for rule in ("mean_ce", "sum_ce", "total"):
+        editor = _editor(tiny_lm, "baft", early_stop_on=rule)
+        values[rule] = editor.stop_value(ce, loss, target_tokens=5)
+        editor.restore()
+    assert values == pytest.approx({"mean_ce": 0.004, "sum_ce": 0.02, "total": 0.05})
+    # In training: the sum over tokens and the whole loss are never below the mean CE, so they stop later.
+    steps = {}
+    for rule in ("mean_ce", "sum_ce", "total"):
+        editor = _editor(tiny_lm, "baft", early_stop_on=rule, early_stop_loss=0.2, max_steps=40, balancing="fixed")
+        steps[rule] = editor.apply(CASES[1:]).steps
+        editor.restore()
+    assert steps["mean_ce"] < 40 and steps["mean_ce"] <= steps["sum_ce"] and steps["mean_ce"] <= steps["total"], steps
+    assert steps["sum_ce"] > steps["mean_ce"] or steps["total"] > steps["mean_ce"], steps
+
+
+def test_gate_weights_are_the_mean_basis_weights_of_each_pair(tiny_lm):
+    editor = _editor(tiny_lm, "baft", max_steps=15)
+    pairs = [(CASES[0].prompt, CASES[0].target_new), (CASES[0].irrelevant[0].prompt, CASES[0].irrelevant[0].answer)]
+    before = editor.gate_weights(pairs)
+    assert before.shape == (2, len(editor.layer_ids), editor.hparams.rank) and before.dtype == torch.float32
+    assert before.device.type == "cpu"
+    assert torch.equal(before, torch.full_like(before, 0.5))  # zero-initialised gates
+    editor.apply(CASES[:1])
+    after = editor.gate_weights(pairs)
+    assert after.shape == before.shape and bool(((after > 0) & (after < 1)).all())
+    assert (after - before).abs().max() > 1e-3  # training moved the gates
+    # layer 0's gates read the unedited model's output of layer 0: recompute them by hand
+    batch = encode(tiny_lm.tokenizer, pairs, 0)
+    mask = batch.intervention_mask(editor.hparams.last_prompt_tokens)
+    editor.restore()
+    with torch.no_grad():
+        hidden = tiny_lm.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     output_hidden_states=True).hidden_states[1]
+        w = torch.sigmoid(editor.interventions["0"].gate(hidden.float()))
+    manual = (w * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(after[:, 0], manual, atol=1e-5, rtol=1e-5)
+    probe = _probe(tiny_lm)
+    torch.testing.assert_close(editor.gate_weights(pairs), after)  # after restore: hooked for the call only
+    assert torch.equal(_probe(tiny_lm), probe)
+
+
+def test_provenance_names_the_settings(tiny_lm):
+    from methods.base import HPARAMS_DIR
+
+    for scenario in ("single", "continual", "batched"):
+        for path in sorted((HPARAMS_DIR / "baft").glob("*.yaml")):
+            hp = load_hparams("baft", path.stem, scenario)
+            note = get_method("baft").provenance(hp)
+            for part in (f"balancing={hp.balancing}", f"R_bal form={hp.balance_form}",
+                         f"early stop={hp.early_stop_on}", f"lr_source={hp.lr_source}"):
+                assert part in note, (path.name, note)
+            assert hp.lr_source, path.name
+        for path in sorted((HPARAMS_DIR / "reft").glob("*.yaml")):
+            hp = load_hparams("reft", path.stem, scenario)
+            assert hp.lr_source and f"lr_source={hp.lr_source}" in get_method("reft").provenance(hp), path.name
+    assert load_hparams("baft", "llama2-7b", "single").lr_source == "chosen-on-smollm2-dev"
+    assert load_hparams("baft", "llama2-7b", "batched").lr_source == "paper-table5"

@@ -15,7 +15,7 @@ def test_scenario_block_overrides_top_level():
     batched = load_hparams("baft", "smollm2-135m", "batched")
     assert single.max_steps == 40 and batched.max_steps == 70
     assert batched.lr == pytest.approx(1e-4)
-    assert single.layers == (8, 17, 23, 26)
+    assert single.layers == (8, 17, 22, 26)
 
 
 def test_overrides_and_yaml_string_numbers(tmp_path: Path):
