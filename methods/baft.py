@@ -126,6 +126,13 @@ class BaFT(RepresentationEditor):
         intervention, computed without gradients (the paper's Fig. 2 quantity, per input)."""
         return self.mean_basis_weights(pairs)
 
+    def paper_parameters(self) -> int:
+        """Table 3 prints 606,256 for BaFT on LLaMA-2 (d = 4096, r = 12, 4 layers) = 4·(3rd + d + r), while
+        §2.3's R, A, b and one logistic regression with bias per basis make r(3d + 2) per layer (what
+        ``trainable_parameters`` counts); the paper contradicts itself, so both are reported."""
+        d, r = self.lm.hidden_size, self.hparams.rank
+        return len(self.layer_ids) * (3 * r * d + d + r)
+
     def artifacts(self, cases: Sequence[EditCase]) -> dict:
         """The paper's Fig. 2 data for this stream: per basis, the mean gate weight (over the stream's cases
         and the intervened layers) on the edit prompts with their targets, on the rephrased prompts with

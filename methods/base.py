@@ -82,6 +82,11 @@ class Editor(ABC):
     def trainable_parameters(self) -> int:
         """Parameters the method learns (0 for closed-form editors such as ROME)."""
 
+    def paper_parameters(self) -> int | None:
+        """The count under the convention of the paper's Table 3 where it differs from what is trained
+        (BaFT); None elsewhere.  The params table shows it beside the measured count."""
+        return None
+
     @classmethod
     def provenance(cls, hparams: Any) -> str:
         """One line on what the numbers depend on beyond model, data and hyperparameters (e.g. the corpus of

@@ -186,6 +186,7 @@ def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[
     details = {
         "seconds_per_edit": result.seconds_per_edit,
         "trainable_params": result.trainable_parameters,
+        "paper_params": result.paper_parameters,
         "device": _device_label(lm),
         "dtype": str(lm.dtype).replace("torch.", ""),
         "provenance": "; ".join(notes),

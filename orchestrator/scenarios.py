@@ -141,6 +141,7 @@ class ScenarioResult:
     cases: list[CaseResult] = field(default_factory=list)
     edit_seconds: list[float] = field(default_factory=list)  # one entry per edit call
     trainable_parameters: int = 0
+    paper_parameters: int | None = None  # the paper's Table 3 convention, where a method has one
     peak_rss_mb: float = 0.0
     downstream: DownstreamResult | None = None
     #: per stream, what ``Editor.artifacts`` returned after its edits (empty dicts are kept, one per stream)
@@ -229,6 +230,7 @@ def run_scenario(
                 scores += [CaseScores(case.case_id, tuple(sorted(extra[case.case_id].items())), extra_scorer.protocol)
                            for case in stream_cases]
             result.trainable_parameters = max(result.trainable_parameters, editor.trainable_parameters())
+            result.paper_parameters = editor.paper_parameters()
             result.artifacts.append(editor.artifacts(stream_cases))
             if check is not None:
                 value, downstream_items = check.score(editor.logits, lm, scenario.downstream_n, data_dir)

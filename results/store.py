@@ -106,6 +106,8 @@ CELLS_SCHEMA = pa.schema(
         pa.field("hparams", pa.string(), nullable=False),
         pa.field("seconds_per_edit", pa.float64(), nullable=True),
         pa.field("trainable_params", pa.int64(), nullable=True),
+        # The same count under the paper's Table 3 convention where the method has one (BaFT), else NULL.
+        pa.field("paper_params", pa.int64(), nullable=True),
         pa.field("peak_rss_mb", pa.float64(), nullable=True),
         # The scenario's downstream check (paper Table 8), NULL when the scenario has none: its name, the
         # items scored, the unedited model's score and the edited model's mean over streams.

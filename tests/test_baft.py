@@ -354,3 +354,14 @@ def test_provenance_names_the_settings(tiny_lm):
             assert hp.lr_source and f"lr_source={hp.lr_source}" in get_method("reft").provenance(hp), path.name
     assert load_hparams("baft", "llama2-7b", "single").lr_source == "chosen-on-smollm2-dev"
     assert load_hparams("baft", "llama2-7b", "batched").lr_source == "paper-table5"
+
+
+def test_parameter_counts_measured_and_table3_convention(tiny_lm):
+    """r(3d + 2) per layer is what BaFT trains; Table 3's 606,256 for LLaMA-2 (d = 4096, r = 12, 4 layers)
+    is 4·(3rd + d + r)."""
+    editor = _editor(tiny_lm, "baft")
+    d, r, layers = tiny_lm.hidden_size, editor.hparams.rank, len(editor.layer_ids)
+    assert editor.trainable_parameters() == layers * r * (3 * d + 2)
+    assert editor.paper_parameters() == layers * (3 * r * d + d + r)
+    assert 4 * (3 * 12 * 4096 + 4096 + 12) == 606_256
+    editor.restore()
