@@ -22,6 +22,8 @@ import yaml
 from orchestrator.sweep import load_sweep, run_sweep
 from results.views import connect, records
 
+pytestmark = pytest.mark.ray  # starts Ray Tune sweeps
+
 SWEEP = {
     "name": "resume", "model": "tiny-random-llama", "method": "baft",
     "benchmark": {"name": "zsre", "split": "dev", "n": 4}, "scenario": {"kind": "continual", "T": 2},
@@ -32,7 +34,6 @@ DRIVER = """
 import sys
 from orchestrator.sweep import load_sweep, run_sweep
 
-pytestmark = pytest.mark.ray  # starts Ray Tune sweeps
 run_sweep(load_sweep(sys.argv[1]), num_cpus=2)
 """
 
