@@ -72,6 +72,8 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from kebench.core.errors import KebenchError
+from kebench.core.metrics import average
+from results.sweeps import value_text
 
 SPACE_KINDS = ("uniform", "loguniform", "choice", "grid", "randint")
 SWEEP_KEYS = ("name", "model", "method", "benchmark", "scenario", "metric", "objectives", "objective", "samples",
@@ -607,18 +609,11 @@ def stored_trials(store: Path, spec: SweepSpec) -> dict[str, dict[str, Any]]:
         for trial_ in trial_records(con, spec.name):
             means = {m: v for m, v in trial_["means"].items() if m in metrics and v is not None}
             scores = dict(means)
-            counted = [v for m, v in means.items() if _in_average(m)]
-            if counted:
-                scores["avg"] = sum(counted) / len(counted)
+            if (avg := average(means)) is not None:
+                scores["avg"] = avg
             out[trial_["trial_id"]] = {"status": trial_["status"], "error": trial_["error"], "scores": scores,
                                        "cases": trial_["n"]}
     return out
-
-
-def _in_average(metric: str) -> bool:
-    from kebench.core.metrics import get_metric, is_metric
-
-    return not is_metric(metric) or get_metric(metric).in_average
 
 
 # --------------------------------------------------------------------------- running a sweep
@@ -955,7 +950,7 @@ def check_hparams_file_leakage(grid: Any, cells: Sequence[Any] | None = None, da
 def front_table(spec: SweepSpec, store: Path | None = None, limit: int | None = None) -> str:
     """Markdown: the ranked trials (front first) with the searched hyperparameters and the scores."""
     from kebench.core.metrics import label as metric_label
-    from results.sweeps import FRONT_MARK, average
+    from results.sweeps import FRONT_MARK
 
     trials = ranked_trials(spec, store)
     searched = [name for name, _, _ in spec.space]
@@ -972,13 +967,7 @@ def front_table(spec: SweepSpec, store: Path | None = None, limit: int | None = 
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, (list, tuple)):
-        return ",".join(_fmt(v) for v in value)
-    return "–" if value is None else str(value)
+    return "–" if value is None else value_text(value)
 
 
 def best_yaml(results: Any, spec: SweepSpec) -> str:

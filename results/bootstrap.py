@@ -69,7 +69,7 @@ def bootstrap_group(per_method: Mapping[str, Mapping[str, Sequence[float]]], ind
             point_means[metric] = float(np.nanmean(vector))
             sample_means[metric] = _nanmean_rows(vector[indices])
             estimates[metric] = _interval(sample_means[metric], point_means[metric])
-        counted = [m for m in point_means if not metric_registry.is_metric(m) or metric_registry.get_metric(m).in_average]
+        counted = [m for m in point_means if metric_registry.counts_in_average(m)]
         if counted:
             point = float(np.mean([point_means[m] for m in counted]))
             stacked = np.stack([sample_means[m] for m in counted], axis=-1)

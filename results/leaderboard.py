@@ -151,7 +151,21 @@ class Figure:
     png: bytes
 
 
-def _figures(store: Path, con: duckdb.DuckDBPyConnection, groups: list[Group]) -> list[Figure]:
+CellKey = tuple  # (model, benchmark, split, scenario, T, B, label): a group key without the protocol, and the label
+
+
+def _artifacts(store: Path, con: duckdb.DuckDBPyConnection) -> list[tuple[CellKey, dict[str, Any]]]:
+    """Every ok cell's artifact (drill-down details, BaFT's gate weights), read once for both uses."""
+    out = []
+    for cell in records(con, _OK_CELLS_SQL):
+        artifact = read_artifact(store, cell)
+        if artifact:
+            out.append(((cell["model"], cell["benchmark"], cell["split"], cell["scenario"], cell["T"], cell["B"],
+                         cell["label"]), artifact))
+    return out
+
+
+def _figures(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]]) -> list[Figure]:
     figures: list[Figure] = []
     for group in groups:
         points = [(e.label, e.estimates["rel"], e.estimates["loc"]) for e in group.entries
@@ -175,21 +189,19 @@ def _figures(store: Path, con: duckdb.DuckDBPyConnection, groups: list[Group]) -
             title = f"{model} · {benchmark}/{split} · {shape} · {protocol}: metrics against {x_name}"
             figures.append(Figure(_slug(f"{scenario}-curves", {"m": model, "b": benchmark, "s": split, "B": b, "p": protocol}),
                                   title, plots.metric_curves(title, x_name, series)))
-    figures += _gate_figures(store, con)
+    figures += _gate_figures(artifacts)
     return figures
 
 
-def _gate_figures(store: Path, con: duckdb.DuckDBPyConnection) -> list[Figure]:
+def _gate_figures(artifacts: list[tuple[CellKey, dict[str, Any]]]) -> list[Figure]:
     """BaFT's gate weights (paper Fig. 2): averaged over layers, streams and the cells of a (model,
     benchmark, scenario shape, label)."""
     pooled: dict[tuple, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
-    for cell in records(con, _OK_CELLS_SQL):
-        artifact = read_artifact(store, cell)
-        for stream in (artifact or {}).get("streams", []):
+    for key, artifact in artifacts:
+        for stream in artifact.get("streams", []):
             gates = stream.get("gate_weights")
             if not gates:
                 continue
-            key = (cell["model"], cell["benchmark"], cell["split"], cell["scenario"], cell["T"], cell["B"], cell["label"])
             for kind in ("edit", "rephrase", "unrelated"):
                 if gates.get(kind):
                     pooled[key][kind].append(np.mean(np.asarray(gates[kind], dtype=np.float64), axis=0).tolist())
@@ -221,21 +233,18 @@ class Failure:
     details: dict[str, str]
 
 
-def _drilldown(store: Path, con: duckdb.DuckDBPyConnection, groups: list[Group]) -> dict[tuple[str, str], list[Failure]]:
+def _drilldown(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]]) -> dict[tuple[str, str], list[Failure]]:
     """(group title, label) -> the cases the method fails (Rel < 1 or Loc < 1), with the model's argmax."""
-    artifacts: dict[tuple, dict[str, Any]] = defaultdict(dict)  # (group key w/o protocol, label) -> case -> entry
-    for cell in records(con, _OK_CELLS_SQL):
-        artifact = read_artifact(store, cell)
-        if artifact:
-            key = (cell["model"], cell["benchmark"], cell["split"], cell["scenario"], cell["T"], cell["B"], cell["label"])
-            artifacts[key].update(artifact.get("cases", {}))
+    cases_of: dict[CellKey, dict[str, Any]] = defaultdict(dict)  # -> case id -> prompt, target, details
+    for key, artifact in artifacts:
+        cases_of[key].update(artifact.get("cases", {}))
     out: dict[tuple[str, str], list[Failure]] = {}
     for group in groups:
         k = group.key
         for entry in group.entries:
             if entry.reference:
                 continue
-            cases = artifacts.get((k["model"], k["benchmark"], k["split"], k["scenario"], k["T"], k["B"], entry.label), {})
+            cases = cases_of.get((k["model"], k["benchmark"], k["split"], k["scenario"], k["T"], k["B"], entry.label), {})
             failing = []
             for case_id, scores in sorted(group.per_case.get(entry.label, {}).items()):
                 if scores.get("rel", 1.0) < 1.0 or scores.get("loc", 1.0) < 1.0:
@@ -279,8 +288,9 @@ def write_leaderboard(store: Path, out: Path, resamples: int = 1000, seed: int =
     with connect(store) as con:
         groups = leaderboard_groups(con, resamples, seed)
         tables = [(name, built) for name in table_names() if (built := build_table(con, name)) is not None]
-        figures = _figures(store, con, groups)
-        failures = _drilldown(store, con, groups)
+        artifacts = _artifacts(store, con)
+        figures = _figures(groups, artifacts)
+        failures = _drilldown(groups, artifacts)
         provenance = _provenance(con)
     for figure in figures:
         (out / "plots" / figure.name).write_bytes(figure.png)

@@ -131,7 +131,7 @@ def _group_texts(found: dict[str, float] | None, failed: bool, metrics: list[str
         return [FAILED] * (len(metrics) + 1)
     if not found:
         return [NOT_RUN] * (len(metrics) + 1)
-    return [_number(found.get(metric)) for metric in metrics] + [_number(average(found))]
+    return [_number(found.get(metric)) for metric in metrics] + [_number(metric_registry.average(found))]
 
 
 def _present_metrics(metric_maps: Any) -> list[str]:
@@ -140,14 +140,6 @@ def _present_metrics(metric_maps: Any) -> list[str]:
     for metric_map in metric_maps:
         seen.update(metric_map)
     return metric_registry.ordered(seen)
-
-
-def average(found: dict[str, float]) -> float | None:
-    """Avg.: the mean of the metric means a row has, over the metrics that count in the average
-    (a lower-is-better metric such as ConvSent's DD does not)."""
-    counted = [value for metric, value in found.items()
-               if not metric_registry.is_metric(metric) or metric_registry.get_metric(metric).in_average]
-    return sum(counted) / len(counted) if counted else None
 
 
 def _mark_best(texts: list[str], reference: list[bool] | None = None) -> list[Cell]:

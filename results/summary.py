@@ -22,9 +22,7 @@ def summarize(rows: Iterable[Mapping[str, float | None]], metrics: Sequence[str]
     for metric in metrics:
         values = [row[metric] for row in rows if row.get(metric) is not None]
         means[metric] = sum(values) / len(values) if values else None
-    counted = [value for metric, value in means.items() if value is not None
-               and (not metric_registry.is_metric(metric) or metric_registry.get_metric(metric).in_average)]
-    return MetricSummary(means, sum(counted) / len(counted) if counted else None, len(rows))
+    return MetricSummary(means, metric_registry.average(means), len(rows))
 
 
 def format_value(value: float | None) -> str:

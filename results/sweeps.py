@@ -111,10 +111,7 @@ def violation(means: Mapping[str, float | None], constraints: Sequence[Sequence[
     return total
 
 
-def average(means: Mapping[str, float | None]) -> float | None:
-    counted = [value for metric, value in means.items() if value is not None
-               and (not metric_registry.is_metric(metric) or metric_registry.get_metric(metric).in_average)]
-    return sum(counted) / len(counted) if counted else None
+average = metric_registry.average
 
 
 def objective_value(means: Mapping[str, float | None], name: str) -> float | None:
@@ -200,13 +197,14 @@ def sweep_groups(con: duckdb.DuckDBPyConnection, sweep: str | None = None) -> li
     return out
 
 
-def _value_text(value: Any) -> str:
+def value_text(value: Any) -> str:
+    """A hyperparameter value as the sweep tables print it."""
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
         return f"{value:.3g}"
     if isinstance(value, (list, tuple)):
-        return ",".join(_value_text(v) for v in value)
+        return ",".join(value_text(v) for v in value)
     return str(value)
 
 
@@ -283,7 +281,7 @@ def sweep_table(con: duckdb.DuckDBPyConnection) -> list[Block]:
                    Group("", ["Pareto" if len(objectives) > 1 else "best", "status"])]
         rows = []
         for trial in trials:
-            hp = [Cell(_value_text(trial["hparams"].get(name, NOT_RUN))) for name in searched]
+            hp = [Cell(value_text(trial["hparams"].get(name, NOT_RUN))) for name in searched]
             if trial["status"] != "ok":
                 scores = [Cell(FAILED)] * (len(present) + 1)
                 status = "failed: " + " ".join(str(trial["error"] or "").split())[:60]

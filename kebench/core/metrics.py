@@ -8,6 +8,7 @@ the metric next to its loader (``register_metric("es", "ES", ...)``); nothing el
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 from kebench.core.errors import KebenchError
 
@@ -59,6 +60,18 @@ def ordered(names: "set[str] | list[str] | tuple[str, ...]") -> list[str]:
     """``names`` in table order; names that are not registered (an old store's rows) go last, sorted."""
     known = [name for name in metric_names() if name in names]
     return known + sorted(set(names) - set(known))
+
+
+def counts_in_average(name: str) -> bool:
+    """Whether a metric enters Avg. (a metric that is not registered, from an old store, does)."""
+    return name not in _REGISTRY or _REGISTRY[name].in_average
+
+
+def average(means: Mapping[str, float | None]) -> float | None:
+    """Avg.: the mean of the metric means present that count in the average; None when there are none.
+    The one rule every table, summary, sweep and the leaderboard use."""
+    counted = [value for name, value in means.items() if value is not None and counts_in_average(name)]
+    return sum(counted) / len(counted) if counted else None
 
 
 def label(name: str) -> str:
