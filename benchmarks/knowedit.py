@@ -122,6 +122,25 @@ def prompt_answers(items: object, where: str) -> tuple[PromptAnswer, ...]:
     return tuple(out)
 
 
+def answerless_prompts(record: object) -> int:
+    """How many portability/locality prompts of ``record`` ``prompt_answers`` drops (no prompt text, or no
+    non-empty answer); malformed sections count nothing here (parsing reports them)."""
+    dropped = 0
+    for section in ("portability", "locality"):
+        value = record.get(section) if isinstance(record, dict) else None
+        for items in (value.values() if isinstance(value, dict) else ()):
+            for item in (items if isinstance(items, list) else ()):
+                if not isinstance(item, dict):
+                    continue
+                prompt, answers = item.get("prompt"), item.get("ground_truth")
+                try:
+                    kept = isinstance(prompt, str) and bool(prompt.strip()) and bool(aliases_of(answers, ""))
+                except KebenchError:
+                    kept = True
+                dropped += not kept
+    return dropped
+
+
 def keyed_section(record: object, section: str, where: str) -> dict[str, tuple[PromptAnswer, ...]]:
     """``portability`` / ``locality``: key -> prompts, keys kept as in the file, empty keys dropped."""
     value = require(record, section, dict, where)
@@ -161,10 +180,14 @@ class _TestDevFiles(Benchmark):
                            f"'{split}' is not offered")
 
     def load(self, split: str, data_dir: Path) -> list[EditCase]:
+        return self.load_with_drops(split, data_dir)[0]
+
+    def load_with_drops(self, split: str, data_dir: Path) -> tuple[list[EditCase], dict[str, int]]:
         path, records = read_records(data_dir, self.files(split)[0])
         cases = [self.parse(record, f"{path}: record {index}", f"{self.name}-{split}-{index}")
                  for index, record in enumerate(records)]
-        return _check_unique(cases, path)
+        drops = {case.case_id: answerless_prompts(record) for case, record in zip(cases, records)}
+        return _check_unique(cases, path), drops
 
     def parse(self, record: object, where: str, case_id: str) -> EditCase:
         raise NotImplementedError
@@ -180,13 +203,17 @@ class _HashSplitFile(Benchmark):
         return (self.file,)
 
     def load(self, split: str, data_dir: Path) -> list[EditCase]:
+        return self.load_with_drops(split, data_dir)[0]
+
+    def load_with_drops(self, split: str, data_dir: Path) -> tuple[list[EditCase], dict[str, int]]:
         path, records = read_records(data_dir, self.file)
         cases = [self.parse(record, f"{path}: record {index}", f"{self.name}-{index}")
                  for index, record in enumerate(records)]
         _check_unique(cases, path)
+        drops = {case.case_id: answerless_prompts(record) for case, record in zip(cases, records)}
         if split == "all":
-            return cases
-        return [case for case in cases if split_of(case.prompt) == split]
+            return cases, drops
+        return [case for case in cases if split_of(case.prompt) == split], drops
 
     def parse(self, record: object, where: str, case_id: str) -> EditCase:
         raise NotImplementedError
@@ -368,6 +395,9 @@ class ConvSent(_TestDevFiles):
     def load(self, split: str, data_dir: Path) -> list[EditCase]:
         path, records = read_records(data_dir, self.files(split)[0])
         return _check_unique([case for case, _ in convsent_build(records, path, split, self.name)], path)
+
+    def load_with_drops(self, split: str, data_dir: Path) -> tuple[list[EditCase], dict[str, int]]:
+        return self.load(split, data_dir), {}  # no portability/locality lists: nothing is dropped
 
     def probes(self, split: str, data_dir: Path) -> dict[str, ConvSentProbe]:
         path, records = read_records(data_dir, self.files(split)[0])

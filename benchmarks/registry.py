@@ -43,6 +43,12 @@ class Benchmark(ABC):
     def load(self, split: str, data_dir: Path) -> list[EditCase]:
         """All cases of ``split``, in a fixed order."""
 
+    def load_with_drops(self, split: str, data_dir: Path) -> tuple[list[EditCase], dict[str, int]]:
+        """``load``'s cases and, per case id, how many optional prompts its record had that the loader
+        dropped (KnowEdit's portability/locality prompts without an answer); ``select_cases`` reports the
+        count for the cases it selects."""
+        return self.load(split, data_dir), {}
+
     def extra_scorer(self, split: str, data_dir: Path) -> "ExtraScorer | None":
         """Metrics of the benchmark's own that the shared teacher-forced scorer cannot compute (ConvSent's
         ES/DD need the unedited model's full distributions); None for most benchmarks."""
@@ -181,7 +187,7 @@ def select_cases(
     if split not in SPLITS:
         raise KebenchError(f"unknown split '{split}' for benchmark '{benchmark}'; known: {', '.join(SPLITS)}")
     root = resolve_data_dir(data_dir)
-    cases = bench.load(split, root)
+    cases, drops = bench.load_with_drops(split, root)
     if offset < 0:
         raise KebenchError(f"offset must be >= 0, got {offset}")
     if n is not None and n <= 0:
@@ -195,4 +201,11 @@ def select_cases(
     for relative in bench.files(split):
         digest.update(file_sha256(root / relative).encode())
     chosen = tuple(cases[offset:end])
-    return CaseSelection(benchmark, split, offset, len(chosen), chosen, digest.hexdigest(), bench.provenance_note)
+    note = bench.provenance_note
+    dropped = sum(drops.get(case.case_id, 0) for case in chosen)
+    if dropped:
+        records = sum(1 for case in chosen if drops.get(case.case_id, 0))
+        drop_note = (f"dropped {dropped} portability/locality prompt(s) with an empty prompt or no non-empty answer "
+                     f"from {records} of the {len(chosen)} selected records (as KnowEdit does)")
+        note = f"{note}; {drop_note}" if note else drop_note
+    return CaseSelection(benchmark, split, offset, len(chosen), chosen, digest.hexdigest(), note)

@@ -98,6 +98,25 @@ def test_empty_answers_and_empty_portability_are_dropped(loaded):
     assert len(emptied) == 35 and all("Logical_Generalization" not in recent[i].portability for i in emptied)
 
 
+def test_dropped_prompts_are_counted_in_the_selection_note(tmp_path):
+    """A prompt without an answer is dropped as KnowEdit drops it, and the selection says how many (issue 15)."""
+    record = {"subject": "Anna", "prompt": "Anna was born in", "target_new": "Oslo", "ground_truth": ["Lima"],
+              "rephrase": "The birthplace of Anna is",
+              "portability": {"Reasoning": [{"prompt": "Anna's country is", "ground_truth": [["Norway"]]},
+                                            {"prompt": "Anna's river is", "ground_truth": [[]]}]},
+              "locality": {"Relation_Specificity": [{"prompt": "", "ground_truth": [["x"]]},
+                                                    {"prompt": "Bob was born in", "ground_truth": [["Rome"]]}]}}
+    _write(tmp_path / "knowedit/wiki_counterfact_test_cf.json.gz", [record, dict(record, prompt="Anna lives in")], gz=True)
+    selection = select_cases("wikidata-counterfact", "test", data_dir=tmp_path)
+    assert [len(case.portability["Reasoning"]) for case in selection.cases] == [1, 1]
+    assert [len(case.locality["Relation_Specificity"]) for case in selection.cases] == [1, 1]
+    assert "dropped 4 portability/locality prompt(s)" in selection.provenance_note
+    assert "from 2 of the 2 selected records" in selection.provenance_note
+    one = select_cases("wikidata-counterfact", "test", n=1, data_dir=tmp_path)
+    assert "dropped 2 portability/locality prompt(s) with an empty prompt or no non-empty answer from 1 of the 1" \
+        in one.provenance_note
+
+
 def test_train_and_test_nesting_both_parse(loaded):
     dev = loaded["wikidata-counterfact", "dev"]  # train_cf: plain strings
     first = dev[0]
