@@ -8,12 +8,14 @@ articles, truncated to the model's context, accumulated in ``mom2_dtype``).
 Here a run forwards the corpus once through the model up to the highest requested layer (the forward
 pass is cut there, as ``Trace(stop=True)`` does), accumulates Σ k kᵀ in float64 for every requested
 layer at once, and stores C = Σ k kᵀ / #tokens per layer as a safetensors file under
-``kebench.core.models.cache_root()/"stats"``, keyed by (model, model revision, layer, corpus, n, dtype):
+``kebench.core.models.cache_root()/"stats"``, keyed by (model, model revision, layer, corpus, n, dtype,
+model dtype):
 
-    <cache>/stats/<model>/<revision>/<corpus>/layer<L>_n<n>_<dtype>.safetensors
+    <cache>/stats/<model>/<revision>/<corpus>/layer<L>_n<n>_<dtype>[_model-<model dtype>].safetensors
 
-``dtype`` is the precision the statistic is stored in (the original ``mom2_dtype``); the activations
-are those of the model as loaded (its dtype is recorded in the file's metadata).  A second request for
+``dtype`` is the precision the statistic is stored in (the original ``mom2_dtype``); the model dtype is
+the precision the activations were computed in (a bfloat16 model's keys are not a float32 model's); it
+is left out of the file name for float32 models, whose files predate it.  A second request for
 the same key reads the file; ``ensure_stats`` reports which layers it computed and which it reused.
 
 Corpora (the corpus name is part of the key and of every result row's provenance):
@@ -54,7 +56,7 @@ import torch
 
 from benchmarks.metrics import right_pad
 from kebench.core.errors import KebenchError
-from kebench.core.models import LoadedModel, cache_root
+from kebench.core.models import LoadedModel, cache_root, projection_shape
 
 OFFLINE_CORPUS = "shared-offline"
 WIKIPEDIA_ALIAS = "wikipedia"
@@ -83,10 +85,13 @@ class StatsKey:
     corpus: str
     n: int
     dtype: str = "float32"
+    model_dtype: str = "float32"  # the precision the model ran in while the keys were collected
 
     def path(self, root: Path | None = None) -> Path:
         base = root if root is not None else stats_root()
-        return base / _slug(self.model) / _slug(self.revision) / _slug(self.corpus) / f"layer{self.layer}_n{self.n}_{self.dtype}.safetensors"
+        suffix = "" if self.model_dtype == "float32" else f"_model-{self.model_dtype}"
+        return (base / _slug(self.model) / _slug(self.revision) / _slug(self.corpus)
+                / f"layer{self.layer}_n{self.n}_{self.dtype}{suffix}.safetensors")
 
 
 def stats_root() -> Path:
@@ -238,15 +243,14 @@ class _Stop(Exception):
     """Raised by a hook after the highest requested layer: nothing above it is needed."""
 
 
-def down_proj(lm: LoadedModel, layer: int) -> torch.nn.Linear:
-    """The MLP down-projection of decoder layer ``layer`` (LLaMA/Gemma naming)."""
-    if not 0 <= layer < lm.num_layers:
-        raise KebenchError(f"layer {layer} is out of range for model {lm.name} ({lm.num_layers} layers, 0-based)")
-    mlp = getattr(lm.layers[layer], "mlp", None)
-    module = getattr(mlp, "down_proj", None)
-    if not isinstance(module, torch.nn.Linear):
-        raise KebenchError(f"model {lm.name}: layer {layer} has no mlp.down_proj Linear (unsupported architecture)")
-    return module
+def down_proj(lm: LoadedModel, layer: int) -> torch.nn.Module:
+    """The MLP down-projection of decoder layer ``layer``, found by the model's architecture
+    (``mlp.down_proj`` on LLaMA-style models, the ``Conv1D`` ``mlp.c_proj`` on GPT-2)."""
+    return lm.down_proj(layer)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 @dataclass
@@ -269,7 +273,7 @@ def collect_second_moments(lm: LoadedModel, layers: Sequence[int], corpus: str, 
     modules = {layer: down_proj(lm, layer) for layer in layers}
     texts = corpus_texts(corpus, n, data_dir)
     rows = _sequences(lm, corpus, texts)
-    width = modules[layers[0]].in_features
+    width = projection_shape(modules[layers[0]])[1]
     sums = {layer: torch.zeros(width, width, dtype=torch.float64, device=lm.device) for layer in layers}
     mask_holder: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -296,7 +300,7 @@ def collect_second_moments(lm: LoadedModel, layers: Sequence[int], corpus: str, 
                 mask_holder["mask"] = attention.bool()
                 tokens += int(attention.sum())
                 try:
-                    lm.model.model(input_ids=ids, attention_mask=attention, use_cache=False)
+                    lm.backbone(input_ids=ids, attention_mask=attention, use_cache=False)
                 except _Stop:
                     pass
     finally:
@@ -341,7 +345,8 @@ def ensure_stats(lm: LoadedModel, layers: Sequence[int], corpus: str, n: int, dt
     """Make sure C is cached for every layer; the missing ones are computed together in one pass."""
     check_dtype(dtype)
     name = canonical_corpus(corpus)
-    keys = {layer: StatsKey(lm.name, lm.info.revision, layer, name, n, dtype) for layer in sorted(set(layers))}
+    keys = {layer: StatsKey(lm.name, lm.info.revision, layer, name, n, dtype, _dtype_name(lm.dtype))
+            for layer in sorted(set(layers))}
     for layer in keys:
         down_proj(lm, layer)
     missing = [layer for layer, key in keys.items() if force or not key.path(root).is_file()]
@@ -419,10 +424,13 @@ class StatsJob:
     corpus: str
     n: int
     dtype: str
+    model_dtype: str = "float32"  # the precision the model is loaded in to collect them
 
     @property
     def title(self) -> str:
-        return f"statistics {self.model} layers {','.join(map(str, self.layers))} {self.corpus} n={self.n} {self.dtype}"
+        on = "" if self.model_dtype == "float32" else f" (model in {self.model_dtype})"
+        return (f"statistics {self.model} layers {','.join(map(str, self.layers))} {self.corpus} n={self.n} "
+                f"{self.dtype}{on}")
 
 
 def needs_of(method: str, hparams: Any) -> StatsNeed | None:
@@ -434,29 +442,33 @@ def needs_of(method: str, hparams: Any) -> StatsNeed | None:
 
 
 def missing_jobs(cells: Iterable[Any], root: Path | None = None) -> list[StatsJob]:
-    """The statistics that the cells need and the cache lacks, grouped per (model, corpus, n, dtype).
+    """The statistics that the cells need and the cache lacks, grouped per (model, corpus, n, dtype, model dtype).
 
-    ``cells`` are ``orchestrator.grid.Cell``s (model, model_revision, method, hparams_object()).
+    ``cells`` are ``orchestrator.grid.Cell``s (model, model_revision, method, hparams_object(), dtype).
     """
-    wanted: dict[tuple[str, str, int, str], set[int]] = {}
+    from kebench.core.models import Precision
+
+    wanted: dict[tuple[str, str, int, str, str], set[int]] = {}
     for cell in cells:
         need = needs_of(cell.method, cell.hparams_object())
         if need is None:
             continue
         corpus = canonical_corpus(need.corpus)
+        model_dtype = Precision.parse(getattr(cell, "dtype", "") or "float32").model
         for layer in need.layers:
-            key = StatsKey(cell.model, cell.model_revision, layer, corpus, need.n, need.dtype)
+            key = StatsKey(cell.model, cell.model_revision, layer, corpus, need.n, need.dtype, model_dtype)
             if not key.path(root).is_file():
-                wanted.setdefault((cell.model, corpus, need.n, need.dtype), set()).add(layer)
-    return [StatsJob(model, tuple(sorted(layers)), corpus, n, dtype) for (model, corpus, n, dtype), layers in sorted(wanted.items())]
+                wanted.setdefault((cell.model, corpus, need.n, need.dtype, model_dtype), set()).add(layer)
+    return [StatsJob(model, tuple(sorted(layers)), corpus, n, dtype, model_dtype)
+            for (model, corpus, n, dtype, model_dtype), layers in sorted(wanted.items())]
 
 
 def run_job(job: StatsJob, data_dir: str | None = None) -> list[dict[str, Any]]:
     """Load the job's model and compute its statistics (the body of the grid's pre-pass Ray task)."""
-    from kebench.core.models import configure_threads, load_model
+    from kebench.core.models import DTYPES, configure_threads, load_model
 
     configure_threads()
-    lm = load_model(job.model)
+    lm = load_model(job.model, dtype=DTYPES[job.model_dtype])
     outcomes = ensure_stats(lm, job.layers, job.corpus, job.n, job.dtype, data_dir=data_dir)
     return [{"layer": o.layer, "path": str(o.path), "computed": o.computed, "tokens": o.tokens, "seconds": o.seconds}
             for o in outcomes]

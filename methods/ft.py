@@ -17,7 +17,9 @@ Implemented from EasyEdit's ``easyeditor/models/ft/ft_main.py`` (anchors §3.3):
   of the unedited weights (``constraint_anchor: original``: the whole continual stream stays in the box).
 
 A fresh Adam state per edit call, as EasyEdit's per-edit apply function.  Restore copies the original
-weights back.  ``ft-l`` and ``ft-m`` are the same editor with a different default objective.
+weights back.  The down-projection is found by the model's architecture (GPT-2: the ``Conv1D``
+``mlp.c_proj``; its weight is trained as stored).  Under ``dtype: auto`` on a half-precision model the
+trained projections run and train in float32 (``PrecisionIsland``), so small steps are not rounded away.  ``ft-l`` and ``ft-m`` are the same editor with a different default objective.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from benchmarks.metrics import TFBatch, encode
 from methods._stats import down_proj
 from methods.base import Editor, EditStats, NonFiniteError, register_method
 from kebench.core.errors import KebenchError
-from kebench.core.models import LoadedModel
+from kebench.core.models import LoadedModel, PrecisionIsland
 
 OBJECTIVES = ("prompt_last", "target_new")
 ANCHORS = ("edit", "original")
@@ -93,21 +95,24 @@ def per_case_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torc
 def edit_loss(lm: LoadedModel, batch: TFBatch, objective: str) -> torch.Tensor:
     """The FT-L (``prompt_last``) or FT-M (``target_new``) loss of one chunk."""
     rows, columns, labels = answer_positions(batch)
-    hidden = lm.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    hidden = lm.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     if objective == "prompt_last":
         last = batch.prompt_lengths - 1
-        log_probs = torch.log_softmax(lm.model.lm_head(hidden[torch.arange(batch.size), last]).float(), dim=-1)
+        log_probs = torch.log_softmax(lm.lm_head(hidden[torch.arange(batch.size), last]).float(), dim=-1)
         token_nll = -log_probs[rows, labels]
     else:
-        logits = lm.model.lm_head(hidden[rows, columns]).float()
+        logits = lm.lm_head(hidden[rows, columns]).float()
         token_nll = F.cross_entropy(logits, labels, reduction="none")
     return per_case_mean(token_nll, rows, batch.size)
 
 
 class FineTuneEditor(Editor):
+    edits_weights = True
+
     def __init__(self, lm: LoadedModel, hparams: FTHParams, seed: int) -> None:
         super().__init__(lm, hparams, seed)
         self.edit_layers = tuple(sorted(set(hparams.layers)))
+        self.island = PrecisionIsland(lm, [down_proj(lm, layer) for layer in self.edit_layers], self.name)
         self.weights = [down_proj(lm, layer).weight for layer in self.edit_layers]
         self.originals = [w.detach().clone() for w in self.weights]
 
@@ -155,6 +160,7 @@ class FineTuneEditor(Editor):
         with torch.no_grad():
             for weight, original in zip(self.weights, self.originals):
                 weight.copy_(original)
+        self.island.close()
 
     def trainable_parameters(self) -> int:
         return sum(w.numel() for w in self.weights)

@@ -25,7 +25,9 @@ a call with B cases applies them as B consecutive edits (EasyEdit's GRACE is not
 GRACE is scored under two protocols, each row tagged: EasyEdit's own vanilla generation
 (``benchmarks.generation``) and the common teacher-forced one.  ``restore`` swaps the original module back.
 
-The helpers ``EditForward``, ``swap_module`` and ``target_module`` are shared with MELO and WISE.
+The helpers ``EditForward``, ``swap_module`` and ``target_module`` are shared with MELO and WISE.  Module
+paths are LLaMA-style names translated for the model's architecture (GPT-2: ``mlp.down_proj`` is the
+``Conv1D`` ``mlp.c_proj``, seen through ``LinearView`` so the adapters get nn.Linear's weight layout).
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ from torch import nn
 
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
-from methods._representation import SPLIT_FORWARD_MODEL_TYPES, _FullForward, _SplitForward, _targets
+from methods._representation import SPLIT_FORWARD_MODEL_TYPES, _SplitForward, _targets
 from methods.base import Editor, EditStats, NonFiniteError, register_method
 from kebench.core.errors import KebenchError
-from kebench.core.models import LoadedModel
+from kebench.core.models import LoadedModel, as_linear, is_projection, unwrap
 
 GRACE_VALUE_INITS = ("cold", "warm")
 GRACE_REPLACEMENTS = ("replace_last", "replace_prompt", "replace_all")
@@ -53,24 +55,43 @@ GRACE_EXPANSIONS = ("coverage", "moving_average")
 # --------------------------------------------------------------------------- shared helpers
 
 def target_module(lm: LoadedModel, layer: int, path: str, method: str) -> tuple[nn.Module, str, nn.Linear]:
-    """(parent, attribute name, module) of ``lm.layers[layer].<path>``; a linear layer is required."""
+    """(parent, attribute name, module) of ``lm.layers[layer].<path>``; a linear layer (or a GPT-2 ``Conv1D``,
+    returned as a ``LinearView``) is required.  ``path`` may use LLaMA-style names (``mlp.down_proj``)."""
     if not 0 <= layer < lm.num_layers:
         raise KebenchError(f"{method}: layer {layer} out of range for {lm.name} ({lm.num_layers} layers)")
     decoder = lm.layers[layer]
+    path = lm.module_path(path)
     parent_path, _, name = path.rpartition(".")
     try:
         parent = decoder.get_submodule(parent_path) if parent_path else decoder
         module = getattr(parent, name)
     except AttributeError:
         raise KebenchError(f"{method}: module '{path}' not found in decoder layer {layer} of {lm.name}") from None
-    if not isinstance(module, nn.Linear):
+    if not is_projection(module):
         raise KebenchError(f"{method}: module '{path}' of layer {layer} is a {type(module).__name__}, not a linear layer "
                            "(an adapter of this method already installed and not restored?)")
-    return parent, name, module
+    return parent, name, as_linear(module)
 
 
 def swap_module(parent: nn.Module, name: str, new: nn.Module) -> None:
-    setattr(parent, name, new)
+    """Put ``new`` in place of ``parent.<name>`` (a ``LinearView`` goes back as the Conv1D it shows)."""
+    setattr(parent, name, unwrap(new))
+
+
+class _WholeForward:
+    """The naive variant: the whole backbone on the whole batch at every step (any architecture)."""
+
+    def __init__(self, lm: LoadedModel, batch: TFBatch) -> None:
+        self.lm, self.batch = lm, batch
+
+    def __call__(self) -> torch.Tensor:
+        return self.lm.backbone(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask).last_hidden_state
+
+    def gather(self, per_column: torch.Tensor) -> torch.Tensor:
+        return per_column
+
+    def column(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        return columns
 
 
 class EditForward:
@@ -86,7 +107,7 @@ class EditForward:
         self.lm = lm
         self.batch = batch
         split_ok = getattr(lm.model.config, "model_type", "") in SPLIT_FORWARD_MODEL_TYPES
-        self.runner = _SplitForward(lm, batch, start_layer, split) if fast and split_ok else _FullForward(lm, batch)
+        self.runner = _SplitForward(lm, batch, start_layer, split) if fast and split_ok else _WholeForward(lm, batch)
         self.targets = _targets(batch, n_trained)
         self.target_columns = self.runner.column(self.targets.rows, self.targets.columns)
 
@@ -102,7 +123,7 @@ class EditForward:
     def token_losses(self) -> torch.Tensor:
         """Cross-entropy of every target token (float32, one entry per ``targets.rows`` entry)."""
         hidden = self.runner()
-        logits = self.lm.model.lm_head(hidden[self.targets.rows, self.target_columns])
+        logits = self.lm.lm_head(hidden[self.targets.rows, self.target_columns])
         return F.cross_entropy(logits.float(), self.targets.labels, reduction="none")
 
 
@@ -116,7 +137,7 @@ def check_finite(value: torch.Tensor, method: str, step: int) -> float:
 def capture(lm: LoadedModel, batch: TFBatch) -> None:
     """One plain no-grad forward (adapters in capture mode record their queries)."""
     with torch.no_grad():
-        lm.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        lm.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
 
 
 # --------------------------------------------------------------------------- GRACE

@@ -109,10 +109,12 @@ class PeftEditor(Editor):
         bad = [layer for layer in hparams.layers if not 0 <= layer < lm.num_layers]
         if bad:
             raise KebenchError(f"{self.name}: layer {bad[0]} out of range for {lm.name} ({lm.num_layers} layers)")
-        names = {name.rsplit(".", 1)[-1] for name, _ in lm.model.named_modules()}
-        missing = [m for m in hparams.target_modules if m not in names]
+        names = [name for name, _ in lm.model.named_modules()]
+        missing = [m for m in hparams.target_modules if not any(n == m or n.endswith("." + m) for n in names)]
         if missing:
-            raise KebenchError(f"{self.name}: target module '{missing[0]}' not found in {lm.name}")
+            hint = f" (this {lm.model_type} model calls it '{lm.module_path(missing[0])}')" \
+                if lm.module_path(missing[0]) != missing[0] else ""
+            raise KebenchError(f"{self.name}: target module '{missing[0]}' not found in {lm.name}{hint}")
         self.generator_seed = seed
         with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft's notes on unused LoRA fields

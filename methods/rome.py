@@ -36,6 +36,10 @@ Choices (each a hyperparameter or documented here):
   ``fast_forward: false`` steps the full width (same numbers up to float rounding; tested).
 * An edit call with several cases (batched scenario) applies them one after another; EasyEdit
   refuses batches for ROME.
+* Any architecture ``kebench.core.models.Architecture`` knows: the down-projection is found by it (GPT-2:
+  the ``Conv1D`` ``mlp.c_proj``, whose weight is stored transposed; updates are written through
+  ``projection_weight``, in nn.Linear's [out, in] layout).  Under ``dtype: auto`` on a half-precision
+  model the edited projections are kept in float32 (``PrecisionIsland``), as the papers ran ROME/MEMIT.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from methods._representation import SPLIT_FORWARD_MODEL_TYPES, _SplitForward
 from methods._stats import STATS_DTYPES, StatsNeed, canonical_corpus, down_proj, provenance_note, second_moment
 from methods.base import Editor, EditStats, NonFiniteError, register_method
 from kebench.core.errors import KebenchError
-from kebench.core.models import LoadedModel
+from kebench.core.models import LoadedModel, PrecisionIsland, projection_weight
 
 # Fixed context prefixes.  Each becomes the template "<prefix> {}"; seed words as in the originals.
 SHORT_PREFIXES = (
@@ -160,12 +164,12 @@ def _hidden(output: Any) -> torch.Tensor:
 
 
 def final_norm(lm: LoadedModel) -> nn.Module:
-    return lm.model.model.norm
+    return lm.final_norm
 
 
 def lm_logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head on final-norm hidden states (with the final soft-capping of models that have it)."""
-    logits = lm.model.lm_head(hidden)
+    logits = lm.lm_head(hidden)
     cap = getattr(lm.model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -186,7 +190,7 @@ def _hooked_pass(lm: LoadedModel, rows: Rows, handles: list, top: int) -> None:
         handles.append(lm.layers[top + 1].register_forward_pre_hook(UpperForward._stopper))
     try:
         with torch.no_grad():
-            lm.model.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
+            lm.backbone(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
     except _Stop:
         pass
     finally:
@@ -208,7 +212,7 @@ class UpperForward:
         recorded: dict[str, torch.Tensor] = {}
         handles = [
             lm.layers[layer].register_forward_hook(lambda m, a, o: recorded.__setitem__("block", _hidden(o).detach())),
-            lm.layers[layer].mlp.register_forward_hook(lambda m, a, o: recorded.__setitem__("mlp", _hidden(o).detach())),
+            lm.mlp(layer).register_forward_hook(lambda m, a, o: recorded.__setitem__("mlp", _hidden(o).detach())),
         ]
         for j in range(layer + 1, stop + 1):
             handles.append(lm.layers[j].register_forward_pre_hook(self._recorder(j), with_kwargs=True))
@@ -307,7 +311,7 @@ def capture(lm: LoadedModel, rows: Rows, key_layers: Sequence[int] = (), block_l
 
     handles = [down_proj(lm, layer).register_forward_pre_hook(key_hook(layer)) for layer in set(key_layers)]
     handles += [lm.layers[layer].register_forward_hook(block_hook(layer)) for layer in set(block_layers)]
-    handles += [lm.layers[layer].mlp.register_forward_hook(mlp_hook(layer)) for layer in set(mlp_layers)]
+    handles += [lm.mlp(layer).register_forward_hook(mlp_hook(layer)) for layer in set(mlp_layers)]
     _hooked_pass(lm, rows, handles, max([*key_layers, *block_layers, *mlp_layers]))
     return keys, blocks, mlps
 
@@ -449,25 +453,35 @@ def check_locate_then_edit(hp: Any) -> None:
 
 
 class WeightEditor(Editor):
-    """Editors that change ``down_proj`` weights in place and copy the originals back on restore."""
+    """Editors that change ``down_proj`` weights in place and copy the originals back on restore.
+
+    Under ``lm.edit_dtype`` (``dtype: auto`` on a half-precision model) the edited projections run in
+    float32 while the editor lives (``PrecisionIsland``); restore copies the originals back, then casts
+    them back down, which is exact.
+    """
+
+    edits_weights = True
 
     def __init__(self, lm: LoadedModel, hparams: Any, seed: int) -> None:
         super().__init__(lm, hparams, seed)
         self.edit_layers = tuple(hparams.layers)
         for layer in self.edit_layers:
             down_proj(lm, layer)  # range and architecture check: a one-line KebenchError
+        self.island = PrecisionIsland(lm, [down_proj(lm, layer) for layer in set(self.edit_layers)], self.name)
         self.originals = {layer: down_proj(lm, layer).weight.detach().clone() for layer in set(self.edit_layers)}
 
     def restore(self) -> None:
         with torch.no_grad():
             for layer, weight in self.originals.items():
                 down_proj(self.lm, layer).weight.copy_(weight)
+        self.island.close()
 
     def trainable_parameters(self) -> int:
         return 0  # closed-form: nothing is trained besides the per-edit δ
 
     def _add(self, layer: int, update: torch.Tensor) -> None:
-        weight = down_proj(self.lm, layer).weight
+        """Add ``update`` ([out, in], nn.Linear's layout) to the layer's down-projection (GPT-2: its transpose)."""
+        weight = projection_weight(down_proj(self.lm, layer))
         if update.shape != weight.shape:
             raise RuntimeError(f"update {tuple(update.shape)} does not match down_proj {tuple(weight.shape)}")
         if not torch.isfinite(update).all():
@@ -523,7 +537,7 @@ class ROME(WeightEditor):
                 plain = encode_rows(self.lm, [(case.prompt, None, subject_of(case), self.hparams.fact_token)])
                 keys, _, _ = capture(self.lm, plain, key_layers=[layer])
                 k_star = keys[layer][0].float()
-                current = down_proj(self.lm, layer)(keys[layer][0:1].to(self.lm.dtype))[0].float()
+                current = down_proj(self.lm, layer)(keys[layer][0:1])[0].float()
                 denominator = torch.dot(k_star, u)
                 right = (value.target - current) / denominator
                 self._add(layer, torch.outer(right, u))  # [d_model, d_mlp]: ΔW k = right (u·k)

@@ -37,7 +37,8 @@ average over pad tokens too); the cross-entropy is the mean over target tokens p
 weight decay acts only inside the shard mask, so entries outside it stay exactly W; several cases in one
 call train together with every unrelated row out of scope (EasyEdit treats only the last row as out of
 scope); the context templates are computed once per model from the unedited model (EasyEdit keeps a
-process-wide cache); the replay option (paper App. B.3) is not implemented.  A case without an unrelated
+process-wide cache); the replay option (paper App. B.3) is not implemented.  A module with a bias (GPT-2's
+``mlp.c_proj``) keeps it in the side memory and in every saved or merged shard (only weights are edited).  A case without an unrelated
 training text is an error: the margin needs one.
 """
 
@@ -176,6 +177,7 @@ class WiseAdapter(nn.Module):
         self.base = base
         self.act = ACT2FN[act]
         self.side = base.weight.detach().float().clone()  # W′
+        self.bias = base.bias.detach().float().clone() if getattr(base, "bias", None) is not None else None
         self.memory: list[torch.Tensor] = []  # saved shards (retrieve: side by side; merge: awaiting a merge)
         self.memory_min: list[_MinAct] = []  # retrieve: each shard's Δ_min
         self.merged: torch.Tensor | None = None  # WISE-Merge: the merged main weight, None while it equals W
@@ -204,10 +206,10 @@ class WiseAdapter(nn.Module):
             return self.base(x)
         original = self.base(x)
         if self.mode == "edit":
-            side = F.linear(x.float(), self.side_param)
+            side = F.linear(x.float(), self.side_param, self.bias)
             self.recorded = (original.detach(), side)
             return side.to(original.dtype)
-        side = F.linear(x.float(), self.side)
+        side = F.linear(x.float(), self.side, self.bias)
         threshold = self.min_act.minimum * self.act_ratio
         side_delta = self.delta(original, side, route=True)
         choice = torch.full_like(side_delta, ORIGINAL, dtype=torch.long)
@@ -216,14 +218,14 @@ class WiseAdapter(nn.Module):
             choice = torch.where(side_delta >= threshold, SIDE, ORIGINAL)
             best = side_delta
             for index, (weight, minimum) in enumerate(zip(self.memory, self.memory_min)):
-                memory_out = F.linear(x.float(), weight)
+                memory_out = F.linear(x.float(), weight, self.bias)
                 memory_delta = self.delta(original, memory_out, route=True)
                 wins = (memory_delta > best) & (memory_delta > minimum.minimum * self.act_ratio)
                 choice = torch.where(wins, index + 1, choice)
                 best = torch.where(wins, memory_delta, best)
                 outputs.append(memory_out)
         else:
-            merged = original.float() if self.merged is None else F.linear(x.float(), self.merged)
+            merged = original.float() if self.merged is None else F.linear(x.float(), self.merged, self.bias)
             merged_delta = self.delta(original, merged, route=True)
             quiet = (merged_delta < threshold) & (side_delta < threshold)
             choice = torch.where(quiet, ORIGINAL, torch.where(merged_delta > side_delta, 1, SIDE))
@@ -257,7 +259,7 @@ class WISE(Editor):
     def __init__(self, lm: LoadedModel, hparams: WiseHParams, seed: int) -> None:
         super().__init__(lm, hparams, seed)
         self._parent, self._name, self._original = target_module(lm, hparams.layer, hparams.module, self.name)
-        act = getattr(lm.model.config, "hidden_act", None) or getattr(lm.model.config, "hidden_activation", "silu")
+        act = lm.activation
         self.templates = context_templates(lm, hparams.context_lengths)
         self.adapter = WiseAdapter(self._original, act)
         self.adapter.retrieve, self.adapter.act_ratio = hparams.retrieve, hparams.act_ratio
