@@ -8,8 +8,15 @@ full-vocabulary logits at every optimisation step, where the default runs the fr
 edited layer once per edit.  FT-L and AdaLoRA train weights at every depth of their path and have no
 such variant.
 
+``--throughput`` measures case-parallel single editing instead (the single scenario's ``parallel_cases``):
+BaFT and ReFT edit the same ZsRE test cases at K = 1 (one by one, the naive baseline) and at each K of
+``--parallel``, through ``run_scenario`` as a grid cell would, after one untimed warm-up edit; it reports
+the editing time summed over the cases (amortised s/edit, edits per second), the wall time with
+evaluation, and the peak RSS of the process.
+
     .venv/bin/python bench/edit_speed.py                 # every method, 10 cases
     .venv/bin/python bench/edit_speed.py --methods baft,rome --n 5 --json runs/bench/speed.json
+    .venv/bin/python bench/edit_speed.py --throughput --methods baft,reft --n 20 --parallel 1,5,10,20
 """
 
 from __future__ import annotations
@@ -59,8 +66,14 @@ def _worker(method: str, variant: str, n: int, model: str, seed: int) -> dict:
         if index > 0:  # the first edit warms up allocator and kernels
             seconds.append(elapsed)
             steps.append(stats.steps)
+    device = str(lm.device) + (f" ({torch.cuda.get_device_name(lm.device)})" if lm.device.type == "cuda" else "")
     return {
+        # what `kebench plan --edit-speed FILE` reads: model, method, scenario, seconds_per_edit, device
+        "model": model,
         "method": method,
+        "scenario": "single",
+        "seconds_per_edit": statistics.median(seconds),
+        "device": device,
         "variant": variant,
         "median_s_per_edit": statistics.median(seconds),
         "mean_s_per_edit": statistics.fmean(seconds),
@@ -69,6 +82,58 @@ def _worker(method: str, variant: str, n: int, model: str, seed: int) -> dict:
         "threads": torch.get_num_threads(),
         "n": len(seconds),
     }
+
+
+def _throughput_worker(method: str, parallel: int, n: int, model: str, seed: int) -> dict:
+    import torch
+
+    from benchmarks.evaluate import compute_pre_edit
+    from benchmarks.registry import select_cases
+    from methods.base import load_hparams
+    from kebench.core.models import load_model
+    from orchestrator.scenarios import Scenario, peak_rss_mb, plain_logits, run_scenario
+
+    lm = load_model(model)
+    hparams = load_hparams(method, model, "single", {})
+    selected = select_cases("zsre", "test", n=n + 1).cases
+    cases, warm_up = selected[:n], selected[n:]
+    pre = compute_pre_edit(plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, selected)
+    run_scenario(lm, method, hparams, warm_up, Scenario("single"), seed, pre=pre)
+    started = time.perf_counter()
+    result = run_scenario(lm, method, hparams, cases, Scenario("single", parallel_cases=parallel), seed, pre=pre)
+    wall = time.perf_counter() - started
+    editing = sum(result.edit_seconds)
+    return {"model": model, "method": method, "scenario": "single", "parallel_cases": parallel,
+            "edit_seconds": editing, "seconds_per_edit": editing / n, "edits_per_second": n / editing,
+            "wall_with_eval_s": wall, "mean_steps": statistics.fmean(c.steps for c in result.cases),
+            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(), "n": n,
+            "scores": {c.case_id: c.scores.as_dict() for c in result.cases}}
+
+
+def _throughput(methods: list[str], ks: list[int], n: int, model: str, seed: int) -> list[dict]:
+    rows = []
+    for method in methods:
+        base = None
+        for k in ks:
+            row = _run_variant(method, f"parallel:{k}", n, model, seed)
+            base = base or row
+            row["speedup_vs_k1"] = base["seconds_per_edit"] / row["seconds_per_edit"]
+            row["same_scores_as_k1"] = all(
+                {m: round(v, 2) for m, v in scores.items()} == {m: round(v, 2) for m, v in base["scores"][case].items()}
+                for case, scores in row["scores"].items())
+            rows.append(row)
+    print("| method | K | edit s (total) | s/edit (amortised) | edits/s | speed-up vs K=1 | wall with eval (s) | "
+          "mean steps | peak RSS (MB) | scores = K=1 (2 dp) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for row in rows:
+        print(f"| {row['method']} | {row['parallel_cases']} | {row['edit_seconds']:.1f} | {row['seconds_per_edit']:.2f} | "
+              f"{row['edits_per_second']:.2f} | {row['speedup_vs_k1']:.2f}× | {row['wall_with_eval_s']:.1f} | "
+              f"{row['mean_steps']:.1f} | {row['peak_rss_mb']:.0f} | {'yes' if row['same_scores_as_k1'] else 'NO'} |")
+    print(f"\n{model}, ZsRE test cases 1–{n}, single editing (one untimed warm-up edit first), "
+          f"{rows[0]['threads']} torch threads; K = 1 is the one-by-one baseline, run in the same invocation")
+    if ks[0] != 1:
+        print("note: the first K is the baseline; pass --parallel 1,... to compare against one-by-one editing")
+    return rows
 
 
 def _run_variant(method: str, variant: str, n: int, model: str, seed: int) -> dict:
@@ -85,11 +150,26 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the rows as JSON (kebench plan --edit-speed reads them)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "VARIANT"))
+    parser.add_argument("--throughput", action="store_true",
+                        help="case-parallel single-editing throughput (BaFT, ReFT) at each K of --parallel")
+    parser.add_argument("--parallel", default="1,5,10,20", help="K values for --throughput (the first is the baseline)")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(*args.worker, args.n, args.model, args.seed)))
+        method, variant = args.worker
+        if variant.startswith("parallel:"):
+            print(json.dumps(_throughput_worker(method, int(variant.split(":", 1)[1]), args.n, args.model, args.seed)))
+        else:
+            print(json.dumps(_worker(method, variant, args.n, args.model, args.seed)))
+        return
+    if args.throughput:
+        methods = args.methods.split(",") if args.methods != DEFAULT_METHODS else ["baft", "reft"]
+        rows = _throughput(methods, [int(k) for k in args.parallel.split(",")], args.n, args.model, args.seed)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2))
         return
     rows = []
     for method in args.methods.split(","):

@@ -133,9 +133,14 @@ def _locality_outputs(predictor, logits_fn: LogitsFn, tokenizer, pad_token_id: i
 
 def score_cases(logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch.device, cases: Sequence[EditCase],
                 pre: PreEdit, metrics: Sequence[str] = ("rel", "gen", "loc", "por"), batch_size: int = 32,
-                protocol: str = PROTOCOL_TEACHER_FORCED) -> list[CaseScores]:
-    """Rel/Gen/Loc/Por per case under the current (edited) model; None where a metric does not apply."""
+                protocol: str = PROTOCOL_TEACHER_FORCED, grouped: bool = False) -> list[CaseScores]:
+    """Rel/Gen/Loc/Por per case under the current (edited) model; None where a metric does not apply.
+
+    ``grouped``: each case was edited independently (case-parallel single editing); every row's batch
+    carries the index of its case in ``cases`` (``TFBatch.groups``) so ``logits_fn`` can route it."""
     check_protocols((protocol,))
+    if grouped and protocol != PROTOCOL_TEACHER_FORCED:
+        raise KebenchError(f"grouped scoring supports the {PROTOCOL_TEACHER_FORCED} protocol only, got {protocol!r}")
     pairs: list[tuple[str, str]] = []
     slots: list[tuple[str, str, str, int]] = []  # (case_id, metric, key, index) per pair
     for case in cases:
@@ -157,7 +162,14 @@ def score_cases(logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch
                     pairs.append((item.prompt, item.answer))
                     slots.append((case.case_id, "loc", key, index))
     predictor = _predictor(protocol)
-    predictions, golds = predictor(logits_fn, tokenizer, pairs, pad_token_id, device, batch_size) if pairs else ([], [])
+    if not pairs:
+        predictions, golds = [], []
+    elif grouped:
+        index_of = {case.case_id: index for index, case in enumerate(cases)}
+        groups = [index_of[case_id] for case_id, _, _, _ in slots]
+        predictions, golds = predict(logits_fn, tokenizer, pairs, pad_token_id, device, batch_size, groups=groups)
+    else:
+        predictions, golds = predictor(logits_fn, tokenizer, pairs, pad_token_id, device, batch_size)
     references = pre.reference(protocol)
 
     per_case: dict[str, dict[str, dict[str, list[float]]]] = {c.case_id: {} for c in cases}

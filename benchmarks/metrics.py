@@ -32,6 +32,9 @@ class TFBatch:
     attention_mask: torch.Tensor  # [B, L] long
     prompt_lengths: torch.Tensor  # [B] long: tokens before the first answer token
     lengths: torch.Tensor  # [B] long: real tokens in the row
+    #: [B] long, or None: which of several independent edits each row belongs to (case-parallel editing
+    #: routes each row through its own case's intervention; ``None``: one edited model for every row)
+    groups: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -49,7 +52,8 @@ class TFBatch:
         return (positions[None, :] >= start[:, None]) & (positions[None, :] < self.lengths[:, None])
 
     def to(self, device: torch.device) -> "TFBatch":
-        return TFBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.prompt_lengths, self.lengths)))
+        moved = (t.to(device) for t in (self.input_ids, self.attention_mask, self.prompt_lengths, self.lengths))
+        return TFBatch(*moved, groups=None if self.groups is None else self.groups.to(device))
 
 
 def join(prompt: str, answer: str) -> tuple[str, int]:
@@ -68,10 +72,15 @@ def right_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.T
     return input_ids, attention
 
 
-def encode(tokenizer, pairs: Sequence[tuple[str, str]], pad_token_id: int, max_length: int | None = None) -> TFBatch:
-    """Tokenize ``prompt + " " + answer`` rows; an answer token is any token that starts at or after the join."""
+def encode(tokenizer, pairs: Sequence[tuple[str, str]], pad_token_id: int, max_length: int | None = None,
+           groups: Sequence[int] | None = None) -> TFBatch:
+    """Tokenize ``prompt + " " + answer`` rows; an answer token is any token that starts at or after the join.
+
+    ``groups``: one index per pair, carried as ``TFBatch.groups``."""
     if not pairs:
         raise ValueError("encode() needs at least one (prompt, answer) pair")
+    if groups is not None and len(groups) != len(pairs):
+        raise ValueError(f"encode(): {len(groups)} groups for {len(pairs)} pairs")
     rows: list[list[int]] = []
     prompt_lengths: list[int] = []
     for prompt, answer in pairs:
@@ -98,6 +107,7 @@ def encode(tokenizer, pairs: Sequence[tuple[str, str]], pad_token_id: int, max_l
         attention,
         torch.tensor(prompt_lengths, dtype=torch.long),
         torch.tensor([len(r) for r in rows], dtype=torch.long),
+        None if groups is None else torch.tensor(list(groups), dtype=torch.long),
     )
 
 
@@ -130,12 +140,15 @@ LogitsFn = Callable[[TFBatch], torch.Tensor]
 
 
 def predict(logits_fn: LogitsFn, tokenizer, pairs: Sequence[tuple[str, str]], pad_token_id: int,
-            device: torch.device, batch_size: int = 32) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(argmax predictions, gold answer tokens) for every pair, in order, ``batch_size`` rows at a time."""
+            device: torch.device, batch_size: int = 32,
+            groups: Sequence[int] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(argmax predictions, gold answer tokens) for every pair, in order, ``batch_size`` rows at a time
+    (``groups``: one index per pair, passed to ``logits_fn`` as ``TFBatch.groups``)."""
     predictions: list[torch.Tensor] = []
     golds: list[torch.Tensor] = []
     for start in range(0, len(pairs), batch_size):
-        batch = encode(tokenizer, pairs[start : start + batch_size], pad_token_id).to(device)
+        chunk_groups = None if groups is None else groups[start : start + batch_size]
+        batch = encode(tokenizer, pairs[start : start + batch_size], pad_token_id, groups=chunk_groups).to(device)
         with torch.no_grad():
             logits = logits_fn(batch)
         predictions.extend(answer_predictions(logits, batch))

@@ -18,13 +18,22 @@ layer, and the hidden states of the remaining columns at the input of the lowest
 Each optimisation step then runs only the upper layers on the remaining columns, and the LM head only
 where a target token is predicted.  ``fast_forward: false`` runs the naive full forward every step
 instead (same numbers up to float rounding; ``bench/edit_speed.py`` compares the two).
+
+Case-parallel single editing (``Editor.independent``, the single scenario's ``parallel_cases``) trains K
+independent edits in one batch: each case keeps its own editor (its own R, A, b, gates, AdamW state and
+BaFT running means), the rows of case k pass through editor k's intervention only, and the loss summed
+over the cases gives each case's parameters exactly its own gradient (they share no parameter, and
+attention never crosses rows).  Each case stops on its own rule and leaves the batch with its parameters
+where they were; the others go on.  One editor alone runs the very same code on one run of rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +42,7 @@ from torch.nn.utils import parametrize
 
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
-from methods.base import Editor, EditStats, NonFiniteError
+from methods.base import Editor, EditStats, IndependentEdits, NonFiniteError
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
 
@@ -99,6 +108,19 @@ class BasisIntervention(nn.Module):
         return h32 + delta @ r, weights
 
 
+def _backbone(lm: LoadedModel) -> nn.Module:
+    """The decoder stack that maps input ids to final-normed hidden states (``model.model`` for LLaMA)."""
+    backbone = getattr(lm, "backbone", None)
+    return backbone if isinstance(backbone, nn.Module) else lm.model.model
+
+
+def _cache_keyword(layer: nn.Module) -> str:
+    """The decoder layer's name for its key/value cache argument: ``cache`` from transformers 5.x (where
+    ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
+    parameters = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 class _PrefixKV:
     """A stand-in for a transformers ``Cache``: records the prefix keys/values once, then prepends them."""
 
@@ -123,13 +145,16 @@ class _FullForward:
         self.lm, self.batch = lm, batch
 
     def __call__(self) -> torch.Tensor:
-        return self.lm.model.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask).last_hidden_state
+        return _backbone(self.lm)(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask).last_hidden_state
 
     def gather(self, per_column: torch.Tensor) -> torch.Tensor:
         return per_column
 
     def column(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         return columns
+
+    def select(self, rows: torch.Tensor) -> "_FullForward":
+        return _FullForward(self.lm, _batch_rows(self.batch, rows))
 
 
 class _SplitForward:
@@ -156,14 +181,15 @@ class _SplitForward:
         live_real = offsets[None, :] < live_lengths[:, None]
         with torch.no_grad():
             self.kv = _PrefixKV()
+            self.cache_keyword = _cache_keyword(inner.layers[0])
             if prefix_width > 0:
                 prefix_ids = batch.input_ids[:, :prefix_width]
                 prefix = inner.embed_tokens(prefix_ids)
                 positions = torch.arange(prefix_width, device=device)[None, :]
                 cos, sin = inner.rotary_emb(prefix, positions)
                 for layer in inner.layers:
-                    prefix = layer(prefix, attention_mask=None, position_ids=positions, past_key_values=self.kv,
-                                   use_cache=False, position_embeddings=(cos, sin))
+                    prefix = layer(prefix, attention_mask=None, position_ids=positions, use_cache=False,
+                                   position_embeddings=(cos, sin), **{self.cache_keyword: self.kv})
                     prefix = prefix[0] if isinstance(prefix, tuple) else prefix
             self.kv.recording = False
             # Live query j of row i sees that row's prefix keys k < s_i and the live keys up to itself.
@@ -183,8 +209,8 @@ class _SplitForward:
         self.live_real = live_real
 
     def _layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        out = layer(hidden, attention_mask=self.mask, position_ids=self.position_ids, past_key_values=self.kv,
-                    use_cache=False, position_embeddings=self.position_embeddings)
+        out = layer(hidden, attention_mask=self.mask, position_ids=self.position_ids, use_cache=False,
+                    position_embeddings=self.position_embeddings, **{self.cache_keyword: self.kv})
         return out[0] if isinstance(out, tuple) else out
 
     def __call__(self) -> torch.Tensor:
@@ -201,6 +227,25 @@ class _SplitForward:
     def column(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         return columns - self.split[rows]
 
+    def select(self, rows: torch.Tensor) -> "_SplitForward":
+        """The same frozen computation for a subset of the rows (no layer is run again)."""
+        kept = object.__new__(_SplitForward)
+        kept.inner, kept.start_layer, kept.cache_keyword = self.inner, self.start_layer, self.cache_keyword
+        kept.split, kept.live_columns, kept.live_real = self.split[rows], self.live_columns[rows], self.live_real[rows]
+        kept.kv = _PrefixKV()
+        kept.kv.recording = False
+        kept.kv.keys = {layer: key[rows] for layer, key in self.kv.keys.items()}
+        kept.kv.values = {layer: value[rows] for layer, value in self.kv.values.items()}
+        kept.mask, kept.position_ids, kept.start_hidden = self.mask[rows], self.position_ids[rows], self.start_hidden[rows]
+        kept.position_embeddings = tuple(t[rows] for t in self.position_embeddings)
+        return kept
+
+
+def _batch_rows(batch: TFBatch, rows: torch.Tensor) -> TFBatch:
+    """Rows ``rows`` of ``batch`` (the padded width is kept)."""
+    return TFBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.prompt_lengths[rows], batch.lengths[rows],
+                   None if batch.groups is None else batch.groups[rows])
+
 
 @dataclass(frozen=True)
 class _Targets:
@@ -209,9 +254,10 @@ class _Targets:
     labels: torch.Tensor  # the target token ids
 
 
-def _targets(batch: TFBatch, n_rows: int) -> _Targets:
+def _targets(batch: TFBatch, edit_rows: int | Sequence[int]) -> _Targets:
+    """The trained target tokens of ``edit_rows`` (a count: the first rows of the batch)."""
     rows, columns, labels = [], [], []
-    for i in range(n_rows):
+    for i in (range(edit_rows) if isinstance(edit_rows, int) else edit_rows):
         p, n = int(batch.prompt_lengths[i]), int(batch.lengths[i])
         rows.extend([i] * (n - p))
         columns.extend(range(p - 1, n - 1))
@@ -219,6 +265,68 @@ def _targets(batch: TFBatch, n_rows: int) -> _Targets:
     device = batch.input_ids.device
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     return _Targets(as_long(rows), as_long(columns), as_long(labels))
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Rows ``start:stop`` of a batch go through ``editor``'s interventions."""
+
+    editor: "RepresentationEditor"
+    start: int
+    stop: int
+
+
+class _Router:
+    """Forward hooks on the intervened layers that apply each run of batch rows its own editor's intervention.
+
+    Inactive (the hooks return the layer's output untouched) unless a forward runs inside ``active``.
+    """
+
+    def __init__(self, lm: LoadedModel, layer_ids: Sequence[int]) -> None:
+        self.layer_ids = tuple(layer_ids)
+        self.routes: Sequence[_Route] | None = None
+        self.mask: torch.Tensor | None = None
+        self.recorded: list[dict[int, torch.Tensor]] | None = None
+        self.handles = [lm.layers[layer].register_forward_hook(self._hook(layer)) for layer in self.layer_ids]
+
+    @contextlib.contextmanager
+    def active(self, routes: Sequence[_Route], mask: torch.Tensor,
+               record: bool = False) -> Iterator[list[dict[int, torch.Tensor]]]:
+        """Route the forwards run inside; with ``record`` the yielded list receives, per route, each layer's
+        basis weights [rows, positions, r]."""
+        recorded: list[dict[int, torch.Tensor]] = [{} for _ in routes]
+        self.routes, self.mask, self.recorded = routes, mask, recorded if record else None
+        try:
+            yield recorded
+        finally:
+            self.routes, self.mask, self.recorded = None, None, None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _hook(self, layer: int):
+        def hook(module: nn.Module, args, output):
+            routes, mask = self.routes, self.mask
+            if routes is None or mask is None:
+                return output
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[:2] != mask.shape:
+                raise RuntimeError(f"intervention mask {tuple(mask.shape)} does not fit hidden {tuple(hidden.shape)}")
+            whole = len(routes) == 1
+            pieces = []
+            for index, route in enumerate(routes):
+                part = hidden if whole else hidden[route.start:route.stop]
+                part_mask = mask if whole else mask[route.start:route.stop]
+                edited, weights = route.editor.interventions[str(layer)](part)
+                if self.recorded is not None:
+                    self.recorded[index][layer] = weights
+                pieces.append(torch.where(part_mask[..., None], edited.to(part.dtype), part))
+            hidden = pieces[0] if whole else torch.cat(pieces)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
 
 
 class RepresentationEditor(Editor):
@@ -245,40 +353,26 @@ class RepresentationEditor(Editor):
                 {str(layer): BasisIntervention(lm.hidden_size, hparams.rank, self.gated) for layer in self.layer_ids}
             ).to(lm.device)
         self._optimizer: torch.optim.Optimizer | None = None
-        self._mask: torch.Tensor | None = None
-        self._recorded: dict[int, torch.Tensor] | None = None
-        self._handles = [lm.layers[layer].register_forward_hook(self._hook(layer)) for layer in self.layer_ids]
+        self._router: _Router | None = _Router(lm, self.layer_ids)
         self.split_forward_supported = getattr(lm.model.config, "model_type", "") in SPLIT_FORWARD_MODEL_TYPES
 
-    # ------------------------------------------------------------------ hooks
+    @classmethod
+    def independent(cls, lm: LoadedModel, hparams, seed: int, copies: int) -> "CaseParallel":
+        return CaseParallel([cls(lm, hparams, seed) for _ in range(copies)])
 
-    def _hook(self, layer: int):
-        def hook(module: nn.Module, args, output):
-            if self._mask is None:
-                return output
-            hidden = output[0] if isinstance(output, tuple) else output
-            if hidden.shape[:2] != self._mask.shape:
-                raise RuntimeError(f"intervention mask {tuple(self._mask.shape)} does not fit hidden {tuple(hidden.shape)}")
-            edited, weights = self.interventions[str(layer)](hidden)
-            if self._recorded is not None:
-                self._recorded[layer] = weights
-            hidden = torch.where(self._mask[..., None], edited.to(hidden.dtype), hidden)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return hook
+    def _whole(self, rows: int) -> list[_Route]:
+        return [_Route(self, 0, rows)]
 
     def logits(self, batch: TFBatch) -> torch.Tensor:
-        self._mask = batch.intervention_mask(self.hparams.last_prompt_tokens)
-        try:
+        if self._router is None:
+            raise RuntimeError("editor was restored; build a new one")
+        with self._router.active(self._whole(batch.size), batch.intervention_mask(self.hparams.last_prompt_tokens)):
             return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        finally:
-            self._mask = None
 
     def restore(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._mask = None
+        if self._router is not None:
+            self._router.remove()
+        self._router = None
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.interventions.parameters() if p.requires_grad)
@@ -297,20 +391,16 @@ class RepresentationEditor(Editor):
         lm = self.lm
         batch = encode(lm.tokenizer, list(pairs), lm.pad_token_id).to(lm.device)
         mask = batch.intervention_mask(self.hparams.last_prompt_tokens)
-        temporary = [] if self._handles else [lm.layers[layer].register_forward_hook(self._hook(layer))
-                                              for layer in self.layer_ids]
+        router = self._router if self._router is not None else _Router(lm, self.layer_ids)
         try:
-            with torch.no_grad():
-                self._mask, self._recorded = mask, {}
-                lm.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                recorded = self._recorded
+            with torch.no_grad(), router.active(self._whole(batch.size), mask, record=True) as recorded:
+                _backbone(lm)(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         finally:
-            self._mask, self._recorded = None, None
-            for handle in temporary:
-                handle.remove()
+            if router is not self._router:
+                router.remove()
         weight = mask[..., None].float()
         counts = weight.sum(dim=1).clamp_min(1.0)  # [B, 1]
-        means = [(recorded[layer].float() * weight).sum(dim=1) / counts for layer in self.layer_ids]
+        means = [(recorded[0][layer].float() * weight).sum(dim=1) / counts for layer in self.layer_ids]
         return torch.stack(means, dim=1).to(device="cpu", dtype=torch.float32)
 
     # ------------------------------------------------------------------ training
@@ -347,67 +437,185 @@ class RepresentationEditor(Editor):
             return float(loss.detach())
         raise KebenchError(f"{self.name}: early_stop_on must be mean_ce, sum_ce or total, got {rule!r}")
 
-    def apply(self, cases: Sequence[EditCase]) -> EditStats:
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW of this edit call: a fresh one per call unless ``reset_optimizer`` is off."""
         hp = self.hparams
-        lm = self.lm
-        if not self._handles:
-            raise RuntimeError("editor was restored; build a new one")
-        edit_pairs = [(case.prompt, case.target_new) for case in cases]
-        extra_pairs = self.irrelevant_pairs(cases)
-        batch = encode(lm.tokenizer, edit_pairs + extra_pairs, lm.pad_token_id).to(lm.device)
-        n_edit = len(edit_pairs)
-        mask = batch.intervention_mask(hp.last_prompt_tokens)
-        targets = _targets(batch, n_edit)
-        target_tokens = int(targets.labels.numel())
-        edit_mask = mask.clone()
-        edit_mask[n_edit:] = False
-        irrelevant_mask = None
-        if extra_pairs:
-            irrelevant_mask = mask.clone()
-            irrelevant_mask[:n_edit] = False
-
-        if hp.fast_forward and self.split_forward_supported:
-            first_intervened = mask.float().argmax(dim=1)
-            first_predicting = (batch.prompt_lengths - 1).clamp_min(0)
-            first_predicting[n_edit:] = batch.lengths[n_edit:]  # irrelevant rows train no tokens
-            runner: _FullForward | _SplitForward = _SplitForward(
-                lm, batch, self.layer_ids[0], torch.minimum(first_intervened, first_predicting))
-        else:
-            runner = _FullForward(lm, batch)
-        live_mask = runner.gather(mask)
-        live_edit_mask = runner.gather(edit_mask)
-        live_irrelevant_mask = runner.gather(irrelevant_mask) if irrelevant_mask is not None else None
-        target_columns = runner.column(targets.rows, targets.columns)
-
         if self._optimizer is None or hp.reset_optimizer:
             parameters = [p for p in self.interventions.parameters() if p.requires_grad]
             self._optimizer = torch.optim.AdamW(parameters, lr=hp.lr, weight_decay=hp.weight_decay)
-        optimizer = self._optimizer
-        step = 0
-        while True:
-            training = step < hp.max_steps
-            with torch.set_grad_enabled(training):
-                self._mask, self._recorded = live_mask, {}
-                try:
-                    hidden = runner()
-                finally:
-                    self._mask = None
-                weights, self._recorded = self._recorded, None
-                if hp.fast_forward:
-                    logits = lm.model.lm_head(hidden[targets.rows, target_columns])
-                else:  # the naive variant: full-vocabulary logits at every position
-                    logits = lm.model.lm_head(hidden)[targets.rows, target_columns]
-                ce = F.cross_entropy(logits.float(), targets.labels)
-                terms = self.regularizers(weights, live_edit_mask, live_irrelevant_mask)
-                loss = self.combine_loss(ce, terms, first_step=step == 0)
-            if not math.isfinite(float(loss.detach())):
-                raise NonFiniteError(f"{self.name}: non-finite training loss at step {step}")
-            if not training or self.stop_value(ce, loss, target_tokens) < hp.early_stop_loss:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-        self.after_edit({k: v.detach() for k, v in weights.items()}, live_edit_mask)
-        return EditStats(steps=step, loss=float(ce.detach()))
+        return self._optimizer
 
+    def apply(self, cases: Sequence[EditCase]) -> EditStats:
+        if self._router is None:
+            raise RuntimeError("editor was restored; build a new one")
+        return _train(self._router, [_Job(self, cases)])[0]
+
+
+@dataclass
+class _Job:
+    """One editor's edit call inside a training batch: its cases, and its rows (edit rows, then unrelated)."""
+
+    editor: RepresentationEditor
+    cases: Sequence[EditCase]
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    n_edit: int = 0
+    has_irrelevant: bool = False
+    stats: EditStats | None = None
+
+    def __post_init__(self) -> None:
+        edit_pairs = [(case.prompt, case.target_new) for case in self.cases]
+        extra_pairs = self.editor.irrelevant_pairs(self.cases)
+        self.pairs, self.n_edit, self.has_irrelevant = edit_pairs + extra_pairs, len(edit_pairs), bool(extra_pairs)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Where one job sits in a layout: its rows and its slice of the target tokens."""
+
+    rows: slice
+    targets: slice
+
+
+class _Layout:
+    """The batch of the jobs still training: tokens, the forward runner, masks in the live layout, targets."""
+
+    @classmethod
+    def build(cls, lm: LoadedModel, jobs: Sequence[_Job]) -> "_Layout":
+        editor = jobs[0].editor
+        hp = editor.hparams
+        batch = encode(lm.tokenizer, [pair for job in jobs for pair in job.pairs], lm.pad_token_id).to(lm.device)
+        if hp.fast_forward and editor.split_forward_supported:
+            is_edit = torch.cat([torch.arange(len(job.pairs)) < job.n_edit for job in jobs]).to(batch.input_ids.device)
+            first_intervened = batch.intervention_mask(hp.last_prompt_tokens).float().argmax(dim=1)
+            first_predicting = (batch.prompt_lengths - 1).clamp_min(0)
+            first_predicting = torch.where(is_edit, first_predicting, batch.lengths)  # unrelated rows train no tokens
+            runner: _FullForward | _SplitForward = _SplitForward(
+                lm, batch, editor.layer_ids[0], torch.minimum(first_intervened, first_predicting))
+        else:
+            runner = _FullForward(lm, batch)
+        return cls(jobs, batch, runner)
+
+    def keep(self, positions: Sequence[int]) -> "_Layout":
+        """The layout of the jobs at ``positions`` only: their rows of the batch and of the frozen computation."""
+        rows = torch.cat([torch.arange(self.parts[i].rows.start, self.parts[i].rows.stop) for i in positions])
+        rows = rows.to(self.batch.input_ids.device)
+        return _Layout([self.jobs[i] for i in positions], _batch_rows(self.batch, rows), self.runner.select(rows))
+
+    def __init__(self, jobs: Sequence[_Job], batch: TFBatch, runner: "_FullForward | _SplitForward") -> None:
+        hp = jobs[0].editor.hparams
+        self.jobs, self.batch, self.runner = list(jobs), batch, runner
+        mask = batch.intervention_mask(hp.last_prompt_tokens)
+        edit_rows, parts, row, target = [], [], 0, 0
+        is_edit = torch.zeros(batch.size, dtype=torch.bool, device=batch.input_ids.device)
+        for job in jobs:
+            edit_rows.extend(range(row, row + job.n_edit))
+            is_edit[row:row + job.n_edit] = True
+            job_targets = int((batch.lengths[row:row + job.n_edit] - batch.prompt_lengths[row:row + job.n_edit]).sum())
+            parts.append(_Part(slice(row, row + len(job.pairs)), slice(target, target + job_targets)))
+            row, target = row + len(job.pairs), target + job_targets
+        self.parts = parts
+        self.routes = [_Route(job.editor, part.rows.start, part.rows.stop) for job, part in zip(jobs, parts)]
+        self.targets = _targets(batch, edit_rows)
+        edit_mask = mask & is_edit[:, None]
+        irrelevant_mask = mask & ~is_edit[:, None]
+        self.live_mask = self.runner.gather(mask)
+        self.live_edit_mask = self.runner.gather(edit_mask)
+        self.live_irrelevant_mask = self.runner.gather(irrelevant_mask)
+        self.target_columns = self.runner.column(self.targets.rows, self.targets.columns)
+
+
+def _train(router: _Router, jobs: Sequence[_Job]) -> list[EditStats]:
+    """Train every job's editor on its own cases, all jobs in one batch, each until its own stopping rule.
+
+    Each job's loss is exactly what it would be alone (its CE over its target tokens, its regularizers on its
+    rows, its scales); their sum gives each job's parameters their own gradient, and each job's AdamW steps
+    only while the job trains.  A job that stops leaves the batch: its rows are dropped from the batch and
+    from the frozen computation, which is not run again.
+    """
+    editor = jobs[0].editor
+    hp, lm = editor.hparams, editor.lm
+    optimizers = [job.editor.optimizer() for job in jobs]
+    active = list(range(len(jobs)))
+    layout = _Layout.build(lm, jobs)
+    head = lm.model.get_output_embeddings()
+    step = 0
+    while active:
+        training = step < hp.max_steps
+        losses: list[tuple[int, torch.Tensor]] = []
+        with torch.set_grad_enabled(training):
+            with router.active(layout.routes, layout.live_mask, record=True) as recorded:
+                hidden = layout.runner()
+            if hp.fast_forward:
+                logits = head(hidden[layout.targets.rows, layout.target_columns])
+            else:  # the naive variant: full-vocabulary logits at every position
+                logits = head(hidden)[layout.targets.rows, layout.target_columns]
+            for position, job_index in enumerate(active):
+                job, part = jobs[job_index], layout.parts[position]
+                ce = F.cross_entropy(logits[part.targets].float(), layout.targets.labels[part.targets])
+                edit_mask = layout.live_edit_mask[part.rows]
+                irrelevant_mask = layout.live_irrelevant_mask[part.rows] if job.has_irrelevant else None
+                terms = job.editor.regularizers(recorded[position], edit_mask, irrelevant_mask)
+                loss = job.editor.combine_loss(ce, terms, first_step=step == 0)
+                if not math.isfinite(float(loss.detach())):
+                    where = f" (case {job.cases[0].case_id})" if len(jobs) > 1 else ""
+                    raise NonFiniteError(f"{job.editor.name}: non-finite training loss at step {step}{where}")
+                target_tokens = part.targets.stop - part.targets.start
+                if not training or job.editor.stop_value(ce, loss, target_tokens) < hp.early_stop_loss:
+                    job.editor.after_edit({k: v.detach() for k, v in recorded[position].items()}, edit_mask)
+                    job.stats = EditStats(steps=step, loss=float(ce.detach()))
+                else:
+                    losses.append((job_index, loss))
+        if not losses:
+            break
+        for job_index, _ in losses:
+            optimizers[job_index].zero_grad(set_to_none=True)
+        total = losses[0][1] if len(losses) == 1 else torch.stack([loss for _, loss in losses]).sum()
+        total.backward()
+        for job_index, _ in losses:
+            optimizers[job_index].step()
+        step += 1
+        still = [job_index for job_index, _ in losses]
+        if still != active:
+            layout = layout.keep([active.index(job_index) for job_index in still])
+            active = still
+    return [job.stats for job in jobs]  # type: ignore[misc]
+
+
+class CaseParallel(IndependentEdits):
+    """K single edits of one representation method at once: case i is edited by ``editors[i]`` alone."""
+
+    def __init__(self, editors: Sequence[RepresentationEditor]) -> None:
+        if not editors:
+            raise KebenchError("case-parallel editing needs at least one editor")
+        self.editors = list(editors)
+        self.lm = editors[0].lm
+        self.hparams = editors[0].hparams
+        self._router: _Router | None = _Router(self.lm, editors[0].layer_ids)
+
+    def apply(self, cases: Sequence[EditCase]) -> list[EditStats]:
+        if self._router is None:
+            raise RuntimeError("editors were restored; build new ones")
+        if len(cases) != len(self.editors):
+            raise KebenchError(f"{len(cases)} cases for {len(self.editors)} case-parallel editors")
+        return _train(self._router, [_Job(editor, [case]) for editor, case in zip(self.editors, cases)])
+
+    def logits(self, batch: TFBatch) -> torch.Tensor:
+        if self._router is None:
+            raise RuntimeError("editors were restored; build new ones")
+        if batch.groups is None:
+            raise KebenchError("case-parallel logits need TFBatch.groups (the editor of each row)")
+        groups = batch.groups.tolist()
+        routes, start = [], 0
+        for row in range(1, len(groups) + 1):
+            if row == len(groups) or groups[row] != groups[start]:
+                routes.append(_Route(self.editors[groups[start]], start, row))
+                start = row
+        with self._router.active(routes, batch.intervention_mask(self.hparams.last_prompt_tokens)):
+            return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    def restore(self) -> None:
+        if self._router is not None:
+            self._router.remove()
+        self._router = None
+        for editor in self.editors:
+            editor.restore()

@@ -11,6 +11,7 @@ one that fails to import is reported (``kebench.core.plugins.failures``) and the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import math
 import pkgutil
@@ -66,6 +67,9 @@ class Editor(ABC):
     hparams_dir: ClassVar[str | Path | None] = None
     #: False for methods whose hyperparameters all have defaults and need no YAML (``unedited``)
     needs_hparams_file: ClassVar[bool] = True
+    #: True for methods that change the model's own weights (ROME, MEMIT, FT-L/FT-M): under ``dtype: auto``
+    #: on a half-precision model they run with the modules they change in float32 (``lm.edit_dtype``)
+    edits_weights: ClassVar[bool] = False
 
     def __init__(self, lm: LoadedModel, hparams: Any, seed: int) -> None:
         self.lm = lm
@@ -126,10 +130,44 @@ class Editor(ABC):
     def logits(self, batch: TFBatch) -> torch.Tensor:
         return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
+    @classmethod
+    def layer_rule(cls, num_layers: int) -> dict[str, Any] | None:
+        """The layer hyperparameters for a model of ``num_layers`` layers that has no YAML of its own (the rest
+        comes from the nearest shipped YAML); None: keep that YAML's.  Built-in methods: ``DEPTH_RULES``."""
+        rule = DEPTH_RULES.get(cls.name)
+        return rule(num_layers) if rule is not None else None
+
     def artifacts(self, cases: Sequence[EditCase]) -> dict[str, Any]:
         """Small JSON-ready data about the edited model, taken after a stream's edits and before restore
         (BaFT: per-basis gate weights on edited, rephrased and unrelated inputs); stored per cell."""
         return {}
+
+    @classmethod
+    def independent(cls, lm: LoadedModel, hparams: Any, seed: int, copies: int) -> "IndependentEdits | None":
+        """``copies`` editors of this method that train that many *independent* single edits in one batch
+        (the single scenario's ``parallel_cases``), or None where the method cannot (then the scenario
+        edits its cases one by one).  Each case's result must equal a one-by-one run's: same seed, same
+        initial state, same steps."""
+        return None
+
+
+class IndependentEdits(ABC):
+    """Single edits of several cases at once: case ``i`` of ``apply`` is edited by ``editors[i]`` alone.
+
+    ``logits`` runs the model with every row routed through the editor its ``TFBatch.groups`` entry names;
+    ``restore`` restores every editor.
+    """
+
+    editors: Sequence[Editor]
+
+    @abstractmethod
+    def apply(self, cases: Sequence[EditCase]) -> list[EditStats]: ...
+
+    @abstractmethod
+    def logits(self, batch: TFBatch) -> torch.Tensor: ...
+
+    @abstractmethod
+    def restore(self) -> None: ...
 
 
 E = TypeVar("E", bound=type[Editor])
@@ -208,7 +246,8 @@ def hparams_root(method: str) -> Path:
 
 
 def hparams_path(method: str, model: str) -> Path:
-    return hparams_root(method) / method / f"{model}.yaml"
+    """The method's own YAML for ``model`` (it may not exist: see ``hparams_origin``)."""
+    return hparams_root(method) / method / f"{hparams_file_name(model) or '-'}.yaml"
 
 
 SCENARIO_BLOCKS = ("single", "continual", "batched")
@@ -219,15 +258,31 @@ def load_hparams(method: str, model: str, scenario: str | None = None, overrides
     """The method's dataclass filled from its YAML for ``model``, then ``overrides``; unknown keys are errors.
 
     A YAML may hold blocks named after a scenario kind (``batched: {lr: 1.0e-4, max_steps: 70}``) whose
-    values replace the top-level ones when that scenario runs, as the paper's Table 5 does.
+    values replace the top-level ones when that scenario runs, as the paper's Table 5 does.  Without a
+    YAML for ``model`` the values are derived (``hparams_origin``): the nearest shipped YAML, with the
+    layers its depth rule gives for this model and module names in this model's own naming.
     """
     editor = get_method(method)
     cls = editor.hparams_class
-    source = Path(path) if path is not None else hparams_path(method, model)
-    if path is None and not editor.needs_hparams_file and not source.is_file():
+    origin = hparams_origin(method, model) if path is None else HparamsOrigin(Path(path))
+    if origin.path is None:
         return build_hparams(cls, dict(overrides or {}), where=f"method '{method}'")
+    source = origin.path
+    raw = read_hparams_file(source)
+    values = {key: value for key, value in raw.items() if key not in SCENARIO_BLOCKS}
+    if scenario is not None:
+        values.update(raw.get(scenario) or {})
+    if origin.derived_for is not None:
+        values = _derive(editor, values, origin)
+    values.update(overrides or {})
+    where = str(source) if origin.derived_for is None else f"{source} (derived for model '{model}')"
+    return build_hparams(cls, values, where=where)
+
+
+def read_hparams_file(source: Path) -> dict[str, Any]:
+    """A hyperparameter YAML as a mapping (scenario blocks checked); one-line errors naming the file."""
     if not source.is_file():
-        raise KebenchError(f"no hyperparameters for method '{method}' on model '{model}': {source} is missing")
+        raise KebenchError(f"{source}: hyperparameter file not found")
     try:
         with open(source, encoding="utf-8") as handle:
             raw = yaml.safe_load(handle) or {}
@@ -239,14 +294,176 @@ def load_hparams(method: str, model: str, scenario: str | None = None, overrides
         raise KebenchError(f"{source}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(raw, dict):
         raise KebenchError(f"{source}: expected a mapping of hyperparameters")
-    values = {key: value for key, value in raw.items() if key not in SCENARIO_BLOCKS}
     for block in SCENARIO_BLOCKS:
         if block in raw and not isinstance(raw[block], dict):
             raise KebenchError(f"{source}: '{block}' should be a mapping of hyperparameters for that scenario")
-    if scenario is not None:
-        values.update(raw.get(scenario) or {})
-    values.update(overrides or {})
-    return build_hparams(cls, values, where=str(source))
+    return raw
+
+
+# --------------------------------------------------------------------------- derived hyperparameters
+
+@dataclass(frozen=True)
+class HparamsOrigin:
+    """Where a method's hyperparameters for a model come from: ``path`` (None: the dataclass defaults), and
+    for a model without its own YAML the facts the layers are derived for (``derived_for``)."""
+
+    path: Path | None
+    derived_for: Any = None  # kebench.core.models.ModelFacts of the target model
+    source_facts: Any = None  # ... of the model whose YAML ``path`` is
+
+    def describe(self, method: str) -> str:
+        """One line for every result row's provenance."""
+        if self.path is None:
+            return f"hparams: defaults of {method}"
+        digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
+        if self.derived_for is None:
+            return f"hparams: {self.path} (sha256 {digest})"
+        depth = self.derived_for.num_layers
+        rule = get_method(method).layer_rule(depth)
+        layers = ", ".join(f"{key}={value}" for key, value in (rule or {}).items())
+        how = f"{layers} by {method}'s depth rule for {depth} layers" if rule else f"for a {depth}-layer model"
+        return f"hparams: derived from {self.path} (sha256 {digest}), {how}"
+
+
+#: per method, its layers as a function of the model's depth: the relative-depth rule its shipped YAMLs
+#: follow (``tests/test_any_model.py`` checks each rule against them); ``Editor.layer_rule`` reads it
+DEPTH_RULES: dict[str, Callable[[int], dict[str, Any]]] = {}
+
+
+def depth_rule(*methods: str) -> Callable[[Callable[[int], dict[str, Any]]], Callable[[int], dict[str, Any]]]:
+    def decorate(rule: Callable[[int], dict[str, Any]]) -> Callable[[int], dict[str, Any]]:
+        for name in methods:
+            DEPTH_RULES[name] = rule
+        return rule
+    return decorate
+
+
+def at_depth(num_layers: int, *fractions: float) -> list[int]:
+    """The layers at these fractions of the depth, rounded half up, clipped to 0..num_layers-1, deduplicated."""
+    return sorted({min(num_layers - 1, max(0, math.floor(f * num_layers + 0.5))) for f in fractions})
+
+
+@depth_rule("rome")
+def _rome_layers(n: int) -> dict[str, Any]:
+    return {"layers": at_depth(n, 0.16)}  # LLaMA-2/3: 5 of 32, SmolLM2: 5 of 30, Gemma: 4 of 28
+
+
+@depth_rule("memit")
+def _memit_layers(n: int) -> dict[str, Any]:
+    # about n/6 consecutive layers (at most 5), from just below ROME's layer: 4..8 of 32 and 30, 3..7 of 28
+    count = min(5, max(1, math.floor(n / 6 + 0.5)))
+    start = max(0, at_depth(n, 0.16)[0] - 1)
+    return {"layers": list(range(start, min(n, start + count)))}
+
+
+@depth_rule("ft-l", "ft-m")
+def _ft_layers(n: int) -> dict[str, Any]:
+    return {"layers": at_depth(n, 0.66)}  # 21 of 32, 20 of 30, 18 of 28
+
+
+@depth_rule("grace", "wise", "wise-light")
+def _late_layer(n: int) -> dict[str, Any]:
+    return {"layer": at_depth(n, 0.84)[0]}  # 27 of 32, 25 of 30, 24 of 28
+
+
+@depth_rule("melo")
+def _melo_layers(n: int) -> dict[str, Any]:
+    router = max(0, min(at_depth(n, 0.73)[0], n - 2))  # 23 of 32, 22 of 30, 20 of 28
+    return {"router_layer": router, "lora_layers": list(range(router + 1, min(n, router + 3)))}
+
+
+@depth_rule("baft", "reft")
+def _representation_layers(n: int) -> dict[str, Any]:
+    return {"layers": at_depth(n, 0.28, 0.56, 0.74, 0.87)}  # 9,18,24,28 of 32; 8,17,22,26 of 30; 8,16,21,24 of 28
+
+
+def _module_field(name: str) -> bool:
+    return name in ("module", "target_modules") or name.endswith("_module") or name.endswith("_modules")
+
+
+def _derive(editor: type[Editor], values: dict[str, Any], origin: HparamsOrigin) -> dict[str, Any]:
+    """Another model's values re-fitted: the method's layers for this depth, module names in its naming."""
+    from kebench.core.models import architecture_for_type
+
+    target, source = origin.derived_for, origin.source_facts
+    out = dict(values)
+    out.update(editor.layer_rule(target.num_layers) or {})
+    target_arch = architecture_for_type(target.model_type)
+    source_arch = architecture_for_type(getattr(source, "model_type", "llama"))
+    if target_arch is not None and target_arch != source_arch:
+        for field in dataclasses.fields(editor.hparams_class):  # a default module name needs translating too
+            if _module_field(field.name) and field.name not in out and field.default is not dataclasses.MISSING:
+                out[field.name] = field.default
+        for key, value in list(out.items()):
+            if not _module_field(key):
+                continue
+            if isinstance(value, str):
+                out[key] = target_arch.translate(value)
+            elif isinstance(value, (list, tuple)):
+                out[key] = list(dict.fromkeys(target_arch.translate(v) if isinstance(v, str) else v for v in value))
+    return out
+
+
+def hparams_file_name(model: str) -> str:
+    """The YAML stem for a model: its registered name; ``hf:org/name[@rev]`` → ``org--name`` (the Hub cache's
+    spelling); a ``path:`` folder has none (its hyperparameters are derived or given with ``--hparams``)."""
+    if model.startswith("hf:"):
+        return model[3:].partition("@")[0].replace("/", "--")
+    if model.startswith("path:"):
+        return ""
+    return model
+
+
+def hparams_origin(method: str, model: str) -> HparamsOrigin:
+    """Where ``load_hparams(method, model)`` takes its values from: the method's YAML for the model, else
+    (for a model whose depth is known) the nearest shipped YAML with derived layers, else an error."""
+    from kebench.core.models import model_facts, parse_model_spec
+
+    editor = get_method(method)
+    stem = hparams_file_name(model)
+    own = hparams_root(method) / method / f"{stem}.yaml" if stem else None
+    if own is not None and own.is_file():
+        return HparamsOrigin(own)
+    if not editor.needs_hparams_file:
+        return HparamsOrigin(None)
+    try:
+        parse_model_spec(model)
+    except KebenchError:  # not a model kebench knows: nothing to derive from
+        facts = None
+    else:
+        facts = model_facts(model)  # a spec whose config cannot be read fails here, in one line
+    nearest = nearest_hparams_file(method, facts, exclude=model) if facts is not None else None
+    if nearest is None:
+        where = own if own is not None else hparams_root(method) / method
+        raise KebenchError(f"no hyperparameters for method '{method}' on model '{model}': {where} is missing"
+                           + ("" if facts is not None else " (and the model's depth is not known to derive them)"))
+    return HparamsOrigin(nearest[0], facts, nearest[1])
+
+
+def nearest_hparams_file(method: str, facts: Any, exclude: str = "") -> tuple[Path, Any] | None:
+    """The method's shipped ``<registered model>.yaml`` whose model is nearest in width and depth
+    (|log2 hidden ratio| + |log2 layer ratio|; ties: by name), with that model's facts."""
+    from kebench.core.models import model_facts, model_names
+
+    folder = hparams_root(method) / method
+    best: tuple[float, str, Path, Any] | None = None
+    for name in model_names():
+        path = folder / f"{name}.yaml"
+        other = model_facts(name) if name != exclude and path.is_file() else None
+        if other is None:
+            continue
+        distance = abs(math.log2(facts.hidden_size / other.hidden_size)) + abs(math.log2(facts.num_layers / other.num_layers))
+        if best is None or (distance, name) < best[:2]:
+            best = (distance, name, path, other)
+    return None if best is None else (best[2], best[3])
+
+
+def describe_hparams(method: str, model: str, scenario: str | None = None,
+                     overrides: Mapping[str, Any] | None = None, path: Path | None = None) -> tuple[str, Any]:
+    """(provenance line, hyperparameters) as ``load_hparams`` would use them (``kebench hparams``)."""
+    hparams = load_hparams(method, model, scenario, overrides, path)
+    origin = HparamsOrigin(Path(path)) if path is not None else hparams_origin(method, model)
+    return origin.describe(method), hparams
 
 
 def build_hparams(cls: type, values: Mapping[str, Any], where: str) -> Any:

@@ -71,16 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     edit = sub.add_parser("edit", help="run one method on one benchmark and scenario, print Rel/Gen/Loc/Por")
-    edit.add_argument("--model", default="smollm2-135m")
+    edit.add_argument("--model", default="smollm2-135m",
+                      help="a registered model (kebench list), hf:<repo id>[@<revision>] or path:<folder>")
     edit.add_argument("--benchmark", default="zsre")
     edit.add_argument("--split", default="test", help="dev (tuning), test (reporting) or all")
-    edit.add_argument("--method", required=True)
+    edit.add_argument("--method", default=None, help="the editing method (required; kebench list shows them)")
+    edit.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (float32 on a CPU; on a GPU "
+                      "bfloat16 for half-precision checkpoints, with ROME/MEMIT/FT's edited layers in float32)")
     edit.add_argument("--scenario", default="single", help="single, continual or batched")
     edit.add_argument("--T", type=_positive_int, default=1, help="edit calls per stream (continual, batched)")
     edit.add_argument("--B", type=_positive_int, default=1, help="cases per edit call (batched)")
     edit.add_argument("--downstream", default=None,
                       help="a downstream check scored after each stream and on the unedited model, e.g. piqa")
     edit.add_argument("--downstream-n", type=_positive_int, default=None, help="items of the downstream check")
+    edit.add_argument("--parallel-cases", type=_positive_int, default=1, metavar="K",
+                      help="single editing: train K independent edits at once in one batch (BaFT, ReFT; same numbers)")
     edit.add_argument("--n", type=_positive_int, default=None, help="number of cases (default: the whole split)")
     edit.add_argument("--offset", type=int, default=0)
     edit.add_argument("--seed", type=_seed, default=0)
@@ -126,6 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
     board.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
+    plan = sub.add_parser("plan", help="what a grid will cost: edits, seconds per edit, GPU-hours, wall time on N workers")
+    plan.add_argument("--grid", type=Path, required=True, help="grid YAML (see grids/)")
+    plan.add_argument("--store", type=Path, default=None, help="result store (default: the grid's 'store'); "
+                      "its cells cost 0 and its timings come first")
+    plan.add_argument("--from-store", type=Path, action="append", default=[], metavar="DIR",
+                      help="another store to take timings from (repeatable)")
+    plan.add_argument("--edit-speed", type=Path, action="append", default=[], metavar="FILE",
+                      help="timings written by bench/edit_speed.py --json (repeatable)")
+    plan.add_argument("--workers", type=_positive_int, default=4,
+                      help="concurrent cells for the wall time (default 4: cluster.yaml's GPU pool)")
+    plan.add_argument("--rerun-failed", action="store_true", help="price failed cells too, as kebench grid --rerun-failed runs them")
+    plan.add_argument("--data-dir", default=None)
+    plan.add_argument("--format", dest="fmt", default="md", help="md, csv or json")
+
+    show = sub.add_parser("hparams", help="print the hyperparameters a method would use on a model, and where they come from")
+    show.add_argument("--method", required=True)
+    show.add_argument("--model", default="smollm2-135m",
+                      help="a registered model, hf:<repo id>[@<revision>] or path:<folder>")
+    show.add_argument("--scenario", default="single", help="single, continual or batched (selects a YAML's scenario block)")
+    show.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                      help="override a hyperparameter (repeatable)")
+    show.add_argument("--hparams", type=Path, default=None, help="hyperparameter YAML instead of the method's own")
+
     sub.add_parser("list", help="list registered models, benchmarks, methods (with their source) and plug-in failures")
     return parser
 
@@ -153,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _edit(args)
         if args.command == "list":
             return _list()
+        if args.command == "hparams":
+            return _hparams(args)
         if args.command == "grid":
             return run_grid_command(args)
         if args.command == "table":
@@ -163,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stats(args)
         if args.command == "leaderboard":
             return _leaderboard(args)
+        if args.command == "plan":
+            from orchestrator.plan import plan_command
+
+            return plan_command(args)
     except KebenchError as exc:
         print(f"kebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -193,6 +227,26 @@ def check_output_path(path: Path, flag: str = "--out") -> None:
             break
     if path.exists() and not os.access(path, os.W_OK):
         raise KebenchError(f"{flag} {path} is not writable")
+
+
+def _hparams(args: argparse.Namespace) -> int:
+    """``kebench hparams``: the resolved hyperparameters as YAML, after a comment saying where they come from."""
+    import yaml
+
+    from kebench.core.models import check_model_name, model_revision
+    from methods.base import describe_hparams, get_method, hparams_dict
+    from orchestrator.scenarios import SCENARIO_KINDS
+
+    if args.scenario not in SCENARIO_KINDS:
+        raise KebenchError(f"--scenario: unknown scenario '{args.scenario}'; known: {', '.join(SCENARIO_KINDS)}")
+    get_method(args.method)
+    check_model_name(args.model)
+    revision = model_revision(args.model)
+    origin, hparams = describe_hparams(args.method, args.model, args.scenario, dict(args.overrides), args.hparams)
+    print(f"# {args.method} on {args.model} ({revision}), scenario {args.scenario}")
+    print(f"# {origin}")
+    print(yaml.safe_dump(hparams_dict(hparams), sort_keys=False, default_flow_style=None).rstrip())
+    return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -370,7 +424,8 @@ def _edit(args: argparse.Namespace) -> int:
     from benchmarks.data import resolve_data_dir
     from benchmarks.registry import get_benchmark, select_cases
     from methods.base import get_method, hparams_dict, load_hparams
-    from kebench.core.models import check_device, check_model_name, load_model
+    from kebench.core.models import (check_device, check_dtype_choice, check_model_name, load_model, model_facts,
+                                      model_revision, resolve_precision, with_precision)
     from orchestrator.grid import check_method_fits
     from orchestrator.scenarios import Scenario, make_streams, run_scenario
     from kebench.core.metrics import metric_names
@@ -378,8 +433,13 @@ def _edit(args: argparse.Namespace) -> int:
     from results.summary import render_table, summarize
 
     # Validate everything cheap before loading a model.
-    scenario = Scenario(args.scenario, T=args.T, B=args.B, downstream=args.downstream, downstream_n=args.downstream_n)
+    scenario = Scenario(args.scenario, T=args.T, B=args.B, downstream=args.downstream, downstream_n=args.downstream_n,
+                        parallel_cases=args.parallel_cases)
     check_model_name(args.model)
+    model_revision(args.model)  # an hf: snapshot that cannot be had fails here, before anything else
+    if args.method is None:
+        raise KebenchError("--method is required (kebench list shows the methods)")
+    check_dtype_choice(args.dtype, "--dtype")
     get_method(args.method)
     bench = get_benchmark(args.benchmark)
     selection = select_cases(args.benchmark, args.split, args.n, args.offset, args.data_dir)
@@ -396,7 +456,10 @@ def _edit(args: argparse.Namespace) -> int:
         check_output_path(args.out)
 
     console = Console(stderr=True)
-    lm = load_model(args.model, device=device)
+    facts = model_facts(args.model)
+    precision = resolve_precision(args.dtype, get_method(args.method).edits_weights, facts.dtype if facts else None,
+                                  device.type != "cpu")
+    lm = with_precision(load_model(args.model, device=device, dtype=precision.torch_dtype), precision)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, disable=args.quiet, transient=False) as progress:
         task = progress.add_task(f"{args.method} {scenario.label}", total=len(selection.cases))
@@ -417,7 +480,7 @@ def _edit(args: argparse.Namespace) -> int:
                   summarize([row for row in rows if row["protocol"] == protocol], metric_names()))
                  for protocol in protocols]
     title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={len(selection.cases)} · "
-             f"seed={args.seed}")
+             f"seed={args.seed} · {precision.key}")
     extra = {"Params": [f"{result.trainable_parameters:,}"] * len(summaries),
              "s/edit": [f"{result.seconds_per_edit:.2f}"] * len(summaries)}
     Console().print(render_table(title, summaries, extra))
@@ -428,6 +491,8 @@ def _edit(args: argparse.Namespace) -> int:
                         f"edited {check.edited_mean:.3f} (per stream: {per_stream})")
     if selection.provenance_note:
         Console().print(f"note: {selection.provenance_note}")
+    for note in result.notes:
+        Console().print(f"note: {note}")
     print(json.dumps({"hparams": hparams_dict(hparams), "peak_rss_mb": round(result.peak_rss_mb, 1)}), file=sys.stderr)
     return 0
 

@@ -28,19 +28,20 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from benchmarks.registry import SPLITS, get_benchmark, select_cases
-from methods.base import build_hparams, get_method, hparams_dict, hparams_path, load_hparams
+from methods.base import build_hparams, get_method, hparams_dict, hparams_origin, load_hparams
 from kebench.core.errors import KebenchError
-from kebench.core.models import check_model_name, model_facts, model_revision
+from kebench.core.models import (DEFAULT_DTYPE, DTYPE_CHOICES, Precision, canonical_model, check_model_name, model_facts,
+                                  model_revision, resolve_precision)
 from orchestrator.scenarios import SCENARIO_KINDS, Scenario
 
 CODE_VERSION_ENV = "KEBENCH_CODE_VERSION"
 TOP_KEYS = ("name", "store", "resources", "models", "benchmarks", "scenarios", "methods", "seeds", "max_retries",
-            "data_dir")
+            "data_dir", "dtype")
 REQUIRED_TOP_KEYS = ("name", "models", "benchmarks", "scenarios", "methods")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
 BENCHMARK_KEYS = ("name", "split", "n", "offset")
-SCENARIO_KEYS = ("kind", "T", "B", "downstream", "downstream_n")
-METHOD_KEYS = ("name", "label", "hparams", "hparams_file")
+SCENARIO_KEYS = ("kind", "T", "B", "downstream", "downstream_n", "parallel_cases")
+METHOD_KEYS = ("name", "label", "hparams", "hparams_file", "dtype")
 DEFAULT_SEEDS = (0,)
 DEFAULT_MAX_RETRIES = 2
 # Grid names and method labels end up in store paths and hive partition values: keep them path-safe.
@@ -89,19 +90,22 @@ class MethodSpec:
     #: a hyperparameter YAML used instead of the method's own ``<model>.yaml`` (absolute path), e.g. a
     #: plug-in's file or a sweep's exported best configuration
     hparams_file: str | None = None
+    #: this entry's precision (float32, bfloat16, float16, auto); None: the grid's ``dtype``
+    dtype: str | None = None
 
     def overrides_dict(self) -> dict[str, Any]:
         return dict(self.overrides)
 
     def hparams_source(self, model: str) -> str:
-        """Where the hyperparameters come from, for every row's provenance (file and content hash)."""
-        path = Path(self.hparams_file) if self.hparams_file else hparams_path(self.name, model)
-        if not path.is_file():
-            return f"hparams: defaults of {self.name}"
+        """Where the hyperparameters come from, for every row's provenance (file and content hash, or the
+        file they were derived from for a model without its own YAML)."""
+        if not self.hparams_file:
+            return hparams_origin(self.name, model).describe(self.name)
+        path = Path(self.hparams_file)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
         from orchestrator.sweep import hparams_file_origin
 
-        origin = hparams_file_origin(path) if self.hparams_file else ""
+        origin = hparams_file_origin(path)
         return f"hparams: {path} (sha256 {digest})" + (f", {origin}" if origin else "")
 
 
@@ -120,6 +124,7 @@ class GridSpec:
     max_retries: int
     data_dir: str | None
     source: str  # the grid file (or what the caller named the mapping); prefixes every error
+    dtype: str = DEFAULT_DTYPE  # the precision cells run in unless a method entry says otherwise
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready, fully defaulted copy of the grid, for a manifest beside the results."""
@@ -131,7 +136,9 @@ class GridSpec:
             "benchmarks": [dataclasses.asdict(b) for b in self.benchmarks],
             "scenarios": [s.identity() for s in self.scenarios],
             "methods": [{"name": m.name, "label": m.label, "hparams": _thaw(m.overrides_dict()),
-                         **({"hparams_file": m.hparams_file} if m.hparams_file else {})} for m in self.methods],
+                         **({"hparams_file": m.hparams_file} if m.hparams_file else {}),
+                         **({"dtype": m.dtype} if m.dtype else {})} for m in self.methods],
+            "dtype": self.dtype,
             "seeds": list(self.seeds),
             "max_retries": self.max_retries,
             "data_dir": self.data_dir,
@@ -166,6 +173,13 @@ class Cell:
     #: the hyperparameter file (and its hash) the values came from: provenance only, since ``hparams``
     #: already holds every resolved value that the id hashes
     hparams_source: str = ""
+    #: the resolved precision (``kebench.core.models.Precision.key``, e.g. ``bfloat16+float32-edits``);
+    #: "" or "float32" is the default, left out of the id so that older cells keep theirs
+    dtype: str = ""
+
+    @property
+    def precision(self) -> Precision:
+        return Precision.parse(self.dtype or "float32")
 
     @property
     def hparams_dict(self) -> dict[str, Any]:
@@ -192,6 +206,7 @@ class Cell:
             "data_sha256": self.data_sha256,
             "code_version": self.code_version,
             "model_revision": self.model_revision,
+            **({} if self.precision.is_default else {"dtype": self.precision.key}),
         }
 
     @property
@@ -281,15 +296,24 @@ def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> li
                         _check_method_fits(source, m_index, method, model, scenario.kind,
                                            _resolve_or_fail(source, m_index, method, model, scenario.kind),
                                            loaded[b_index], f"benchmarks[{b_index}]")
+                    precision = cell_precision(grid, method, model)
                     for seed in grid.seeds:
                         cells.append(Cell(model, bench.name, bench.split, n, bench.offset, scenario, method.name,
                                           method.label, hparams_cache[key], seed, data_sha256, version,
-                                          model_revision(model), method.hparams_source(model)))
+                                          model_revision(model), method.hparams_source(model), precision.key))
     _check_unique_ids(source, cells)
     from orchestrator.sweep import check_hparams_file_leakage  # an exported hparams_file must not have seen these cases
 
     check_hparams_file_leakage(grid, cells, root)
     return cells
+
+
+def cell_precision(grid: GridSpec, method: MethodSpec, model: str) -> Precision:
+    """The precision a method entry's cells run in: its ``dtype`` (else the grid's), resolved for the method,
+    the checkpoint's own dtype and whether cells run on GPUs (``resources.num_gpus``)."""
+    facts = model_facts(model)
+    return resolve_precision(method.dtype or grid.dtype, get_method(method.name).edits_weights,
+                             facts.dtype if facts else None, grid.resources.num_gpus > 0)
 
 
 def check_method_fits(method: str, model: str, hparams: Any, selection: Any = None) -> None:
@@ -374,6 +398,7 @@ def parse_grid(mapping: Any, source: str) -> GridSpec:
     data_dir = mapping.get("data_dir")
     if data_dir is not None:
         data_dir = _string(data_dir, source, "data_dir")
+    dtype = _dtype(mapping.get("dtype", DEFAULT_DTYPE), source, "dtype")
 
     for index, bench in enumerate(benchmarks):
         if bench.n is not None:
@@ -381,7 +406,13 @@ def parse_grid(mapping: Any, source: str) -> GridSpec:
                 _check_streams(source, index, bench, bench.n, scenario)
     _validate_hparams(methods, models, scenarios, source)
     return GridSpec(name, store, resources, models, benchmarks, scenarios, methods, seeds, max_retries, data_dir,
-                    source)
+                    source, dtype)
+
+
+def _dtype(value: Any, source: str, where: str) -> str:
+    if value not in DTYPE_CHOICES:
+        raise KebenchError(f"{source}: {where} must be one of {', '.join(DTYPE_CHOICES)}, got {_describe(value)}")
+    return value
 
 
 def _resources(value: Any, source: str) -> Resources:
@@ -402,6 +433,7 @@ def _models(value: Any, source: str) -> tuple[str, ...]:
         model = _string(item, source, where)
         try:
             check_model_name(model)
+            model = canonical_model(model)  # a path: folder is recorded absolute
         except KebenchError as exc:
             raise KebenchError(f"{source}: {where}: {_one_line(exc)}") from None
         _no_duplicate(model, models, source, where, "model")
@@ -452,10 +484,12 @@ def _scenarios(value: Any, source: str) -> tuple[Scenario, ...]:
         b_values = _int_or_list(raw.get("B", 1), source, f"{where}.B")
         downstream = _string(raw["downstream"], source, f"{where}.downstream") if "downstream" in raw else None
         downstream_n = _integer(raw["downstream_n"], source, f"{where}.downstream_n", 1) if "downstream_n" in raw else None
+        parallel = _integer(raw["parallel_cases"], source, f"{where}.parallel_cases", 1) if "parallel_cases" in raw else 1
         for b in b_values:
             for t in t_values:
                 try:
-                    scenario = Scenario(kind, T=t, B=b, downstream=downstream, downstream_n=downstream_n)
+                    scenario = Scenario(kind, T=t, B=b, downstream=downstream, downstream_n=downstream_n,
+                                        parallel_cases=parallel)
                 except KebenchError as exc:
                     raise KebenchError(f"{source}: {where}: {_one_line(exc)}") from None
                 _no_duplicate(scenario, scenarios, source, where, "scenario", shown=scenario.label)
@@ -497,7 +531,8 @@ def _methods(value: Any, source: str) -> tuple[MethodSpec, ...]:
                 raise KebenchError(f"{source}: {where}.hparams_file: {file} is not a file "
                                    "(relative paths are read from the current directory)")
             hparams_file = str(file.resolve())
-        specs.append(MethodSpec(name, label, overrides, hparams_file))
+        dtype = _dtype(raw["dtype"], source, f"{where}.dtype") if "dtype" in raw else None
+        specs.append(MethodSpec(name, label, overrides, hparams_file, dtype))
     return tuple(specs)
 
 
@@ -518,14 +553,14 @@ def _validate_hparams(methods: Sequence[MethodSpec], models: Sequence[str], scen
     """Resolve every method × model × scenario kind now, so a bad override or a missing hyperparameter
     YAML fails before any task starts; also reject two entries that resolve to the same computation."""
     kinds = list(dict.fromkeys(s.kind for s in scenarios))
-    seen: dict[tuple[str, str, str, str], int] = {}
+    seen: dict[tuple[str, str, str, str, str], int] = {}
     for index, method in enumerate(methods):
         for model in models:
             for kind in kinds:
                 hparams = _resolve_or_fail(source, index, method, model, kind)
                 _check_method_fits(source, index, method, model, kind, hparams, None, None)
                 resolved = canonical_json(hparams_dict(hparams))
-                key = (method.name, model, kind, resolved)
+                key = (method.name, model, kind, resolved, method.dtype or "")  # a dtype of its own: another computation
                 if key in seen:
                     other = methods[seen[key]]
                     raise KebenchError(

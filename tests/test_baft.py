@@ -238,7 +238,7 @@ def test_regularizer_gradient_stays_bounded_as_the_term_vanishes(tiny_lm):
 def test_each_balancing_weights_the_terms_as_specified(tiny_lm):
     def loss(editor, ce, bal, loc, first):
         terms = {"balance": torch.tensor(bal, requires_grad=True), "locality": torch.tensor(loc, requires_grad=True)}
-        return float(editor.combine_loss(torch.tensor(ce), terms, first_step=first))
+        return float(editor.combine_loss(torch.tensor(ce), terms, first_step=first).detach())
 
     fixed = _editor(tiny_lm, "baft", balancing="fixed", lambda_bal=3.0, lambda_loc=0.5)
     assert loss(fixed, 2.0, 0.5, 0.25, True) == pytest.approx(2.0 + 3.0 * 0.5 + 0.5 * 0.25)

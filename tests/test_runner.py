@@ -277,3 +277,21 @@ def test_corrupt_store_files_are_named_set_aside_and_rerun(tmp_path):
     assert reft_cell.with_name(reft_cell.name + ".corrupt").exists() and junk.with_name(junk.name + ".corrupt").exists()
     assert all(status == "ok" for _, status in latest_attempts(store).values()) and _duplicates(store) == 0
     assert render(store, "single", "md") == before
+
+
+def test_a_signal_inside_rays_wait_counts_as_an_interrupt():
+    """Ray's Cython wait wraps the handler's exception: "SystemError: <cyfunction CoreWorker.wait> returned a
+    result with an exception set", caused by our GridInterrupted; the runner must still see an interrupt."""
+    import signal
+
+    from orchestrator.runner import GridInterrupted, _interrupt_cause
+
+    try:
+        try:
+            raise GridInterrupted(signal.SIGINT)
+        except GridInterrupted as inner:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from inner
+    except SystemError as wrapped:
+        found = _interrupt_cause(wrapped)
+    assert isinstance(found, GridInterrupted) and found.signum == signal.SIGINT
+    assert _interrupt_cause(SystemError("unrelated")) is None

@@ -1,0 +1,154 @@
+"""Case-parallel single editing (issue 13): K independent edits in one batch equal K one-by-one edits.
+
+Each case gets its own editor (same seed, same initial subspace), its own loss, its own AdamW state and
+its own stopping rule; a case that stops leaves the batch with its parameters where they were.  So every
+case's scores, step count and final intervention parameters must equal the sequential run's, up to the
+float rounding of a differently shaped batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from benchmarks.evaluate import compute_pre_edit
+from helpers import toy_cases
+from methods.base import get_method, load_hparams
+from orchestrator.grid import parse_grid
+from orchestrator.scenarios import Scenario, plain_logits, run_scenario
+from kebench.core.errors import KebenchError
+
+TOLERANCE = 1e-6
+#: a looser stopping rule and a smaller step than the tiny model's YAML, so the cases stop at different steps
+STAGGERED = {"early_stop_loss": 0.5, "lr": 0.02}
+
+
+def _cases(n: int = 6):
+    cases = toy_cases(n)
+    # distinct targets of different lengths, so the cases need different numbers of steps
+    targets = ["Oslo", "Lima Peru", "Quito", "Riga Latvia", "Bern", "Kyiv Ukraine"]
+    return [dataclasses.replace(case, case_id=f"p{i}", target_new=targets[i % len(targets)])
+            for i, case in enumerate(cases)]
+
+
+def _run(lm, method: str, cases, parallel: int, **overrides):
+    hparams = load_hparams(method, lm.name, "single", overrides)
+    pre = compute_pre_edit(plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, cases)
+    return run_scenario(lm, method, hparams, cases, Scenario("single", parallel_cases=parallel), seed=0, pre=pre)
+
+
+def _by_case(result):
+    return {case.case_id: (case.scores.as_dict(), case.steps) for case in result.cases}
+
+
+@pytest.mark.parametrize("method", ["baft", "reft"])
+@pytest.mark.parametrize("parallel", [3, 4])
+def test_parallel_cases_equal_one_by_one(tiny_lm, method, parallel):
+    cases = _cases(6)
+    sequential = _by_case(_run(tiny_lm, method, cases, 1, **STAGGERED))
+    batched = _run(tiny_lm, method, cases, parallel, **STAGGERED)
+    together = _by_case(batched)
+    assert together.keys() == sequential.keys()
+    for case_id, (scores, steps) in sequential.items():
+        other_scores, other_steps = together[case_id]
+        assert other_steps == steps, f"{case_id}: {other_steps} steps in parallel, {steps} one by one"
+        assert other_scores.keys() == scores.keys()
+        for metric, value in scores.items():
+            assert abs(other_scores[metric] - value) <= TOLERANCE, f"{case_id} {metric}: {other_scores[metric]} vs {value}"
+    assert len({steps for _, steps in sequential.values()}) > 1, "every case stopped at the same step: the test " \
+        "does not exercise cases leaving the batch"
+    assert any(f"parallel_cases={parallel}" in note for note in batched.notes)
+    assert len(batched.artifacts) == len(cases)
+
+
+@pytest.mark.parametrize("method", ["baft", "reft"])
+def test_each_case_keeps_its_own_parameters(tiny_lm, method):
+    """The trained R, A, b (and gates) of every case equal that case's one-by-one editor's."""
+    cases = _cases(3)
+    hparams = load_hparams(method, tiny_lm.name, "single", STAGGERED)
+    editor_class = get_method(method)
+    alone = []
+    for case in cases:
+        editor = editor_class(tiny_lm, hparams, seed=0)
+        try:
+            editor.apply([case])
+            alone.append({k: v.detach().clone() for k, v in editor.interventions.state_dict().items()})
+        finally:
+            editor.restore()
+    group = editor_class.independent(tiny_lm, hparams, 0, len(cases))
+    try:
+        group.apply(cases)
+        for index, editor in enumerate(group.editors):
+            for key, value in editor.interventions.state_dict().items():
+                torch.testing.assert_close(value, alone[index][key], atol=1e-5, rtol=1e-5,
+                                           msg=lambda m, key=key, index=index: f"case {index} {key}: {m}")
+    finally:
+        group.restore()
+
+
+def test_grouped_logits_route_each_row_to_its_case(tiny_lm):
+    """Rows of case i in a mixed batch get exactly the logits editor i gives them alone."""
+    from benchmarks.metrics import encode
+
+    cases = _cases(2)
+    hparams = load_hparams("baft", tiny_lm.name, "single", {})
+    group = get_method("baft").independent(tiny_lm, hparams, 0, 2)
+    try:
+        group.apply(cases)
+        pairs = [(cases[0].prompt, cases[0].target_new), (cases[1].prompt, cases[1].target_new),
+                 (cases[0].rephrase[0], cases[0].target_new)]
+        batch = encode(tiny_lm.tokenizer, pairs, tiny_lm.pad_token_id, groups=[0, 1, 0])
+        with torch.no_grad():
+            mixed = group.logits(batch)
+            for row, owner in enumerate([0, 1, 0]):
+                alone = encode(tiny_lm.tokenizer, [pairs[row]], tiny_lm.pad_token_id)
+                expected = group.editors[owner].logits(alone)[0]
+                width = expected.shape[0]
+                torch.testing.assert_close(mixed[row, :width], expected, atol=1e-5, rtol=1e-5)
+    finally:
+        group.restore()
+
+
+def test_a_method_without_a_parallel_path_runs_one_by_one(tiny_lm):
+    cases = _cases(2)
+    overrides = {"v_num_grad_steps": 4}
+    sequential = _by_case(_run(tiny_lm, "rome", cases, 1, **overrides))
+    result = _run(tiny_lm, "rome", cases, 2, **overrides)
+    assert _by_case(result) == sequential
+    assert any("no case-parallel path" in note for note in result.notes)
+
+
+def test_parallel_cases_is_a_single_scenario_setting():
+    with pytest.raises(KebenchError, match="parallel_cases is a setting of the single scenario"):
+        Scenario("continual", T=2, parallel_cases=4)
+    with pytest.raises(KebenchError, match="parallel_cases must be a positive integer"):
+        Scenario("single", parallel_cases=0)
+    # equal results: the setting is not part of a cell's identity
+    assert Scenario("single", parallel_cases=8).identity() == Scenario("single").identity()
+
+
+def test_grid_reads_parallel_cases_and_rejects_bad_values():
+    base = {"name": "g", "models": ["tiny-random-llama"], "benchmarks": [{"name": "zsre", "split": "dev", "n": 4}],
+            "methods": ["baft"]}
+    grid = parse_grid({**base, "scenarios": [{"kind": "single", "parallel_cases": 4}]}, "g.yaml")
+    assert grid.scenarios[0].parallel_cases == 4
+    with pytest.raises(KebenchError, match=r"g\.yaml: scenarios\[0\]\.parallel_cases must be a positive integer"):
+        parse_grid({**base, "scenarios": [{"kind": "single", "parallel_cases": 0}]}, "g.yaml")
+    with pytest.raises(KebenchError, match=r"g\.yaml: scenarios\[0\]: scenario continual: parallel_cases"):
+        parse_grid({**base, "scenarios": [{"kind": "continual", "T": 2, "parallel_cases": 2}]}, "g.yaml")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1800)  # about 2 minutes on an idle machine; far more on shared cores
+def test_parallel_cases_equal_one_by_one_on_smollm2(smol_lm):
+    """20 ZsRE test cases, BaFT, same seed and steps: every case's printed scores (two decimals) agree."""
+    from benchmarks.registry import select_cases
+
+    cases = list(select_cases("zsre", "test", n=20).cases)
+    sequential = _by_case(_run(smol_lm, "baft", cases, 1))
+    together = _by_case(_run(smol_lm, "baft", cases, 10))
+    for case_id, (scores, _) in sequential.items():
+        other, _ = together[case_id]
+        assert {m: round(v, 2) for m, v in other.items()} == {m: round(v, 2) for m, v in scores.items()}, case_id
