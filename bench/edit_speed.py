@@ -9,14 +9,14 @@ edited layer once per edit.  FT-L and AdaLoRA train weights at every depth of th
 such variant.
 
 ``--throughput`` measures case-parallel single editing instead (the single scenario's ``parallel_cases``):
-BaFT and ReFT edit the same ZsRE test cases at K = 1 (one by one, the naive baseline) and at each K of
+BaFT and ReFT (or any ``--methods`` with a case-parallel path: FT-L, FT-M) edit the same ZsRE test cases at K = 1 (one by one, the naive baseline) and at each K of
 ``--parallel``, through ``run_scenario`` as a grid cell would, after one untimed warm-up edit; it reports
 the editing time summed over the cases (amortised s/edit, edits per second), the wall time with
 evaluation, and the peak RSS of the process.
 
     .venv/bin/python bench/edit_speed.py                 # every method, 10 cases
     .venv/bin/python bench/edit_speed.py --methods baft,rome --n 5 --json runs/bench/speed.json
-    .venv/bin/python bench/edit_speed.py --throughput --methods baft,reft --n 20 --parallel 1,5,10,20
+    .venv/bin/python bench/edit_speed.py --throughput --methods baft,reft,ft-l --n 20 --parallel 1,5,10,20
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main() -> None:
                         help="also write the rows as JSON (kebench plan --edit-speed reads them)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "VARIANT"))
     parser.add_argument("--throughput", action="store_true",
-                        help="case-parallel single-editing throughput (BaFT, ReFT) at each K of --parallel")
+                        help="case-parallel single-editing throughput (default BaFT, ReFT) at each K of --parallel")
     parser.add_argument("--parallel", default="1,5,10,20", help="K values for --throughput (the first is the baseline)")
     args = parser.parse_args()
     if args.worker:

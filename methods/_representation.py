@@ -24,7 +24,9 @@ independent edits in one batch: each case keeps its own editor (its own R, A, b,
 BaFT running means), the rows of case k pass through editor k's intervention only, and the loss summed
 over the cases gives each case's parameters exactly its own gradient (they share no parameter, and
 attention never crosses rows).  Each case stops on its own rule and leaves the batch with its parameters
-where they were; the others go on.  One editor alone runs the very same code on one run of rows.
+where they were; the others go on.  One editor alone runs the very same code on one run of rows.  With
+several cases the live tokens of all rows are packed into one sequence (``_Packing``, attention kept within
+each row), so a step pays for the live tokens rather than for rows padded to the longest.
 """
 
 from __future__ import annotations
@@ -141,6 +143,8 @@ class _PrefixKV:
 class _FullForward:
     """The naive variant: the whole model on the whole batch at every step."""
 
+    packing: "_Packing | None" = None
+
     def __init__(self, lm: LoadedModel, batch: TFBatch) -> None:
         self.lm, self.batch = lm, batch
 
@@ -166,7 +170,8 @@ class _SplitForward:
     so each step costs (live tokens) × (upper layers) instead of (all tokens) × (all layers).
     """
 
-    def __init__(self, lm: LoadedModel, batch: TFBatch, start_layer: int, split: torch.Tensor) -> None:
+    def __init__(self, lm: LoadedModel, batch: TFBatch, start_layer: int, split: torch.Tensor,
+                 packed: bool = False) -> None:
         inner = lm.model.model
         self.inner = inner
         self.start_layer = start_layer
@@ -207,6 +212,7 @@ class _SplitForward:
                 hidden = self._layer(layer, hidden)
             self.start_hidden = hidden
         self.live_real = live_real
+        self.packing = _Packing(self) if packed else None
 
     def _layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         out = layer(hidden, attention_mask=self.mask, position_ids=self.position_ids, use_cache=False,
@@ -215,6 +221,8 @@ class _SplitForward:
 
     def __call__(self) -> torch.Tensor:
         """Final-norm hidden states of the live block (row i, column j is column s_i + j of the batch)."""
+        if self.packing is not None:
+            return self.packing.unpack(self.packing())
         hidden = self.start_hidden
         for layer in self.inner.layers[self.start_layer:]:
             hidden = self._layer(layer, hidden)
@@ -238,7 +246,60 @@ class _SplitForward:
         kept.kv.values = {layer: value[rows] for layer, value in self.kv.values.items()}
         kept.mask, kept.position_ids, kept.start_hidden = self.mask[rows], self.position_ids[rows], self.start_hidden[rows]
         kept.position_embeddings = tuple(t[rows] for t in self.position_embeddings)
+        kept.packing = _Packing(kept) if self.packing is not None else None
         return kept
+
+
+class _Packing:
+    """The live tokens of a ``_SplitForward`` packed into one sequence [1, T] (T = the live tokens, no padding).
+
+    Rows of different live lengths padded to the longest make every linear layer pay for the padding; packed,
+    a step costs the live tokens alone.  Attention stays within a row: a packed query sees its own row's
+    prefix keys (k < s_i) and its row's live keys up to itself, as in the padded block.  ``unpack`` gives the
+    padded [B, W] layout back (padding zero) for everything that indexes rows and columns; the router's hooks
+    unpack, intervene and pack again at the intervened layers.
+    """
+
+    def __init__(self, forward: "_SplitForward") -> None:
+        self.forward = forward
+        live_real = forward.live_real
+        self.index = live_real.nonzero(as_tuple=True)  # (rows, columns) of each packed token, row-major
+        token_rows = self.index[0]
+        stored = next(iter(forward.kv.keys.values()), None)
+        prefix_width = 0 if stored is None else stored.shape[2]  # kept rows keep the original prefix width
+        prefix_real = torch.arange(prefix_width, device=live_real.device)[None, :] < forward.split[:, None]  # [B, S]
+        prefix_rows = prefix_real.nonzero(as_tuple=True)[0]
+        same_row_prefix = token_rows[:, None] == prefix_rows[None, :]  # [T, P]
+        live_key_offset = self.index[1]
+        causal = (token_rows[:, None] == token_rows[None, :]) & (live_key_offset[None, :] <= live_key_offset[:, None])
+        self.mask = torch.cat([same_row_prefix, causal], dim=1)[None, None]  # [1, 1, T, P + T]
+        self.position_ids = forward.position_ids[self.index][None]
+        self.position_embeddings = tuple(t[self.index][None] for t in forward.position_embeddings)
+        self.kv = _PrefixKV()
+        self.kv.recording = False
+        # the cache holds [B, heads, S, head_dim]; packed: each row's real prefix keys, one after another
+        self.kv.keys = {layer: key.transpose(1, 2)[prefix_real].transpose(0, 1)[None]
+                        for layer, key in forward.kv.keys.items()}
+        self.kv.values = {layer: value.transpose(1, 2)[prefix_real].transpose(0, 1)[None]
+                          for layer, value in forward.kv.values.items()}
+        self.start_hidden = forward.start_hidden[self.index][None]
+
+    def __call__(self) -> torch.Tensor:
+        """Final-norm hidden states of the packed live tokens, [1, T, d]."""
+        forward, hidden = self.forward, self.start_hidden
+        for layer in forward.inner.layers[forward.start_layer:]:
+            out = layer(hidden, attention_mask=self.mask, position_ids=self.position_ids, use_cache=False,
+                        position_embeddings=self.position_embeddings, **{forward.cache_keyword: self.kv})
+            hidden = out[0] if isinstance(out, tuple) else out
+        return forward.inner.norm(hidden)
+
+    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[self.index][None]
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        rows, width = self.forward.live_real.shape
+        padded = packed.new_zeros(rows, width, packed.shape[-1])
+        return padded.index_put(self.index, packed[0])
 
 
 def _batch_rows(batch: TFBatch, rows: torch.Tensor) -> TFBatch:
@@ -287,19 +348,22 @@ class _Router:
         self.routes: Sequence[_Route] | None = None
         self.mask: torch.Tensor | None = None
         self.recorded: list[dict[int, torch.Tensor]] | None = None
+        self.packing: _Packing | None = None
         self.handles = [lm.layers[layer].register_forward_hook(self._hook(layer)) for layer in self.layer_ids]
 
     @contextlib.contextmanager
-    def active(self, routes: Sequence[_Route], mask: torch.Tensor,
-               record: bool = False) -> Iterator[list[dict[int, torch.Tensor]]]:
+    def active(self, routes: Sequence[_Route], mask: torch.Tensor, record: bool = False,
+               packing: "_Packing | None" = None) -> Iterator[list[dict[int, torch.Tensor]]]:
         """Route the forwards run inside; with ``record`` the yielded list receives, per route, each layer's
-        basis weights [rows, positions, r]."""
+        basis weights [rows, positions, r].  With ``packing`` the layers see packed tokens, and ``mask`` is in
+        the padded layout ``packing.unpack`` returns."""
         recorded: list[dict[int, torch.Tensor]] = [{} for _ in routes]
         self.routes, self.mask, self.recorded = routes, mask, recorded if record else None
+        self.packing = packing
         try:
             yield recorded
         finally:
-            self.routes, self.mask, self.recorded = None, None, None
+            self.routes, self.mask, self.recorded, self.packing = None, None, None, None
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -312,6 +376,9 @@ class _Router:
             if routes is None or mask is None:
                 return output
             hidden = output[0] if isinstance(output, tuple) else output
+            packing = self.packing
+            if packing is not None:
+                hidden = packing.unpack(hidden)
             if hidden.shape[:2] != mask.shape:
                 raise RuntimeError(f"intervention mask {tuple(mask.shape)} does not fit hidden {tuple(hidden.shape)}")
             whole = len(routes) == 1
@@ -324,6 +391,8 @@ class _Router:
                     self.recorded[index][layer] = weights
                 pieces.append(torch.where(part_mask[..., None], edited.to(part.dtype), part))
             hidden = pieces[0] if whole else torch.cat(pieces)
+            if packing is not None:
+                hidden = packing.pack(hidden)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
@@ -480,7 +549,7 @@ class _Layout:
     """The batch of the jobs still training: tokens, the forward runner, masks in the live layout, targets."""
 
     @classmethod
-    def build(cls, lm: LoadedModel, jobs: Sequence[_Job]) -> "_Layout":
+    def build(cls, lm: LoadedModel, jobs: Sequence[_Job], packed: bool = False) -> "_Layout":
         editor = jobs[0].editor
         hp = editor.hparams
         batch = encode(lm.tokenizer, [pair for job in jobs for pair in job.pairs], lm.pad_token_id).to(lm.device)
@@ -490,7 +559,7 @@ class _Layout:
             first_predicting = (batch.prompt_lengths - 1).clamp_min(0)
             first_predicting = torch.where(is_edit, first_predicting, batch.lengths)  # unrelated rows train no tokens
             runner: _FullForward | _SplitForward = _SplitForward(
-                lm, batch, editor.layer_ids[0], torch.minimum(first_intervened, first_predicting))
+                lm, batch, editor.layer_ids[0], torch.minimum(first_intervened, first_predicting), packed=packed)
         else:
             runner = _FullForward(lm, batch)
         return cls(jobs, batch, runner)
@@ -524,7 +593,7 @@ class _Layout:
         self.target_columns = self.runner.column(self.targets.rows, self.targets.columns)
 
 
-def _train(router: _Router, jobs: Sequence[_Job]) -> list[EditStats]:
+def _train(router: _Router, jobs: Sequence[_Job], packed: bool = False) -> list[EditStats]:
     """Train every job's editor on its own cases, all jobs in one batch, each until its own stopping rule.
 
     Each job's loss is exactly what it would be alone (its CE over its target tokens, its regularizers on its
@@ -536,14 +605,14 @@ def _train(router: _Router, jobs: Sequence[_Job]) -> list[EditStats]:
     hp, lm = editor.hparams, editor.lm
     optimizers = [job.editor.optimizer() for job in jobs]
     active = list(range(len(jobs)))
-    layout = _Layout.build(lm, jobs)
+    layout = _Layout.build(lm, jobs, packed)
     head = lm.model.get_output_embeddings()
     step = 0
     while active:
         training = step < hp.max_steps
         losses: list[tuple[int, torch.Tensor]] = []
         with torch.set_grad_enabled(training):
-            with router.active(layout.routes, layout.live_mask, record=True) as recorded:
+            with router.active(layout.routes, layout.live_mask, record=True, packing=layout.runner.packing) as recorded:
                 hidden = layout.runner()
             if hp.fast_forward:
                 logits = head(hidden[layout.targets.rows, layout.target_columns])
@@ -597,7 +666,8 @@ class CaseParallel(IndependentEdits):
             raise RuntimeError("editors were restored; build new ones")
         if len(cases) != len(self.editors):
             raise KebenchError(f"{len(cases)} cases for {len(self.editors)} case-parallel editors")
-        return _train(self._router, [_Job(editor, [case]) for editor, case in zip(self.editors, cases)])
+        jobs = [_Job(editor, [case]) for editor, case in zip(self.editors, cases)]
+        return _train(self._router, jobs, packed=len(jobs) > 1)
 
     def logits(self, batch: TFBatch) -> torch.Tensor:
         if self._router is None:

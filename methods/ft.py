@@ -20,6 +20,11 @@ A fresh Adam state per edit call, as EasyEdit's per-edit apply function.  Restor
 weights back.  The down-projection is found by the model's architecture (GPT-2: the ``Conv1D``
 ``mlp.c_proj``; its weight is trained as stored).  Under ``dtype: auto`` on a half-precision model the
 trained projections run and train in float32 (``PrecisionIsland``), so small steps are not rounded away.  ``ft-l`` and ``ft-m`` are the same editor with a different default objective.
+
+Case-parallel single editing (the single scenario's ``parallel_cases``, ``CaseParallelFT``): K cases train
+K copies of the projections in one batch, row k computed with copy k by a forward hook, each copy with its
+own Adam state and stopping rule; the model's own weights never change.  Each case's loss is its own mean
+over its target tokens, exactly the one-by-one loss, so steps and results match the one-by-one run.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
 from methods._stats import down_proj
-from methods.base import Editor, EditStats, NonFiniteError, register_method
+from methods.base import Editor, EditStats, IndependentEdits, NonFiniteError, register_method
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel, PrecisionIsland
 
@@ -85,15 +90,13 @@ def answer_positions(batch: TFBatch) -> tuple[torch.Tensor, torch.Tensor, torch.
             torch.tensor(labels, device=device))
 
 
-def per_case_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Mean of ``values`` within each row (case), then over rows: every case weighs the same."""
-    sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
-    counts = torch.bincount(rows, minlength=n_rows).to(values.dtype)
-    return (sums / counts).mean()
-
-
 def edit_loss(lm: LoadedModel, batch: TFBatch, objective: str) -> torch.Tensor:
     """The FT-L (``prompt_last``) or FT-M (``target_new``) loss of one chunk."""
+    return case_losses(lm, batch, objective).mean()
+
+
+def case_losses(lm: LoadedModel, batch: TFBatch, objective: str) -> torch.Tensor:
+    """[B]: each case's own loss (the mean over its target tokens); ``edit_loss`` is their mean."""
     rows, columns, labels = answer_positions(batch)
     hidden = lm.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     if objective == "prompt_last":
@@ -103,7 +106,8 @@ def edit_loss(lm: LoadedModel, batch: TFBatch, objective: str) -> torch.Tensor:
     else:
         logits = lm.lm_head(hidden[rows, columns]).float()
         token_nll = F.cross_entropy(logits, labels, reduction="none")
-    return per_case_mean(token_nll, rows, batch.size)
+    sums = torch.zeros(batch.size, dtype=token_nll.dtype, device=token_nll.device).index_add(0, rows, token_nll)
+    return sums / torch.bincount(rows, minlength=batch.size).to(token_nll.dtype)
 
 
 class FineTuneEditor(Editor):
@@ -164,6 +168,160 @@ class FineTuneEditor(Editor):
 
     def trainable_parameters(self) -> int:
         return sum(w.numel() for w in self.weights)
+
+    @classmethod
+    def independent(cls, lm: LoadedModel, hparams: FTHParams, seed: int, copies: int) -> "CaseParallelFT | None":
+        """K single edits at once, each case training its own copy of the projections.  None (edit one by
+        one) where a copy cannot stand in for the module: GPT-2's ``Conv1D`` or projections kept in another
+        dtype (``dtype: auto`` on a half-precision model)."""
+        modules = [down_proj(lm, layer) for layer in sorted(set(hparams.layers))]
+        if lm.edit_dtype is not None or not all(type(m) is torch.nn.Linear for m in modules):
+            return None
+        return CaseParallelFT(cls, lm, hparams, seed, modules, copies)
+
+
+class _RowWeights:
+    """Forward hooks on the fine-tuned projections: each run of batch rows is computed with its own case's
+    weight copies (the module's own weights are never changed, so restore is removing the hooks)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Linear]) -> None:
+        self.routes: list[tuple[Sequence[torch.Tensor], int, int]] | None = None  # (weights, first row, end row)
+        self.handles = [module.register_forward_hook(self._hook(index)) for index, module in enumerate(modules)]
+
+    def _hook(self, index: int):
+        def hook(module: torch.nn.Linear, args, output):
+            if self.routes is None:
+                return output
+            inputs = args[0]
+            return torch.cat([F.linear(inputs[start:stop], weights[index], module.bias)
+                              for weights, start, stop in self.routes])
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class _CaseCopy(Editor):
+    """One case's copies of the projections in a case-parallel run (trained by ``CaseParallelFT.apply``)."""
+
+    def __init__(self, parent: type[FineTuneEditor], lm: LoadedModel, hparams: FTHParams, seed: int,
+                 modules: Sequence[torch.nn.Linear], rows: _RowWeights) -> None:
+        super().__init__(lm, hparams, seed)
+        self.name = parent.name  # type: ignore[misc]
+        self.weights = [module.weight.detach().clone() for module in modules]
+        self.rows = rows
+
+    def apply(self, cases: Sequence[EditCase]) -> EditStats:
+        raise KebenchError(f"{self.name}: a case copy is trained by its case-parallel group")
+
+    def logits(self, batch: TFBatch) -> torch.Tensor:
+        self.rows.routes = [(self.weights, 0, batch.size)]
+        try:
+            return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        finally:
+            self.rows.routes = None
+
+    def restore(self) -> None:
+        self.weights = []
+
+    def trainable_parameters(self) -> int:
+        return sum(w.numel() for w in self.weights)
+
+
+class CaseParallelFT(IndependentEdits):
+    """K single FT-L/FT-M edits in one batch: row k runs through case k's copies of the projections, each case
+    has its own Adam state, steps only while its loss is >= ``early_stop_loss`` and leaves the batch when it
+    stops, as the one-by-one run would (same loss per case, same steps)."""
+
+    def __init__(self, parent: type[FineTuneEditor], lm: LoadedModel, hparams: FTHParams, seed: int,
+                 modules: Sequence[torch.nn.Linear], copies: int) -> None:
+        self.lm, self.hparams = lm, hparams
+        self.rows = _RowWeights(modules)
+        self.editors = [_CaseCopy(parent, lm, hparams, seed, modules, self.rows) for _ in range(copies)]
+
+    def apply(self, cases: Sequence[EditCase]) -> list[EditStats]:
+        hp, lm = self.hparams, self.lm
+        if len(cases) != len(self.editors):
+            raise KebenchError(f"{len(cases)} cases for {len(self.editors)} case-parallel editors")
+        copies = [editor.weights for editor in self.editors]
+        anchors = [[w.clone() for w in weights] for weights in copies]  # single editing: both anchors are the originals
+        optimizers = [torch.optim.Adam(weights, lr=hp.lr, weight_decay=hp.weight_decay) for weights in copies]
+        stats: list[EditStats | None] = [None] * len(cases)
+        active = list(range(len(cases)))
+        batch = None
+        for weights in copies:
+            for weight in weights:
+                weight.requires_grad_(True)
+        try:
+            for step in range(hp.max_steps):
+                if batch is None:
+                    batch = encode(lm.tokenizer, [(cases[k].prompt, cases[k].target_new) for k in active],
+                                   lm.pad_token_id).to(lm.device)
+                self.rows.routes = [(copies[k], row, row + 1) for row, k in enumerate(active)]
+                losses = case_losses(lm, batch, hp.objective)
+                values = losses.detach().tolist()
+                stepping = []
+                for row, k in enumerate(active):
+                    if not math.isfinite(values[row]):
+                        raise NonFiniteError(f"{self.editors[k].name}: non-finite loss at step {step} "
+                                             f"(case {cases[k].case_id})")
+                    if values[row] >= hp.early_stop_loss:
+                        stepping.append(row)
+                if stepping:
+                    for row in stepping:
+                        optimizers[active[row]].zero_grad(set_to_none=True)
+                    losses[stepping].sum().backward()
+                    for row in stepping:
+                        optimizers[active[row]].step()
+                if hp.norm_constraint is not None:
+                    with torch.no_grad():
+                        for k in active:
+                            for weight, anchor in zip(copies[k], anchors[k]):
+                                weight.copy_(torch.clamp(weight, anchor - hp.norm_constraint, anchor + hp.norm_constraint))
+                still = []
+                for row, k in enumerate(active):
+                    if values[row] < hp.early_stop_loss or step + 1 == hp.max_steps:
+                        stats[k] = EditStats(steps=step + 1, loss=values[row])
+                    else:
+                        still.append(k)
+                if still != active:
+                    active, batch = still, None
+                if not active:
+                    break
+        finally:
+            self.rows.routes = None
+            for weights in copies:
+                for weight in weights:
+                    weight.requires_grad_(False)
+                    weight.grad = None
+        for k, weights in enumerate(copies):
+            if stats[k] is None:  # max_steps == 0
+                stats[k] = EditStats(steps=0, loss=math.nan)
+            if not all(torch.isfinite(w).all() for w in weights):
+                raise NonFiniteError(f"{self.editors[k].name}: non-finite weights after the edit (case {cases[k].case_id})")
+        return stats  # type: ignore[return-value]
+
+    def logits(self, batch: TFBatch) -> torch.Tensor:
+        if batch.groups is None:
+            raise KebenchError("case-parallel logits need TFBatch.groups (the case of each row)")
+        groups = batch.groups.tolist()
+        routes, start = [], 0
+        for row in range(1, len(groups) + 1):
+            if row == len(groups) or groups[row] != groups[start]:
+                routes.append((self.editors[groups[start]].weights, start, row))
+                start = row
+        self.rows.routes = routes
+        try:
+            return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        finally:
+            self.rows.routes = None
+
+    def restore(self) -> None:
+        self.rows.remove()
+        for editor in self.editors:
+            editor.restore()
 
 
 @register_method("ft-l")

@@ -227,7 +227,7 @@ def run_scenario(
             result.peak_rss_mb = peak_rss_mb()
             return result
         result.notes.append(f"parallel_cases={scenario.parallel_cases} not used: {method} has no case-parallel "
-                            "path; cases edited one by one")
+                            "path (for this model and precision); cases edited one by one")
     for stream_index, stream in enumerate(streams):
         stream_cases = [case for call in stream for case in call]
         extra_state = extra_scorer.before(plain_logits(lm), lm, stream_cases) if extra_scorer is not None else None
