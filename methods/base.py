@@ -316,13 +316,23 @@ class HparamsOrigin:
         if self.path is None:
             return f"hparams: defaults of {method}"
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
+        shown = _shown_path(self.path)
         if self.derived_for is None:
-            return f"hparams: {self.path} (sha256 {digest})"
+            return f"hparams: {shown} (sha256 {digest})"
         depth = self.derived_for.num_layers
         rule = get_method(method).layer_rule(depth)
         layers = ", ".join(f"{key}={value}" for key, value in (rule or {}).items())
         how = f"{layers} by {method}'s depth rule for {depth} layers" if rule else f"for a {depth}-layer model"
-        return f"hparams: derived from {self.path} (sha256 {digest}), {how}"
+        return f"hparams: derived from {shown} (sha256 {digest}), {how}"
+
+
+def _shown_path(path: Path) -> str:
+    """A shipped YAML relative to the project (``methods/hparams/...``: the same on every machine; the sha256
+    beside it identifies the content), any other file as it is."""
+    try:
+        return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
 
 
 #: per method, its layers as a function of the model's depth: the relative-depth rule its shipped YAMLs

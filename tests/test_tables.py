@@ -148,3 +148,11 @@ def test_downstream_table(tmp_path: Path) -> None:
     assert not any(line.startswith("| ReFT") for line in lines)
     assert render(tmp_path, "downstream", "csv").count("piqa") >= 3
     assert render(tmp_path / "none", "downstream", "md").startswith("no ")
+
+
+def test_params_time_is_per_edited_case_for_batched_cells(tmp_path: Path) -> None:
+    """A batched cell times each call of B cases; the params table reports seconds per edited case."""
+    put(tmp_path, "MEMIT", 1, {"rel": [1.0]}, seconds=2.0, params=0)
+    put(tmp_path, "MEMIT", 1, {"rel": [1.0]}, seconds=40.0, params=0, scenario="batched", B=10)
+    lines = render(tmp_path, "params", "md").splitlines()
+    assert next(line for line in lines if line.startswith("| MEMIT")).startswith("| MEMIT | / | 3.00 | ")
