@@ -195,6 +195,10 @@ def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[
     if method_note:
         notes.append(method_note)
     notes.extend(result.notes)
+    if lm.device.type == "cpu":  # CPU float sums are ordered by thread: a continual stream can move by hundredths
+        import torch
+
+        notes.append(f"torch threads: {torch.get_num_threads()}")
     details = {
         "seconds_per_edit": result.seconds_per_edit,
         "trainable_params": result.trainable_parameters,
