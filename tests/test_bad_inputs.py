@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.data import resolve_data_dir
 from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = resolve_data_dir()  # $KEBENCH_DATA, else ../shared/data beside the checkout
 ZSRE = "zsre/zsre_mend_eval_portability_gpt4.json"
 CF_TEST = "knowedit/wiki_counterfact_test_cf.json.gz"
 EDIT = ["edit", "--model", "tiny-random-llama", "--method", "reft", "--n", "1", "--quiet"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.data import resolve_data_dir
 from helpers import put_cell
 from results.leaderboard import leaderboard_groups, write_leaderboard
 from results.views import connect
@@ -110,7 +111,7 @@ def test_plugin_method_installed_in_a_fresh_venv_reaches_the_leaderboard(tmp_pat
     store = tmp_path / "store"
     run = subprocess.run([str(python), "-m", "orchestrator.cli", "grid", "--grid", str(grid), "--store", str(store),
                           "--num-cpus", "2", "--quiet", "--tables", "none"],
-                         capture_output=True, text=True, cwd=tmp_path, env={**env, "KEBENCH_DATA": str(REPO.parent / "shared" / "data")})
+                         capture_output=True, text=True, cwd=tmp_path, env={**env, "KEBENCH_DATA": str(resolve_data_dir())})
     assert run.returncode == 0, run.stderr[-2000:]
     out = tmp_path / "board"
     subprocess.run([str(python), "-m", "orchestrator.cli", "leaderboard", "--store", str(store), "--out", str(out)],
