@@ -44,7 +44,7 @@ from torch.nn.utils import parametrize
 
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
-from methods.base import Editor, EditStats, IndependentEdits, NonFiniteError
+from methods.base import Editor, EditStats, IndependentEdits, NonFiniteError, group_runs
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
 
@@ -672,14 +672,7 @@ class CaseParallel(IndependentEdits):
     def logits(self, batch: TFBatch) -> torch.Tensor:
         if self._router is None:
             raise RuntimeError("editors were restored; build new ones")
-        if batch.groups is None:
-            raise KebenchError("case-parallel logits need TFBatch.groups (the editor of each row)")
-        groups = batch.groups.tolist()
-        routes, start = [], 0
-        for row in range(1, len(groups) + 1):
-            if row == len(groups) or groups[row] != groups[start]:
-                routes.append(_Route(self.editors[groups[start]], start, row))
-                start = row
+        routes = [_Route(self.editors[case], start, stop) for case, start, stop in group_runs(batch)]
         with self._router.active(routes, batch.intervention_mask(self.hparams.last_prompt_tokens)):
             return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 

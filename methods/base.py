@@ -151,6 +151,19 @@ class Editor(ABC):
         return None
 
 
+def group_runs(batch: TFBatch) -> list[tuple[int, int, int]]:
+    """(case index, first row, end row) of each run of consecutive rows that ``batch.groups`` gives one case."""
+    if batch.groups is None:
+        raise KebenchError("case-parallel logits need TFBatch.groups (the case of each row)")
+    groups = batch.groups.tolist()
+    runs, start = [], 0
+    for row in range(1, len(groups) + 1):
+        if row == len(groups) or groups[row] != groups[start]:
+            runs.append((groups[start], start, row))
+            start = row
+    return runs
+
+
 class IndependentEdits(ABC):
     """Single edits of several cases at once: case ``i`` of ``apply`` is edited by ``editors[i]`` alone.
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
 from methods._stats import down_proj
-from methods.base import Editor, EditStats, IndependentEdits, NonFiniteError, register_method
+from methods.base import Editor, EditStats, IndependentEdits, NonFiniteError, group_runs, register_method
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel, PrecisionIsland
 
@@ -304,15 +304,7 @@ class CaseParallelFT(IndependentEdits):
         return stats  # type: ignore[return-value]
 
     def logits(self, batch: TFBatch) -> torch.Tensor:
-        if batch.groups is None:
-            raise KebenchError("case-parallel logits need TFBatch.groups (the case of each row)")
-        groups = batch.groups.tolist()
-        routes, start = [], 0
-        for row in range(1, len(groups) + 1):
-            if row == len(groups) or groups[row] != groups[start]:
-                routes.append((self.editors[groups[start]].weights, start, row))
-                start = row
-        self.rows.routes = routes
+        self.rows.routes = [(self.editors[case].weights, start, stop) for case, start, stop in group_runs(batch)]
         try:
             return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         finally:
