@@ -24,16 +24,21 @@ independent edits in one batch: each case keeps its own editor (its own R, A, b,
 BaFT running means), the rows of case k pass through editor k's intervention only, and the loss summed
 over the cases gives each case's parameters exactly its own gradient (they share no parameter, and
 attention never crosses rows).  Each case stops on its own rule and leaves the batch with its parameters
-where they were; the others go on.  One editor alone runs the very same code on one run of rows.  With
-several cases the live tokens of all rows are packed into one sequence (``_Packing``, attention kept within
-each row), so a step pays for the live tokens rather than for rows padded to the longest.
+where they were; the others go on, and the next case takes its place at the following step
+(``edit_in_parallel``), so the batch stays full until the cases run out.  One editor alone runs the very
+same code on one run of rows.  With several cases the live tokens of all rows are packed into a few
+sequences (``_Blocks``, attention kept within each row), so a step pays for the live tokens rather than for
+rows padded to the longest, and rows that train no token leave after the highest intervened layer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import inspect
+import itertools
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -44,7 +49,7 @@ from torch.nn.utils import parametrize
 
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
-from methods.base import Editor, EditStats, IndependentEdits, NonFiniteError, group_runs
+from methods.base import EditedCases, Editor, EditStats, IndependentEdits, NonFiniteError, group_runs
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
 
@@ -143,7 +148,7 @@ class _PrefixKV:
 class _FullForward:
     """The naive variant: the whole model on the whole batch at every step."""
 
-    packing: "_Packing | None" = None
+    packing: "_Blocks | None" = None
 
     def __init__(self, lm: LoadedModel, batch: TFBatch) -> None:
         self.lm, self.batch = lm, batch
@@ -170,8 +175,9 @@ class _SplitForward:
     so each step costs (live tokens) × (upper layers) instead of (all tokens) × (all layers).
     """
 
-    def __init__(self, lm: LoadedModel, batch: TFBatch, start_layer: int, split: torch.Tensor,
-                 packed: bool = False) -> None:
+    packing: "_Blocks | None" = None  # the router sees the padded [B, W] block itself
+
+    def __init__(self, lm: LoadedModel, batch: TFBatch, start_layer: int, split: torch.Tensor) -> None:
         inner = lm.model.model
         self.inner = inner
         self.start_layer = start_layer
@@ -212,7 +218,6 @@ class _SplitForward:
                 hidden = self._layer(layer, hidden)
             self.start_hidden = hidden
         self.live_real = live_real
-        self.packing = _Packing(self) if packed else None
 
     def _layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         out = layer(hidden, attention_mask=self.mask, position_ids=self.position_ids, use_cache=False,
@@ -221,8 +226,6 @@ class _SplitForward:
 
     def __call__(self) -> torch.Tensor:
         """Final-norm hidden states of the live block (row i, column j is column s_i + j of the batch)."""
-        if self.packing is not None:
-            return self.packing.unpack(self.packing())
         hidden = self.start_hidden
         for layer in self.inner.layers[self.start_layer:]:
             hidden = self._layer(layer, hidden)
@@ -246,60 +249,215 @@ class _SplitForward:
         kept.kv.values = {layer: value[rows] for layer, value in self.kv.values.items()}
         kept.mask, kept.position_ids, kept.start_hidden = self.mask[rows], self.position_ids[rows], self.start_hidden[rows]
         kept.position_embeddings = tuple(t[rows] for t in self.position_embeddings)
-        kept.packing = _Packing(kept) if self.packing is not None else None
         return kept
 
 
-class _Packing:
-    """The live tokens of a ``_SplitForward`` packed into one sequence [1, T] (T = the live tokens, no padding).
+@dataclass(frozen=True)
+class _LiveRow:
+    """One row's frozen computation without padding, what packed layouts are assembled from: the keys and
+    values of its ``split`` prefix columns at the layers that run at every step, and its live columns at the
+    input of the lowest of them."""
 
-    Rows of different live lengths padded to the longest make every linear layer pay for the padding; packed,
-    a step costs the live tokens alone.  Attention stays within a row: a packed query sees its own row's
-    prefix keys (k < s_i) and its row's live keys up to itself, as in the padded block.  ``unpack`` gives the
-    padded [B, W] layout back (padding zero) for everything that indexes rows and columns; the router's hooks
-    unpack, intervene and pack again at the intervened layers.
+    split: int
+    keys: dict[int, torch.Tensor]  # layer -> [kv heads, split, head dim]
+    values: dict[int, torch.Tensor]
+    start_hidden: torch.Tensor  # [n, d]
+    position_ids: torch.Tensor  # [n]
+    cos: torch.Tensor  # [n, rotary dim]
+    sin: torch.Tensor
+    intervened: torch.Tensor  # [n] bool
+    is_edit: bool
+    target_columns: torch.Tensor  # the live columns that predict a target token
+    labels: torch.Tensor  # those target tokens
+
+    @property
+    def length(self) -> int:
+        return int(self.start_hidden.shape[0])
+
+
+def _live_rows(forward: _SplitForward, batch: TFBatch, intervened: torch.Tensor, is_edit: torch.Tensor) -> list[_LiveRow]:
+    """The rows of a padded split forward, each cut to its own prefix and live lengths (the prefix keys and
+    values of the layers that run at every step only)."""
+    live_intervened = forward.gather(intervened)
+    upper_keys = {layer: key for layer, key in forward.kv.keys.items() if layer >= forward.start_layer}
+    upper_values = {layer: value for layer, value in forward.kv.values.items() if layer >= forward.start_layer}
+    cos, sin = forward.position_embeddings
+    device = batch.input_ids.device
+    rows = []
+    for i in range(batch.size):
+        length, split = int(forward.live_real[i].sum()), int(forward.split[i])
+        prompt, end = int(batch.prompt_lengths[i]), int(batch.lengths[i])
+        edit = bool(is_edit[i])
+        columns = torch.arange(prompt - 1, end - 1, device=device) - split if edit else torch.zeros(0, dtype=torch.long, device=device)
+        labels = batch.input_ids[i, prompt:end] if edit else torch.zeros(0, dtype=torch.long, device=device)
+        rows.append(_LiveRow(
+            split, {layer: key[i, :, :split] for layer, key in upper_keys.items()},
+            {layer: value[i, :, :split] for layer, value in upper_values.items()},
+            forward.start_hidden[i, :length], forward.position_ids[i, :length], cos[i, :length], sin[i, :length],
+            live_intervened[i, :length], edit, columns, labels))
+    return rows
+
+
+def _bins(lengths: Sequence[int], prefixes: Sequence[int], hidden_size: int) -> list[list[int]]:
+    """Rows grouped into the sequences of a packed batch, the grouping that minimises the estimated step cost.
+
+    One sequence holding every row pays for no padding but makes each layer's attention compare every live
+    token with every key of every row (only its own row's are unmasked); one sequence per row pays the
+    padding of the longest row.  For each count of sequences the rows go longest first to the shortest
+    sequence; the cost of a [G, W] block with P prefix keys is G·W·(1 + (P + W)/(3d)), since a decoder layer
+    spends about 21·d² FLOPs a token in its linear maps (LLaMA-shaped MLP) and 4·d a (query, key) pair in
+    attention, and CPU attention kernels run slower per FLOP than matmuls.
+    """
+    order = sorted(range(len(lengths)), key=lambda row: (-lengths[row], row))
+    best: list[list[int]] = [list(range(len(lengths)))]
+    best_cost = math.inf
+    for count in range(1, len(lengths) + 1):
+        loads = [(0, index) for index in range(count)]
+        members: list[list[int]] = [[] for _ in range(count)]
+        prefix = [0] * count
+        for row in order:
+            load, index = heapq.heappop(loads)
+            members[index].append(row)
+            prefix[index] += prefixes[row]
+            heapq.heappush(loads, (load + lengths[row], index))
+        width = max(load for load, _ in loads)
+        cost = count * width * (1 + (max(prefix) + width) / (3 * hidden_size))
+        if cost < best_cost:
+            best, best_cost = [sorted(rows) for rows in members if rows], cost
+    return best
+
+
+class _Blocks:
+    """Rows packed into a few sequences, a [G, W] block with little padding (see ``_bins``).
+
+    Attention stays within a row: a packed query sees its own row's prefix keys and its row's live keys up to
+    itself, exactly the keys it sees in the padded layout.  ``pack`` and ``unpack`` convert between the block
+    and the padded [B, W] layout (``row_ids`` give each row's place there; padding is zero).
     """
 
-    def __init__(self, forward: "_SplitForward") -> None:
-        self.forward = forward
-        live_real = forward.live_real
-        self.index = live_real.nonzero(as_tuple=True)  # (rows, columns) of each packed token, row-major
-        token_rows = self.index[0]
-        stored = next(iter(forward.kv.keys.values()), None)
-        prefix_width = 0 if stored is None else stored.shape[2]  # kept rows keep the original prefix width
-        prefix_real = torch.arange(prefix_width, device=live_real.device)[None, :] < forward.split[:, None]  # [B, S]
-        prefix_rows = prefix_real.nonzero(as_tuple=True)[0]
-        same_row_prefix = token_rows[:, None] == prefix_rows[None, :]  # [T, P]
-        live_key_offset = self.index[1]
-        causal = (token_rows[:, None] == token_rows[None, :]) & (live_key_offset[None, :] <= live_key_offset[:, None])
-        self.mask = torch.cat([same_row_prefix, causal], dim=1)[None, None]  # [1, 1, T, P + T]
-        self.position_ids = forward.position_ids[self.index][None]
-        self.position_embeddings = tuple(t[self.index][None] for t in forward.position_embeddings)
+    def __init__(self, rows: Sequence[_LiveRow], row_ids: Sequence[int], unpacked_shape: tuple[int, int],
+                 hidden_size: int, layers: range) -> None:
+        device = rows[0].start_hidden.device
+        lengths, prefixes = [row.length for row in rows], [row.split for row in rows]
+        bins = _bins(lengths, prefixes, hidden_size)
+        width = max(sum(lengths[row] for row in members) for members in bins)
+        prefix_width = max(sum(prefixes[row] for row in members) for members in bins)
+        count = len(bins)
+        self.shape, self.unpacked_shape = (count, width), unpacked_shape
+        self._routing: tuple | None = None
+        query_row = torch.full((count, width), -1, dtype=torch.long)
+        query_offset = torch.zeros(count, width, dtype=torch.long)
+        prefix_row = torch.full((count, prefix_width), -1, dtype=torch.long)
+        token_row, token_column, token_bin, token_slot, prefix_bin, prefix_slot = [], [], [], [], [], []
+        for index, members in enumerate(bins):
+            offset = prefix_offset = 0
+            for row in members:
+                length, split = lengths[row], prefixes[row]
+                query_row[index, offset:offset + length] = row
+                query_offset[index, offset:offset + length] = torch.arange(length)
+                prefix_row[index, prefix_offset:prefix_offset + split] = row
+                token_row += [row_ids[row]] * length
+                token_column += range(length)
+                token_bin += [index] * length
+                token_slot += range(offset, offset + length)
+                prefix_bin += [index] * split
+                prefix_slot += range(prefix_offset, prefix_offset + split)
+                offset, prefix_offset = offset + length, prefix_offset + split
+        as_index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        self.unpacked_index = (as_index(token_row), as_index(token_column))
+        self.packed_index = (as_index(token_bin), as_index(token_slot))
+        query_row, query_offset, prefix_row = query_row.to(device), query_offset.to(device), prefix_row.to(device)
+        real = (query_row >= 0)[:, :, None]
+        sees_prefix = (prefix_row[:, None, :] == query_row[:, :, None]) & real
+        sees_live = ((query_row[:, None, :] == query_row[:, :, None]) & (query_offset[:, None, :] <= query_offset[:, :, None])
+                     & real)
+        # a padding slot attends to itself alone, so that no softmax row is empty (its output is never read)
+        sees_live |= torch.eye(width, dtype=torch.bool, device=device)[None] & ~real
+        self.mask = torch.cat([sees_prefix, sees_live], dim=2)[:, None]  # [G, 1, W, P + W]
+        self.in_order = [rows[row] for members in bins for row in members]  # the order of the token indices above
+        self.position_ids = self.scatter_rows([row.position_ids for row in self.in_order])
+        self.position_embeddings = (self.scatter_rows([row.cos for row in self.in_order]),
+                                    self.scatter_rows([row.sin for row in self.in_order]))
         self.kv = _PrefixKV()
         self.kv.recording = False
-        # the cache holds [B, heads, S, head_dim]; packed: each row's real prefix keys, one after another
-        self.kv.keys = {layer: key.transpose(1, 2)[prefix_real].transpose(0, 1)[None]
-                        for layer, key in forward.kv.keys.items()}
-        self.kv.values = {layer: value.transpose(1, 2)[prefix_real].transpose(0, 1)[None]
-                          for layer, value in forward.kv.values.items()}
-        self.start_hidden = forward.start_hidden[self.index][None]
+        prefix_index = (as_index(prefix_bin), as_index(prefix_slot))
+        for layer in sorted({layer for row in rows for layer in row.keys if layer in layers}):
+            for stored, per_row in ((self.kv.keys, [row.keys for row in self.in_order]),
+                                    (self.kv.values, [row.values for row in self.in_order])):
+                tokens = torch.cat([kv[layer].transpose(0, 1) for kv in per_row if layer in kv])  # [sum split, heads, dim]
+                block = tokens.new_zeros(count, prefix_width, *tokens.shape[1:]).index_put(prefix_index, tokens)
+                stored[layer] = block.transpose(1, 2)  # [G, heads, P, dim]
 
-    def __call__(self) -> torch.Tensor:
-        """Final-norm hidden states of the packed live tokens, [1, T, d]."""
-        forward, hidden = self.forward, self.start_hidden
-        for layer in forward.inner.layers[forward.start_layer:]:
-            out = layer(hidden, attention_mask=self.mask, position_ids=self.position_ids, use_cache=False,
-                        position_embeddings=self.position_embeddings, **{forward.cache_keyword: self.kv})
-            hidden = out[0] if isinstance(out, tuple) else out
-        return forward.inner.norm(hidden)
+    def routing(self, routes: Sequence[_Route], mask: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per route: the flat block positions of its intervened tokens, and their (row within the route,
+        column) places in the padded layout.  Computed once per (routes, mask): a layout asks at every layer."""
+        if self._routing is None or self._routing[0] is not routes or self._routing[1] is not mask:
+            rows, columns = self.unpacked_index
+            flat = self.packed_index[0] * self.shape[1] + self.packed_index[1]
+            intervened = mask[rows, columns]
+            tokens, places = [], []
+            for route in routes:
+                mine = intervened & (rows >= route.start) & (rows < route.stop)
+                tokens.append(flat[mine])
+                places.append((rows[mine] - route.start, columns[mine]))
+            self._routing = (routes, mask, tokens, places)
+        return self._routing[2], self._routing[3]
+
+    def scatter_rows(self, per_row: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-row tensors ([n_i, ...], in ``in_order``) laid out in the block."""
+        tokens = torch.cat(list(per_row))
+        return tokens.new_zeros(*self.shape, *tokens.shape[1:]).index_put(self.packed_index, tokens)
+
+    def layer(self, layer: nn.Module, hidden: torch.Tensor, cache_keyword: str) -> torch.Tensor:
+        out = layer(hidden, attention_mask=self.mask, position_ids=self.position_ids, use_cache=False,
+                    position_embeddings=self.position_embeddings, **{cache_keyword: self.kv})
+        return out[0] if isinstance(out, tuple) else out
 
     def pack(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden[self.index][None]
+        packed = hidden[self.unpacked_index]
+        return packed.new_zeros(*self.shape, packed.shape[-1]).index_put(self.packed_index, packed)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        rows, width = self.forward.live_real.shape
-        padded = packed.new_zeros(rows, width, packed.shape[-1])
-        return padded.index_put(self.index, packed[0])
+        padded = packed.new_zeros(*self.unpacked_shape, packed.shape[-1])
+        return padded.index_put(self.unpacked_index, packed[self.packed_index])
+
+
+class _Packing:
+    """The runner of a packed layout: live rows packed into a few sequences (``_Blocks``), so that a step pays
+    for the live tokens and hardly any padding.
+
+    Rows that train no token (BaFT's unrelated rows) matter only through their basis weights at the intervened
+    layers, so they leave the block after the highest intervened layer: the layers above run the edit rows
+    alone (a second block).  Calling it returns the final-norm hidden states in the padded [B, W] layout
+    (unrelated rows zero); the router's hooks unpack, intervene and pack again at the intervened layers.
+    """
+
+    def __init__(self, lm: LoadedModel, layer_ids: Sequence[int], rows: Sequence[_LiveRow]) -> None:
+        inner = lm.model.model
+        self.inner, self.cache_keyword = inner, _cache_keyword(inner.layers[0])
+        self.start_layer, self.top_layer = layer_ids[0], layer_ids[-1]
+        shape = (len(rows), max(row.length for row in rows))
+        edit_rows = [index for index, row in enumerate(rows) if row.is_edit]
+        above = range(self.top_layer + 1, len(inner.layers))
+        split_above = len(above) > 0 and 0 < len(edit_rows) < len(rows)
+        lower_layers = range(self.start_layer, self.top_layer + 1 if split_above else len(inner.layers))
+        self.lower = _Blocks(rows, range(len(rows)), shape, lm.hidden_size, lower_layers)
+        self.start_hidden = self.lower.scatter_rows([row.start_hidden for row in self.lower.in_order])
+        self.upper: _Blocks | None = None
+        if split_above:
+            self.upper = _Blocks([rows[index] for index in edit_rows], edit_rows, shape, lm.hidden_size, above)
+
+    @property
+    def packing(self) -> _Blocks:
+        return self.lower
+
+    def __call__(self) -> torch.Tensor:
+        blocks, hidden = self.lower, self.start_hidden
+        for index in range(self.start_layer, len(self.inner.layers)):
+            if index == self.top_layer + 1 and self.upper is not None:
+                blocks, hidden = self.upper, self.upper.pack(self.lower.unpack(hidden))
+            hidden = blocks.layer(self.inner.layers[index], hidden, self.cache_keyword)
+        return blocks.unpack(self.inner.norm(hidden))
 
 
 def _batch_rows(batch: TFBatch, rows: torch.Tensor) -> TFBatch:
@@ -348,12 +506,12 @@ class _Router:
         self.routes: Sequence[_Route] | None = None
         self.mask: torch.Tensor | None = None
         self.recorded: list[dict[int, torch.Tensor]] | None = None
-        self.packing: _Packing | None = None
+        self.packing: _Blocks | None = None
         self.handles = [lm.layers[layer].register_forward_hook(self._hook(layer)) for layer in self.layer_ids]
 
     @contextlib.contextmanager
     def active(self, routes: Sequence[_Route], mask: torch.Tensor, record: bool = False,
-               packing: "_Packing | None" = None) -> Iterator[list[dict[int, torch.Tensor]]]:
+               packing: "_Blocks | None" = None) -> Iterator[list[dict[int, torch.Tensor]]]:
         """Route the forwards run inside; with ``record`` the yielded list receives, per route, each layer's
         basis weights [rows, positions, r].  With ``packing`` the layers see packed tokens, and ``mask`` is in
         the padded layout ``packing.unpack`` returns."""
@@ -378,7 +536,8 @@ class _Router:
             hidden = output[0] if isinstance(output, tuple) else output
             packing = self.packing
             if packing is not None:
-                hidden = packing.unpack(hidden)
+                hidden = self._intervene_packed(packing, layer, hidden, routes, mask)
+                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             if hidden.shape[:2] != mask.shape:
                 raise RuntimeError(f"intervention mask {tuple(mask.shape)} does not fit hidden {tuple(hidden.shape)}")
             whole = len(routes) == 1
@@ -391,11 +550,24 @@ class _Router:
                     self.recorded[index][layer] = weights
                 pieces.append(torch.where(part_mask[..., None], edited.to(part.dtype), part))
             hidden = pieces[0] if whole else torch.cat(pieces)
-            if packing is not None:
-                hidden = packing.pack(hidden)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
+
+    def _intervene_packed(self, packing: "_Blocks", layer: int, hidden: torch.Tensor, routes: Sequence[_Route],
+                          mask: torch.Tensor) -> torch.Tensor:
+        """The packed block with each route's intervened tokens replaced by its editor's Φ(h); the recorded basis
+        weights are laid out per route as [rows, W, r] (zero where nothing is intervened)."""
+        tokens, places = packing.routing(routes, mask)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        edited = []
+        for index, route in enumerate(routes):
+            outputs, weights = route.editor.interventions[str(layer)](flat[tokens[index]])
+            if self.recorded is not None:
+                shape = (route.stop - route.start, mask.shape[1], weights.shape[-1])
+                self.recorded[index][layer] = weights.new_zeros(shape).index_put(places[index], weights)
+            edited.append(outputs.to(flat.dtype))
+        return flat.index_put((torch.cat(tokens),), torch.cat(edited)).view_as(hidden)
 
 
 class RepresentationEditor(Editor):
@@ -428,6 +600,11 @@ class RepresentationEditor(Editor):
     @classmethod
     def independent(cls, lm: LoadedModel, hparams, seed: int, copies: int) -> "CaseParallel":
         return CaseParallel([cls(lm, hparams, seed) for _ in range(copies)])
+
+    @classmethod
+    def edit_in_parallel(cls, lm: LoadedModel, hparams, seed: int, cases: Sequence[EditCase],
+                         window: int) -> Iterator[EditedCases]:
+        return _edit_in_windows(cls, lm, hparams, seed, list(cases), window)
 
     def _whole(self, rows: int) -> list[_Route]:
         return [_Route(self, 0, rows)]
@@ -520,9 +697,10 @@ class RepresentationEditor(Editor):
         return _train(self._router, [_Job(self, cases)])[0]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
-    """One editor's edit call inside a training batch: its cases, and its rows (edit rows, then unrelated)."""
+    """One editor's edit call inside a training batch: its cases, its rows (edit rows, then unrelated), and
+    its own step count (jobs join and leave a batch at different steps)."""
 
     editor: RepresentationEditor
     cases: Sequence[EditCase]
@@ -530,11 +708,18 @@ class _Job:
     n_edit: int = 0
     has_irrelevant: bool = False
     stats: EditStats | None = None
+    step: int = 0
+    optimizer: torch.optim.Optimizer | None = None
+    rows: list[_LiveRow] = field(default_factory=list)  # packed layouts: the frozen computation of its rows
 
     def __post_init__(self) -> None:
         edit_pairs = [(case.prompt, case.target_new) for case in self.cases]
         extra_pairs = self.editor.irrelevant_pairs(self.cases)
         self.pairs, self.n_edit, self.has_irrelevant = edit_pairs + extra_pairs, len(edit_pairs), bool(extra_pairs)
+
+    @property
+    def is_edit(self) -> torch.Tensor:
+        return torch.arange(len(self.pairs)) < self.n_edit
 
 
 @dataclass(frozen=True)
@@ -545,109 +730,257 @@ class _Part:
     targets: slice
 
 
+def _encode_jobs(lm: LoadedModel, jobs: Sequence[_Job]) -> tuple[TFBatch, torch.Tensor]:
+    """The rows of ``jobs``, one after another, and which of them are edit rows."""
+    batch = encode(lm.tokenizer, [pair for job in jobs for pair in job.pairs], lm.pad_token_id).to(lm.device)
+    return batch, torch.cat([job.is_edit for job in jobs]).to(batch.input_ids.device)
+
+
+def _split_forward(lm: LoadedModel, jobs: Sequence[_Job], batch: TFBatch, is_edit: torch.Tensor) -> _SplitForward:
+    """The frozen computation of ``batch``, each row split at its first intervened or target-predicting column."""
+    editor = jobs[0].editor
+    first_intervened = batch.intervention_mask(editor.hparams.last_prompt_tokens).float().argmax(dim=1)
+    first_predicting = (batch.prompt_lengths - 1).clamp_min(0)
+    first_predicting = torch.where(is_edit, first_predicting, batch.lengths)  # unrelated rows train no tokens
+    return _SplitForward(lm, batch, editor.layer_ids[0], torch.minimum(first_intervened, first_predicting))
+
+
 class _Layout:
-    """The batch of the jobs still training: tokens, the forward runner, masks in the live layout, targets."""
+    """The batch of the jobs still training: the forward runner, masks in its live layout, the targets.
+
+    Padded (one job, or the naive full forward): a [B, W] block built from the jobs' tokens.  Packed (several
+    jobs on the split forward): assembled from each job's ``_LiveRow``s, so that jobs leave and join the
+    batch without running any frozen layer again for the jobs that stay.
+    """
 
     @classmethod
     def build(cls, lm: LoadedModel, jobs: Sequence[_Job], packed: bool = False) -> "_Layout":
         editor = jobs[0].editor
-        hp = editor.hparams
-        batch = encode(lm.tokenizer, [pair for job in jobs for pair in job.pairs], lm.pad_token_id).to(lm.device)
-        if hp.fast_forward and editor.split_forward_supported:
-            is_edit = torch.cat([torch.arange(len(job.pairs)) < job.n_edit for job in jobs]).to(batch.input_ids.device)
-            first_intervened = batch.intervention_mask(hp.last_prompt_tokens).float().argmax(dim=1)
-            first_predicting = (batch.prompt_lengths - 1).clamp_min(0)
-            first_predicting = torch.where(is_edit, first_predicting, batch.lengths)  # unrelated rows train no tokens
-            runner: _FullForward | _SplitForward = _SplitForward(
-                lm, batch, editor.layer_ids[0], torch.minimum(first_intervened, first_predicting), packed=packed)
-        else:
-            runner = _FullForward(lm, batch)
-        return cls(jobs, batch, runner)
+        splits = editor.hparams.fast_forward and editor.split_forward_supported
+        if packed and splits:
+            _compute_live_rows(lm, jobs)
+            return cls._packed(lm, jobs)
+        batch, is_edit = _encode_jobs(lm, jobs)
+        runner = _split_forward(lm, jobs, batch, is_edit) if splits else _FullForward(lm, batch)
+        return cls._padded(lm, jobs, batch, is_edit, runner)
+
+    @classmethod
+    def _padded(cls, lm: LoadedModel, jobs: Sequence[_Job], batch: TFBatch, is_edit: torch.Tensor,
+                runner: "_FullForward | _SplitForward") -> "_Layout":
+        mask = batch.intervention_mask(jobs[0].editor.hparams.last_prompt_tokens)
+        edit_rows = is_edit.nonzero(as_tuple=True)[0].tolist()
+        targets = _targets(batch, edit_rows)
+        live_targets = _Targets(targets.rows, runner.column(targets.rows, targets.columns), targets.labels)
+        target_lengths = (batch.lengths - batch.prompt_lengths) * is_edit
+        target_counts, row = [], 0
+        for job in jobs:
+            target_counts.append(int(target_lengths[row:row + len(job.pairs)].sum()))
+            row += len(job.pairs)
+        layout = cls(lm, jobs, runner, runner.gather(mask), is_edit, live_targets, target_counts)
+        layout.batch = batch
+        return layout
+
+    @classmethod
+    def _packed(cls, lm: LoadedModel, jobs: Sequence[_Job]) -> "_Layout":
+        rows = [row for job in jobs for row in job.rows]
+        runner = _Packing(lm, jobs[0].editor.layer_ids, rows)
+        device = rows[0].start_hidden.device
+        live_mask = torch.zeros(runner.lower.unpacked_shape, dtype=torch.bool, device=device)
+        for index, row in enumerate(rows):
+            live_mask[index, :row.length] = row.intervened
+        is_edit = torch.tensor([row.is_edit for row in rows], dtype=torch.bool, device=device)
+        targets = _Targets(torch.cat([torch.full_like(row.labels, index) for index, row in enumerate(rows)]),
+                           torch.cat([row.target_columns for row in rows]), torch.cat([row.labels for row in rows]))
+        target_counts = [sum(row.labels.numel() for row in job.rows) for job in jobs]
+        return cls(lm, jobs, runner, live_mask, is_edit, targets, target_counts)
+
+    def __init__(self, lm: LoadedModel, jobs: Sequence[_Job], runner: "_FullForward | _SplitForward | _Packing",
+                 live_mask: torch.Tensor, is_edit: torch.Tensor, targets: _Targets, target_counts: Sequence[int]) -> None:
+        self.lm, self.jobs, self.runner, self.targets = lm, list(jobs), runner, targets
+        self.batch: TFBatch | None = None  # the padded layout's tokens
+        self.live_mask = live_mask
+        self.live_edit_mask = live_mask & is_edit[:, None]
+        self.live_irrelevant_mask = live_mask & ~is_edit[:, None]
+        self.parts, row, target = [], 0, 0
+        for job, count in zip(jobs, target_counts):
+            self.parts.append(_Part(slice(row, row + len(job.pairs)), slice(target, target + count)))
+            row, target = row + len(job.pairs), target + count
+        self.routes = [_Route(job.editor, part.rows.start, part.rows.stop) for job, part in zip(jobs, self.parts)]
 
     def keep(self, positions: Sequence[int]) -> "_Layout":
-        """The layout of the jobs at ``positions`` only: their rows of the batch and of the frozen computation."""
+        """The layout of the jobs at ``positions`` only (no frozen layer is run again)."""
+        jobs = [self.jobs[i] for i in positions]
+        if self.batch is None:
+            return _Layout._packed(self.lm, jobs)
         rows = torch.cat([torch.arange(self.parts[i].rows.start, self.parts[i].rows.stop) for i in positions])
         rows = rows.to(self.batch.input_ids.device)
-        return _Layout([self.jobs[i] for i in positions], _batch_rows(self.batch, rows), self.runner.select(rows))
+        is_edit = torch.cat([job.is_edit for job in jobs]).to(rows.device)
+        return _Layout._padded(self.lm, jobs, _batch_rows(self.batch, rows), is_edit, self.runner.select(rows))
 
-    def __init__(self, jobs: Sequence[_Job], batch: TFBatch, runner: "_FullForward | _SplitForward") -> None:
-        hp = jobs[0].editor.hparams
-        self.jobs, self.batch, self.runner = list(jobs), batch, runner
-        mask = batch.intervention_mask(hp.last_prompt_tokens)
-        edit_rows, parts, row, target = [], [], 0, 0
-        is_edit = torch.zeros(batch.size, dtype=torch.bool, device=batch.input_ids.device)
-        for job in jobs:
-            edit_rows.extend(range(row, row + job.n_edit))
-            is_edit[row:row + job.n_edit] = True
-            job_targets = int((batch.lengths[row:row + job.n_edit] - batch.prompt_lengths[row:row + job.n_edit]).sum())
-            parts.append(_Part(slice(row, row + len(job.pairs)), slice(target, target + job_targets)))
-            row, target = row + len(job.pairs), target + job_targets
-        self.parts = parts
-        self.routes = [_Route(job.editor, part.rows.start, part.rows.stop) for job, part in zip(jobs, parts)]
-        self.targets = _targets(batch, edit_rows)
-        edit_mask = mask & is_edit[:, None]
-        irrelevant_mask = mask & ~is_edit[:, None]
-        self.live_mask = self.runner.gather(mask)
-        self.live_edit_mask = self.runner.gather(edit_mask)
-        self.live_irrelevant_mask = self.runner.gather(irrelevant_mask)
-        self.target_columns = self.runner.column(self.targets.rows, self.targets.columns)
+    def extend(self, jobs: Sequence[_Job]) -> "_Layout":
+        """This layout with ``jobs`` added; packed, only their frozen computation is run."""
+        if self.batch is None:
+            _compute_live_rows(self.lm, jobs)
+            return _Layout._packed(self.lm, self.jobs + list(jobs))
+        return _Layout.build(self.lm, self.jobs + list(jobs))
+
+
+def _compute_live_rows(lm: LoadedModel, jobs: Sequence[_Job]) -> None:
+    """Run the frozen computation of the jobs that lack it, in one batch, and give each job its rows."""
+    jobs = [job for job in jobs if not job.rows]
+    if not jobs:
+        return
+    batch, is_edit = _encode_jobs(lm, jobs)
+    forward = _split_forward(lm, jobs, batch, is_edit)
+    rows = _live_rows(forward, batch, batch.intervention_mask(jobs[0].editor.hparams.last_prompt_tokens), is_edit)
+    for job in jobs:
+        job.rows, rows = rows[:len(job.pairs)], rows[len(job.pairs):]
 
 
 def _train(router: _Router, jobs: Sequence[_Job], packed: bool = False) -> list[EditStats]:
-    """Train every job's editor on its own cases, all jobs in one batch, each until its own stopping rule.
+    """Train every job's editor on its own cases, all jobs in one batch, each until its own stopping rule."""
+    for _ in _train_stream(router, iter(jobs), len(jobs), packed):
+        pass
+    return [job.stats for job in jobs]  # type: ignore[misc]
+
+
+def _train_stream(router: _Router, pending: Iterator[_Job], window: int, packed: bool) -> Iterator[list[_Job]]:
+    """Train up to ``window`` jobs at once, each until its own stopping rule, taking the next pending job as soon
+    as one stops; yields the jobs that stopped at each step (their ``stats`` set).
 
     Each job's loss is exactly what it would be alone (its CE over its target tokens, its regularizers on its
-    rows, its scales); their sum gives each job's parameters their own gradient, and each job's AdamW steps
-    only while the job trains.  A job that stops leaves the batch: its rows are dropped from the batch and
-    from the frozen computation, which is not run again.
+    rows, its scales, its own step count); their sum gives each job's parameters their own gradient, and each
+    job's AdamW steps only while the job trains.  A job that stops leaves the batch: its rows are dropped from
+    the batch and from the frozen computation, which is not run again for the jobs that stay.
     """
-    editor = jobs[0].editor
-    hp, lm = editor.hparams, editor.lm
-    optimizers = [job.editor.optimizer() for job in jobs]
-    active = list(range(len(jobs)))
-    layout = _Layout.build(lm, jobs, packed)
+    arrivals = _Arrivals(pending, window, packed)
+    active = arrivals.take(window)
+    if not active:
+        return
+    hp, lm = active[0].editor.hparams, active[0].editor.lm
+    for job in active:
+        job.optimizer = job.editor.optimizer()
+    layout = _Layout.build(lm, active, packed)
     head = lm.model.get_output_embeddings()
-    step = 0
     while active:
-        training = step < hp.max_steps
-        losses: list[tuple[int, torch.Tensor]] = []
-        with torch.set_grad_enabled(training):
+        stepping: list[tuple[int, torch.Tensor]] = []
+        stopped: list[_Job] = []
+        with torch.set_grad_enabled(any(job.step < hp.max_steps for job in active)):
             with router.active(layout.routes, layout.live_mask, record=True, packing=layout.runner.packing) as recorded:
                 hidden = layout.runner()
             if hp.fast_forward:
-                logits = head(hidden[layout.targets.rows, layout.target_columns])
+                logits = head(hidden[layout.targets.rows, layout.targets.columns])
             else:  # the naive variant: full-vocabulary logits at every position
-                logits = head(hidden)[layout.targets.rows, layout.target_columns]
-            for position, job_index in enumerate(active):
-                job, part = jobs[job_index], layout.parts[position]
-                ce = F.cross_entropy(logits[part.targets].float(), layout.targets.labels[part.targets])
+                logits = head(hidden)[layout.targets.rows, layout.targets.columns]
+            # several jobs: one cross-entropy over every target token, then each job's mean over its own (a job's
+            # slice of the [targets, vocab] logits would cost a vocab-wide zero gradient per job in the backward)
+            token_ce = F.cross_entropy(logits.float(), layout.targets.labels, reduction="none") if len(active) > 1 else None
+            for position, job in enumerate(active):
+                part = layout.parts[position]
+                if token_ce is None:
+                    ce = F.cross_entropy(logits[part.targets].float(), layout.targets.labels[part.targets])
+                else:
+                    ce = token_ce[part.targets].mean()
                 edit_mask = layout.live_edit_mask[part.rows]
                 irrelevant_mask = layout.live_irrelevant_mask[part.rows] if job.has_irrelevant else None
                 terms = job.editor.regularizers(recorded[position], edit_mask, irrelevant_mask)
-                loss = job.editor.combine_loss(ce, terms, first_step=step == 0)
+                loss = job.editor.combine_loss(ce, terms, first_step=job.step == 0)
                 if not math.isfinite(float(loss.detach())):
-                    where = f" (case {job.cases[0].case_id})" if len(jobs) > 1 else ""
-                    raise NonFiniteError(f"{job.editor.name}: non-finite training loss at step {step}{where}")
+                    where = f" (case {job.cases[0].case_id})" if window > 1 else ""
+                    raise NonFiniteError(f"{job.editor.name}: non-finite training loss at step {job.step}{where}")
                 target_tokens = part.targets.stop - part.targets.start
-                if not training or job.editor.stop_value(ce, loss, target_tokens) < hp.early_stop_loss:
+                if job.step >= hp.max_steps or job.editor.stop_value(ce, loss, target_tokens) < hp.early_stop_loss:
                     job.editor.after_edit({k: v.detach() for k, v in recorded[position].items()}, edit_mask)
-                    job.stats = EditStats(steps=step, loss=float(ce.detach()))
+                    job.stats = EditStats(steps=job.step, loss=float(ce.detach()))
+                    stopped.append(job)
                 else:
-                    losses.append((job_index, loss))
-        if not losses:
-            break
-        for job_index, _ in losses:
-            optimizers[job_index].zero_grad(set_to_none=True)
-        total = losses[0][1] if len(losses) == 1 else torch.stack([loss for _, loss in losses]).sum()
-        total.backward()
-        for job_index, _ in losses:
-            optimizers[job_index].step()
-        step += 1
-        still = [job_index for job_index, _ in losses]
-        if still != active:
-            layout = layout.keep([active.index(job_index) for job_index in still])
-            active = still
-    return [job.stats for job in jobs]  # type: ignore[misc]
+                    stepping.append((position, loss))
+        if stepping:
+            for position, _ in stepping:
+                active[position].optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            total = stepping[0][1] if len(stepping) == 1 else torch.stack([loss for _, loss in stepping]).sum()
+            total.backward()
+            for position, _ in stepping:
+                active[position].optimizer.step()  # type: ignore[union-attr]
+                active[position].step += 1
+        if stopped:
+            yield stopped
+        still = [active[position] for position, _ in stepping]
+        joining = arrivals.take(window - len(still))
+        for job in joining:
+            job.optimizer = job.editor.optimizer()
+        active = still + joining
+        if not still:
+            if joining:
+                layout = _Layout.build(lm, joining, packed)
+            continue
+        if stopped:
+            layout = layout.keep([position for position, _ in stepping])
+        if joining:
+            layout = layout.extend(joining)
+
+
+class _Arrivals:
+    """The jobs waiting to join a training batch.  Packed, their frozen computation runs ``block`` jobs at a
+    time: one batched pass through the frozen layers costs about what a single job's does (it reads the same
+    weights), so jobs that join one or two at a time would otherwise pay it again and again."""
+
+    def __init__(self, pending: Iterator[_Job], block: int, packed: bool) -> None:
+        self.pending, self.block, self.packed = pending, block, packed
+        self.ready: list[_Job] = []
+
+    def take(self, count: int) -> list[_Job]:
+        if not self.packed:
+            return list(itertools.islice(self.pending, count))
+        while len(self.ready) < count:
+            arrived = list(itertools.islice(self.pending, self.block))
+            if not arrived:
+                break
+            editor = arrived[0].editor
+            if editor.hparams.fast_forward and editor.split_forward_supported:
+                _compute_live_rows(editor.lm, arrived)
+            self.ready.extend(arrived)
+        taken, self.ready = self.ready[:count], self.ready[count:]
+        return taken
+
+
+def _edit_in_windows(cls: type["RepresentationEditor"], lm: LoadedModel, hparams, seed: int,
+                     cases: Sequence[EditCase], window: int) -> Iterator[EditedCases]:
+    """``RepresentationEditor.edit_in_parallel``: ``window`` cases train at once and a stopped case's place is
+    taken by the next case at the following step, so the batch stays full until the cases run out."""
+    made: list[RepresentationEditor] = []
+    handed_out: set[int] = set()
+
+    def jobs() -> Iterator[_Job]:
+        for case in cases:
+            torch.manual_seed(seed)  # as before each one-by-one edit
+            made.append(cls(lm, hparams, seed))
+            yield _Job(made[-1], [case])
+
+    router: _Router | None = None
+    finished: list[_Job] = []
+    try:
+        pending = jobs()
+        first = next(pending, None)
+        if first is None:
+            return
+        router = _Router(lm, first.editor.layer_ids)
+        started = time.perf_counter()
+        for stopped in _train_stream(router, itertools.chain([first], pending), window, packed=window > 1):
+            finished.extend(stopped)
+            if len(finished) >= window or len(handed_out) + len(finished) == len(cases):
+                seconds = time.perf_counter() - started
+                group = CaseParallel([job.editor for job in finished])
+                handed_out.update(id(job.editor) for job in finished)
+                yield EditedCases(group, [job.cases[0] for job in finished], [job.stats for job in finished], seconds)  # type: ignore[misc]
+                finished = []
+                started = time.perf_counter()
+    finally:
+        if router is not None:
+            router.remove()
+        for editor in made:
+            if id(editor) not in handed_out:
+                editor.restore()
 
 
 class CaseParallel(IndependentEdits):

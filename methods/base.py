@@ -16,12 +16,13 @@ import importlib
 import math
 import pkgutil
 import sys
+import time
 import types
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 import yaml
@@ -150,6 +151,22 @@ class Editor(ABC):
         initial state, same steps."""
         return None
 
+    @classmethod
+    def edit_in_parallel(cls, lm: LoadedModel, hparams: Any, seed: int, cases: Sequence[EditCase],
+                         window: int) -> "Iterator[EditedCases] | None":
+        """Single edits of ``cases``, ``window`` at a time, as groups of finished cases to score; None where the
+        method has no case-parallel path (``independent`` gives None).
+
+        This default trains the cases in chunks of ``window`` through ``independent``: a chunk runs until its
+        slowest case stops.  A method whose trainer can take new cases while others train overrides it and keeps
+        the batch full (the representation methods do).  The caller scores each yielded group, restores it, and
+        closes the iterator when it stops early (which restores whatever is still training).
+        """
+        cases = list(cases)
+        torch.manual_seed(seed)
+        first = cls.independent(lm, hparams, seed, min(window, len(cases)))
+        return None if first is None else _chunked(cls, lm, hparams, seed, cases, window, first)
+
 
 def group_runs(batch: TFBatch) -> list[tuple[int, int, int]]:
     """(case index, first row, end row) of each run of consecutive rows that ``batch.groups`` gives one case."""
@@ -162,6 +179,37 @@ def group_runs(batch: TFBatch) -> list[tuple[int, int, int]]:
             runs.append((groups[start], start, row))
             start = row
     return runs
+
+
+def _chunked(cls: type[Editor], lm: LoadedModel, hparams: Any, seed: int, cases: list[EditCase], window: int,
+             first: "IndependentEdits") -> "Iterator[EditedCases]":
+    group: IndependentEdits | None = first
+    for start in range(0, len(cases), window):
+        chunk = cases[start : start + window]
+        if start > 0:
+            torch.manual_seed(seed)
+            group = cls.independent(lm, hparams, seed, len(chunk))
+        if group is None or len(group.editors) != len(chunk):
+            raise RuntimeError(f"{cls.name}.independent gave no editors for {len(chunk)} cases")
+        started = time.perf_counter()
+        try:
+            stats = group.apply(chunk)
+        except BaseException:
+            group.restore()
+            raise
+        yield EditedCases(group, chunk, stats, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class EditedCases:
+    """Cases whose single edits finished (``Editor.edit_in_parallel``): ``group.editors[i]`` edited ``cases[i]``;
+    ``group.logits`` routes rows by ``TFBatch.groups`` (an index into ``cases``); the caller restores ``group``.
+    ``seconds`` is the training wall time spent since the previous group was handed out."""
+
+    group: "IndependentEdits"
+    cases: list[EditCase]
+    stats: list[EditStats]
+    seconds: float
 
 
 class IndependentEdits(ABC):

@@ -35,8 +35,9 @@ from kebench.core.models import LoadedModel
 
 SCENARIO_KINDS = ("single", "continual", "batched")
 #: rows per scoring batch when K cases are scored together: the full-vocabulary logits of a batch dominate
-#: a small model's peak memory (SmolLM2: 16 rows x 40 tokens x 49,152 x 4 bytes = 126 MB)
-GROUPED_EVAL_ROWS = 16
+#: a small model's peak memory (SmolLM2: 8 rows x 40 tokens x 49,152 x 4 bytes = 63 MB; with 16 rows a K = 10
+#: BaFT run peaked 160 MB higher, at 1545 MB, for the same scoring time within noise)
+GROUPED_EVAL_ROWS = 8
 PROBE_TEXTS = (
     "The capital of France is",
     "Water boils at a temperature of",
@@ -275,48 +276,53 @@ def _run_case_parallel(lm: LoadedModel, editor_class: type[Editor], hparams, str
                        parallel: int, seed: int, metrics: Sequence[str], pre: PreEdit,
                        on_edit: Callable[[int], None] | None, reference: torch.Tensor | None,
                        extra_scorer: ExtraScorer | None, result: ScenarioResult) -> bool:
-    """Single editing, ``parallel`` independent cases per batch (``Editor.independent``); each case is a
-    stream of its own, as in the one-by-one run, and gets the same result.  A case's ``seconds`` is its
-    share of the batch's wall time.  False, having done nothing, where the method has no case-parallel path."""
-    torch.manual_seed(seed)
-    group = editor_class.independent(lm, hparams, seed, min(parallel, len(streams)))
-    if group is None:
+    """Single editing, ``parallel`` independent cases training at once (``Editor.edit_in_parallel``); each case
+    is a stream of its own, as in the one-by-one run, and gets the same result.  A case's ``seconds`` is its
+    share of the training time.  False, having done nothing, where the method has no case-parallel path."""
+    cases = [stream[0][0] for stream in streams]
+    edited = editor_class.edit_in_parallel(lm, hparams, seed, cases, parallel)
+    if edited is None:
         return False
     result.notes.append(f"parallel_cases={parallel}: single edits trained {parallel} at a time in one batch, "
-                        "each with its own editor; s/edit is the batch time / cases")
-    for first in range(0, len(streams), parallel):
-        chunk = [stream[0][0] for stream in streams[first : first + parallel]]
-        extra_state = extra_scorer.before(plain_logits(lm), lm, chunk) if extra_scorer is not None else None
-        if first > 0:
-            torch.manual_seed(seed)
-            group = editor_class.independent(lm, hparams, seed, len(chunk))
-        if group is None or len(group.editors) != len(chunk):
-            raise RuntimeError(f"{editor_class.name}.independent gave no editors for {len(chunk)} cases")
-        try:
-            started = time.perf_counter()
-            stats = group.apply(chunk)
-            share = (time.perf_counter() - started) / len(chunk)
-            result.edit_seconds.extend([share] * len(chunk))
+                        "each with its own editor; s/edit is the training time / cases")
+    extra_state = extra_scorer.before(plain_logits(lm), lm, cases) if extra_scorer is not None else None
+    position = {case.case_id: index for index, case in enumerate(cases)}
+    rows: dict[int, list[CaseResult]] = {}
+    artifacts: dict[int, dict] = {}
+    try:
+        for done in edited:
+            group = done.group
+            share = done.seconds / len(done.cases)
+            result.edit_seconds.extend([share] * len(done.cases))
             if on_edit is not None:
-                on_edit(len(chunk))
-            scores = score_cases(group.logits, lm.tokenizer, lm.pad_token_id, lm.device, chunk, pre, metrics,
-                                 batch_size=GROUPED_EVAL_ROWS, grouped=True)
-            if extra_scorer is not None:
-                for editor, case in zip(group.editors, chunk):
-                    extra = extra_scorer.after(editor.logits, lm, [case], extra_state)
-                    scores.append(CaseScores(case.case_id, tuple(sorted(extra[case.case_id].items())),
-                                             extra_scorer.protocol))
-            editors = list(group.editors)
-            result.trainable_parameters = max(result.trainable_parameters, editors[0].trainable_parameters())
-            result.paper_parameters = editors[0].paper_parameters()
-            result.artifacts.extend(editor.artifacts([case]) for editor, case in zip(editors, chunk))
-        finally:
-            group.restore()
-        if reference is not None and not torch.equal(_probe_logits(lm), reference):
-            raise RuntimeError(f"{editor_class.name}: restore() did not return the model to its original outputs "
-                               f"(cases {first}..{first + len(chunk) - 1})")
-        position = {case.case_id: index for index, case in enumerate(chunk)}
-        for score in scores:
-            index = position[score.case_id]
-            result.cases.append(CaseResult(score.case_id, first + index, score, share, stats[index].steps))
+                on_edit(len(done.cases))
+            try:
+                scores = score_cases(group.logits, lm.tokenizer, lm.pad_token_id, lm.device, done.cases, pre, metrics,
+                                     batch_size=GROUPED_EVAL_ROWS, grouped=True)
+                if extra_scorer is not None:
+                    for editor, case in zip(group.editors, done.cases):
+                        extra = extra_scorer.after(editor.logits, lm, [case], extra_state)
+                        scores.append(CaseScores(case.case_id, tuple(sorted(extra[case.case_id].items())),
+                                                 extra_scorer.protocol))
+                editors = list(group.editors)
+                result.trainable_parameters = max(result.trainable_parameters, editors[0].trainable_parameters())
+                result.paper_parameters = editors[0].paper_parameters()
+                for editor, case in zip(editors, done.cases):
+                    artifacts[position[case.case_id]] = editor.artifacts([case])
+            finally:
+                group.restore()
+            if reference is not None and not torch.equal(_probe_logits(lm), reference):
+                raise RuntimeError(f"{editor_class.name}: restore() did not return the model to its original outputs "
+                                   f"(cases {', '.join(case.case_id for case in done.cases)})")
+            steps = {case.case_id: stats.steps for case, stats in zip(done.cases, done.stats)}
+            for score in scores:
+                index = position[score.case_id]
+                rows.setdefault(index, []).append(CaseResult(score.case_id, index, score, share, steps[score.case_id]))
+    finally:
+        close = getattr(edited, "close", None)  # a generator restores whatever was still training
+        if close is not None:
+            close()
+    for index in sorted(rows):  # the one-by-one order, whatever order the cases finished in
+        result.cases.extend(rows[index])
+    result.artifacts.extend(artifacts[index] for index in sorted(artifacts))
     return True

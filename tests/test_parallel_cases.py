@@ -67,6 +67,67 @@ def test_parallel_cases_equal_one_by_one(tiny_lm, method, parallel):
     assert len(batched.artifacts) == len(cases)
 
 
+def test_unrelated_rows_that_leave_below_the_top_layer_change_nothing(tiny_lm):
+    """BaFT intervening at layer 0 of 2: its unrelated (locality) rows stop after layer 0 in the packed batch,
+    and every case still equals its one-by-one edit."""
+    cases = _cases(6)
+    overrides = {**STAGGERED, "layers": [0]}
+    sequential = _by_case(_run(tiny_lm, "baft", cases, 1, **overrides))
+    together = _by_case(_run(tiny_lm, "baft", cases, 4, **overrides))
+    for case_id, (scores, steps) in sequential.items():
+        other_scores, other_steps = together[case_id]
+        assert other_steps == steps, case_id
+        for metric, value in scores.items():
+            assert abs(other_scores[metric] - value) <= TOLERANCE, f"{case_id} {metric}"
+
+
+def test_a_stopped_case_is_replaced_at_once_and_rows_keep_the_input_order(tiny_lm):
+    """Window 2 over 6 cases: the batch is refilled as cases stop, so cases finish out of input order; the
+    scenario still reports them in input order, each with its own artifact."""
+    cases = _cases(6)
+    hparams = load_hparams("baft", tiny_lm.name, "single", STAGGERED)
+    finished = []
+    edited = get_method("baft").edit_in_parallel(tiny_lm, hparams, 0, cases, 2)
+    for done in edited:
+        assert len(done.cases) <= 3 and done.seconds > 0
+        finished.extend(case.case_id for case in done.cases)
+        done.group.restore()
+    assert sorted(finished) == sorted(case.case_id for case in cases)
+    chunk = {case.case_id: index // 2 for index, case in enumerate(cases)}  # the chunks of a chunked run
+    assert any(chunk[first] > chunk[second] for position, first in enumerate(finished) for second in finished[position + 1:]), \
+        f"finished {finished}: no case overtook a case of an earlier chunk, so nothing joined a running batch"
+    result = _run(tiny_lm, "baft", cases, 2, **STAGGERED)
+    assert [case.case_id for case in result.cases] == [case.case_id for case in cases]
+    assert len(result.artifacts) == len(cases) and len(result.edit_seconds) == len(cases)
+
+
+def test_closing_the_stream_early_restores_every_editor(tiny_lm):
+    from orchestrator.scenarios import _probe_logits
+
+    reference = _probe_logits(tiny_lm)
+    hooks_before = [len(layer._forward_hooks) for layer in tiny_lm.layers]
+    hparams = load_hparams("baft", tiny_lm.name, "single", STAGGERED)
+    edited = get_method("baft").edit_in_parallel(tiny_lm, hparams, 0, _cases(6), 3)
+    first = next(edited)
+    first.group.restore()
+    edited.close()  # three cases never finished
+    assert [len(layer._forward_hooks) for layer in tiny_lm.layers] == hooks_before
+    assert torch.equal(_probe_logits(tiny_lm), reference)
+
+
+def test_bins_hold_every_row_once_and_pack_short_rows_together():
+    from methods._representation import _bins
+
+    lengths, prefixes = [9, 3, 3, 8, 2, 7], [5, 4, 6, 5, 3, 4]
+    bins = _bins(lengths, prefixes, hidden_size=16)  # attention dear next to the linear maps
+    assert sorted(row for members in bins for row in members) == list(range(len(lengths)))
+    assert 1 < len(bins) < len(lengths)  # neither one long sequence nor one sequence per row
+    width = max(sum(lengths[row] for row in members) for members in bins)
+    assert width < sum(lengths) and len(bins) * width < len(lengths) * max(lengths)
+    assert _bins(lengths, prefixes, hidden_size=16) == bins  # deterministic
+    assert len(_bins(lengths, prefixes, hidden_size=10**6)) == 1  # attention nearly free: one sequence
+
+
 @pytest.mark.parametrize("method", ["baft", "reft"])
 def test_each_case_keeps_its_own_parameters(tiny_lm, method):
     """The trained R, A, b (and gates) of every case equal that case's one-by-one editor's."""
