@@ -288,8 +288,9 @@ def _live_rows(forward: _SplitForward, batch: TFBatch, intervened: torch.Tensor,
         length, split = int(forward.live_real[i].sum()), int(forward.split[i])
         prompt, end = int(batch.prompt_lengths[i]), int(batch.lengths[i])
         edit = bool(is_edit[i])
-        columns = torch.arange(prompt - 1, end - 1, device=device) - split if edit else torch.zeros(0, dtype=torch.long, device=device)
-        labels = batch.input_ids[i, prompt:end] if edit else torch.zeros(0, dtype=torch.long, device=device)
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        columns = torch.arange(prompt - 1, end - 1, device=device) - split if edit else none
+        labels = batch.input_ids[i, prompt:end] if edit else none
         rows.append(_LiveRow(
             split, {layer: key[i, :, :split] for layer, key in upper_keys.items()},
             {layer: value[i, :, :split] for layer, value in upper_values.items()},
@@ -369,8 +370,8 @@ class _Blocks:
         query_row, query_offset, prefix_row = query_row.to(device), query_offset.to(device), prefix_row.to(device)
         real = (query_row >= 0)[:, :, None]
         sees_prefix = (prefix_row[:, None, :] == query_row[:, :, None]) & real
-        sees_live = ((query_row[:, None, :] == query_row[:, :, None]) & (query_offset[:, None, :] <= query_offset[:, :, None])
-                     & real)
+        same_row = query_row[:, None, :] == query_row[:, :, None]
+        sees_live = same_row & (query_offset[:, None, :] <= query_offset[:, :, None]) & real
         # a padding slot attends to itself alone, so that no softmax row is empty (its output is never read)
         sees_live |= torch.eye(width, dtype=torch.bool, device=device)[None] & ~real
         self.mask = torch.cat([sees_prefix, sees_live], dim=2)[:, None]  # [G, 1, W, P + W]
@@ -388,7 +389,8 @@ class _Blocks:
                 block = tokens.new_zeros(count, prefix_width, *tokens.shape[1:]).index_put(prefix_index, tokens)
                 stored[layer] = block.transpose(1, 2)  # [G, heads, P, dim]
 
-    def routing(self, routes: Sequence[_Route], mask: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    def routing(self, routes: Sequence[_Route],
+                mask: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per route: the flat block positions of its intervened tokens, and their (row within the route,
         column) places in the padded layout.  Computed once per (routes, mask): a layout asks at every layer."""
         if self._routing is None or self._routing[0] is not routes or self._routing[1] is not mask:
@@ -972,7 +974,8 @@ def _edit_in_windows(cls: type["RepresentationEditor"], lm: LoadedModel, hparams
                 seconds = time.perf_counter() - started
                 group = CaseParallel([job.editor for job in finished])
                 handed_out.update(id(job.editor) for job in finished)
-                yield EditedCases(group, [job.cases[0] for job in finished], [job.stats for job in finished], seconds)  # type: ignore[misc]
+                stats = [job.stats for job in finished]
+                yield EditedCases(group, [job.cases[0] for job in finished], stats, seconds)  # type: ignore[arg-type]
                 finished = []
                 started = time.perf_counter()
     finally:

@@ -94,8 +94,8 @@ def test_a_stopped_case_is_replaced_at_once_and_rows_keep_the_input_order(tiny_l
         done.group.restore()
     assert sorted(finished) == sorted(case.case_id for case in cases)
     chunk = {case.case_id: index // 2 for index, case in enumerate(cases)}  # the chunks of a chunked run
-    assert any(chunk[first] > chunk[second] for position, first in enumerate(finished) for second in finished[position + 1:]), \
-        f"finished {finished}: no case overtook a case of an earlier chunk, so nothing joined a running batch"
+    overtook = any(chunk[first] > chunk[second] for position, first in enumerate(finished) for second in finished[position + 1:])
+    assert overtook, f"finished {finished}: no case overtook a case of an earlier chunk, so nothing joined a running batch"
     result = _run(tiny_lm, "baft", cases, 2, **STAGGERED)
     assert [case.case_id for case in result.cases] == [case.case_id for case in cases]
     assert len(result.artifacts) == len(cases) and len(result.edit_seconds) == len(cases)
