@@ -58,6 +58,9 @@ from kebench.core.models import LoadedModel
 #: exact for them.  Other architectures use the full forward.
 SPLIT_FORWARD_MODEL_TYPES = frozenset({"llama"})
 
+#: pairs per forward when basis weights are read out (a long stream's artifacts would otherwise be one batch)
+BASIS_WEIGHT_ROWS = 32
+
 #: what ``early_stop_loss`` is compared with (``early_stop_on``; see ``RepresentationEditor.stop_value``)
 EARLY_STOP_RULES = ("mean_ce", "sum_ce", "total")
 
@@ -630,12 +633,15 @@ class RepresentationEditor(Editor):
         averaged over the intervened positions of ``prompt + " " + answer`` (the last ``last_prompt_tokens``
         prompt tokens and every answer token), under the current intervention (W ≡ 1 for ReFT).
 
-        Runs the model under ``torch.no_grad()``; an editor that was restored hooks itself on for the call and
-        off again, so the model is left as it was.
+        Runs the model under ``torch.no_grad()``, ``BASIS_WEIGHT_ROWS`` pairs at a time; an editor that was
+        restored hooks itself on for the call and off again, so the model is left as it was.
         """
-        rank = self.hparams.rank
         if not pairs:
-            return torch.zeros(0, len(self.layer_ids), rank, dtype=torch.float32)
+            return torch.zeros(0, len(self.layer_ids), self.hparams.rank, dtype=torch.float32)
+        return torch.cat([self._mean_basis_weights(pairs[start:start + BASIS_WEIGHT_ROWS])
+                          for start in range(0, len(pairs), BASIS_WEIGHT_ROWS)])
+
+    def _mean_basis_weights(self, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
         lm = self.lm
         batch = encode(lm.tokenizer, list(pairs), lm.pad_token_id).to(lm.device)
         mask = batch.intervention_mask(self.hparams.last_prompt_tokens)

@@ -142,7 +142,12 @@ class BaFT(RepresentationEditor):
             "rephrase": [(case.rephrase[0], case.target_new) for case in cases if case.rephrase],
             "unrelated": [(items[0].prompt, items[0].answer) for case in cases for items in case.locality.values() if items],
         }
-        gates = {kind: self.gate_weights(pairs).mean(dim=0).tolist() for kind, pairs in inputs.items() if pairs}
+        kinds = [kind for kind, pairs in inputs.items() if pairs]
+        weights = self.gate_weights([pair for kind in kinds for pair in inputs[kind]])  # one pass for the three kinds
+        gates, start = {}, 0
+        for kind in kinds:
+            gates[kind] = weights[start:start + len(inputs[kind])].mean(dim=0).tolist()
+            start += len(inputs[kind])
         return {"gate_weights": {"layers": list(self.layer_ids), **gates}}
 
     def irrelevant_pairs(self, cases: Sequence[EditCase]) -> list[tuple[str, str]]:

@@ -365,3 +365,25 @@ def test_parameter_counts_measured_and_table3_convention(tiny_lm):
     assert editor.paper_parameters() == layers * (3 * r * d + d + r)
     assert 4 * (3 * 12 * 4096 + 4096 + 12) == 606_256
     editor.restore()
+
+
+def test_gate_weights_of_many_pairs_and_the_artifacts_read_each_pair_alone(tiny_lm):
+    """Read out in chunks of BASIS_WEIGHT_ROWS, each pair's weights are the ones it gets on its own; the artifacts'
+    one pass over edit, rephrase and unrelated texts gives each kind the mean of its own pairs."""
+    from methods import _representation
+
+    editor = _editor(tiny_lm, "baft", max_steps=10)
+    editor.apply(CASES[:1])
+    pairs = [(case.prompt, case.target_new) for case in CASES] * (_representation.BASIS_WEIGHT_ROWS // len(CASES) + 2)
+    together = editor.gate_weights(pairs)
+    assert together.shape[0] == len(pairs) > _representation.BASIS_WEIGHT_ROWS
+    for index in (0, len(pairs) - 1):
+        torch.testing.assert_close(together[index], editor.gate_weights([pairs[index]])[0], atol=1e-5, rtol=1e-5)
+    gates = editor.artifacts(CASES[:1])["gate_weights"]
+    case = CASES[0]
+    alone = {"edit": [(case.prompt, case.target_new)], "rephrase": [(case.rephrase[0], case.target_new)],
+             "unrelated": [(items[0].prompt, items[0].answer) for items in case.locality.values() if items]}
+    for kind, kind_pairs in alone.items():
+        expected = editor.gate_weights(kind_pairs).mean(dim=0)
+        torch.testing.assert_close(torch.tensor(gates[kind]), expected, atol=1e-5, rtol=1e-5)
+    editor.restore()
