@@ -434,7 +434,8 @@ class _Packing:
     Rows that train no token (BaFT's unrelated rows) matter only through their basis weights at the intervened
     layers, so they leave the block after the highest intervened layer: the layers above run the edit rows
     alone (a second block).  Calling it returns the final-norm hidden states in the padded [B, W] layout
-    (unrelated rows zero); the router's hooks unpack, intervene and pack again at the intervened layers.
+    (unrelated rows zero); at the intervened layers the router's hooks replace each case's intervened tokens
+    in the lower block (``_Blocks.routing``).
     """
 
     def __init__(self, lm: LoadedModel, layer_ids: Sequence[int], rows: Sequence[_LiveRow]) -> None:
@@ -602,6 +603,11 @@ class RepresentationEditor(Editor):
         self._router: _Router | None = _Router(lm, self.layer_ids)
         self.split_forward_supported = getattr(lm.model.config, "model_type", "") in SPLIT_FORWARD_MODEL_TYPES
 
+    @property
+    def runs_split_forward(self) -> bool:
+        """Training runs the frozen part once per edit (``fast_forward`` on a model the split forward supports)."""
+        return bool(self.hparams.fast_forward) and self.split_forward_supported
+
     @classmethod
     def independent(cls, lm: LoadedModel, hparams, seed: int, copies: int) -> "CaseParallel":
         return CaseParallel([cls(lm, hparams, seed) for _ in range(copies)])
@@ -763,8 +769,7 @@ class _Layout:
 
     @classmethod
     def build(cls, lm: LoadedModel, jobs: Sequence[_Job], packed: bool = False) -> "_Layout":
-        editor = jobs[0].editor
-        splits = editor.hparams.fast_forward and editor.split_forward_supported
+        splits = jobs[0].editor.runs_split_forward
         if packed and splits:
             _compute_live_rows(lm, jobs)
             return cls._packed(lm, jobs)
@@ -866,8 +871,6 @@ def _train_stream(router: _Router, pending: Iterator[_Job], window: int, packed:
     if not active:
         return
     hp, lm = active[0].editor.hparams, active[0].editor.lm
-    for job in active:
-        job.optimizer = job.editor.optimizer()
     layout = _Layout.build(lm, active, packed)
     head = lm.model.get_output_embeddings()
     while active:
@@ -915,8 +918,6 @@ def _train_stream(router: _Router, pending: Iterator[_Job], window: int, packed:
             yield stopped
         still = [active[position] for position, _ in stepping]
         joining = arrivals.take(window - len(still))
-        for job in joining:
-            job.optimizer = job.editor.optimizer()
         active = still + joining
         if not still:
             if joining:
@@ -938,17 +939,19 @@ class _Arrivals:
         self.ready: list[_Job] = []
 
     def take(self, count: int) -> list[_Job]:
-        if not self.packed:
-            return list(itertools.islice(self.pending, count))
-        while len(self.ready) < count:
+        """Up to ``count`` jobs, each with its optimizer for this edit call."""
+        while self.packed and len(self.ready) < count:
             arrived = list(itertools.islice(self.pending, self.block))
             if not arrived:
                 break
-            editor = arrived[0].editor
-            if editor.hparams.fast_forward and editor.split_forward_supported:
-                _compute_live_rows(editor.lm, arrived)
+            if arrived[0].editor.runs_split_forward:
+                _compute_live_rows(arrived[0].editor.lm, arrived)
             self.ready.extend(arrived)
+        if not self.packed:
+            self.ready.extend(itertools.islice(self.pending, count))
         taken, self.ready = self.ready[:count], self.ready[count:]
+        for job in taken:
+            job.optimizer = job.editor.optimizer()
         return taken
 
 
