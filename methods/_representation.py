@@ -278,30 +278,6 @@ class _LiveRow:
         return int(self.start_hidden.shape[0])
 
 
-def _live_rows(forward: _SplitForward, batch: TFBatch, intervened: torch.Tensor, is_edit: torch.Tensor) -> list[_LiveRow]:
-    """The rows of a padded split forward, each cut to its own prefix and live lengths (the prefix keys and
-    values of the layers that run at every step only)."""
-    live_intervened = forward.gather(intervened)
-    upper_keys = {layer: key for layer, key in forward.kv.keys.items() if layer >= forward.start_layer}
-    upper_values = {layer: value for layer, value in forward.kv.values.items() if layer >= forward.start_layer}
-    cos, sin = forward.position_embeddings
-    device = batch.input_ids.device
-    rows = []
-    for i in range(batch.size):
-        length, split = int(forward.live_real[i].sum()), int(forward.split[i])
-        prompt, end = int(batch.prompt_lengths[i]), int(batch.lengths[i])
-        edit = bool(is_edit[i])
-        none = torch.zeros(0, dtype=torch.long, device=device)
-        columns = torch.arange(prompt - 1, end - 1, device=device) - split if edit else none
-        labels = batch.input_ids[i, prompt:end] if edit else none
-        rows.append(_LiveRow(
-            split, {layer: key[i, :, :split] for layer, key in upper_keys.items()},
-            {layer: value[i, :, :split] for layer, value in upper_values.items()},
-            forward.start_hidden[i, :length], forward.position_ids[i, :length], cos[i, :length], sin[i, :length],
-            live_intervened[i, :length], edit, columns, labels))
-    return rows
-
-
 def _bins(lengths: Sequence[int], prefixes: Sequence[int], hidden_size: int) -> list[list[int]]:
     """Rows grouped into the sequences of a packed batch, the grouping that minimises the estimated step cost.
 
@@ -331,36 +307,42 @@ def _bins(lengths: Sequence[int], prefixes: Sequence[int], hidden_size: int) -> 
     return best
 
 
-class _Blocks:
-    """Rows packed into a few sequences, a [G, W] block with little padding (see ``_bins``).
+@dataclass(frozen=True)
+class _Plan:
+    """Rows packed into the sequences ``_bins`` chooses: a [G, W] block of their tokens, each row's ``prefix`` cached
+    keys in a [G, P] block beside it, and the attention mask that keeps every query within its own row (a query sees
+    its row's prefix keys and its row's tokens up to itself, exactly what it sees in a padded layout)."""
 
-    Attention stays within a row: a packed query sees its own row's prefix keys and its row's live keys up to
-    itself, exactly the keys it sees in the padded layout.  ``pack`` and ``unpack`` convert between the block
-    and the padded [B, W] layout (``row_ids`` give each row's place there; padding is zero).
-    """
+    shape: tuple[int, int]
+    prefix_width: int
+    order: list[int]  # the rows in the order of the token indices below
+    places: dict[int, tuple[int, int]]  # row -> (sequence, first slot)
+    token_row: list[int]  # per token (rows in ``order``, columns ascending): its row and column
+    token_column: list[int]
+    packed_index: tuple[torch.Tensor, torch.Tensor]  # per token: its (sequence, slot)
+    prefix_index: tuple[torch.Tensor, torch.Tensor]  # per prefix key (same row order): its (sequence, slot)
+    mask: torch.Tensor  # [G, 1, W, P + W] bool
 
-    def __init__(self, rows: Sequence[_LiveRow], row_ids: Sequence[int], unpacked_shape: tuple[int, int],
-                 hidden_size: int, layers: range) -> None:
-        device = rows[0].start_hidden.device
-        lengths, prefixes = [row.length for row in rows], [row.split for row in rows]
+    @classmethod
+    def build(cls, lengths: Sequence[int], prefixes: Sequence[int], hidden_size: int, device: torch.device) -> "_Plan":
         bins = _bins(lengths, prefixes, hidden_size)
         width = max(sum(lengths[row] for row in members) for members in bins)
         prefix_width = max(sum(prefixes[row] for row in members) for members in bins)
         count = len(bins)
-        self.shape, self.unpacked_shape = (count, width), unpacked_shape
-        self._routing: tuple | None = None
         query_row = torch.full((count, width), -1, dtype=torch.long)
         query_offset = torch.zeros(count, width, dtype=torch.long)
         prefix_row = torch.full((count, prefix_width), -1, dtype=torch.long)
         token_row, token_column, token_bin, token_slot, prefix_bin, prefix_slot = [], [], [], [], [], []
+        places = {}
         for index, members in enumerate(bins):
             offset = prefix_offset = 0
             for row in members:
                 length, split = lengths[row], prefixes[row]
+                places[row] = (index, offset)
                 query_row[index, offset:offset + length] = row
                 query_offset[index, offset:offset + length] = torch.arange(length)
                 prefix_row[index, prefix_offset:prefix_offset + split] = row
-                token_row += [row_ids[row]] * length
+                token_row += [row] * length
                 token_column += range(length)
                 token_bin += [index] * length
                 token_slot += range(offset, offset + length)
@@ -368,8 +350,6 @@ class _Blocks:
                 prefix_slot += range(prefix_offset, prefix_offset + split)
                 offset, prefix_offset = offset + length, prefix_offset + split
         as_index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        self.unpacked_index = (as_index(token_row), as_index(token_column))
-        self.packed_index = (as_index(token_bin), as_index(token_slot))
         query_row, query_offset, prefix_row = query_row.to(device), query_offset.to(device), prefix_row.to(device)
         real = (query_row >= 0)[:, :, None]
         sees_prefix = (prefix_row[:, None, :] == query_row[:, :, None]) & real
@@ -377,20 +357,45 @@ class _Blocks:
         sees_live = same_row & (query_offset[:, None, :] <= query_offset[:, :, None]) & real
         # a padding slot attends to itself alone, so that no softmax row is empty (its output is never read)
         sees_live |= torch.eye(width, dtype=torch.bool, device=device)[None] & ~real
-        self.mask = torch.cat([sees_prefix, sees_live], dim=2)[:, None]  # [G, 1, W, P + W]
-        self.in_order = [rows[row] for members in bins for row in members]  # the order of the token indices above
+        return cls((count, width), prefix_width, [row for members in bins for row in members], places, token_row,
+                   token_column, (as_index(token_bin), as_index(token_slot)), (as_index(prefix_bin), as_index(prefix_slot)),
+                   torch.cat([sees_prefix, sees_live], dim=2)[:, None])
+
+    def scatter(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token values ([N, ...], rows in ``order``) laid out in the [G, W] block (padding zero)."""
+        return tokens.new_zeros(*self.shape, *tokens.shape[1:]).index_put(self.packed_index, tokens)
+
+    def tokens(self, block: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``scatter``: [N, ...] in ``order``."""
+        return block[self.packed_index]
+
+
+class _Blocks:
+    """Live rows packed into a few sequences, a [G, W] block with little padding (``_Plan``), with their prefix keys and
+    values at the layers ``layers``.  ``pack`` and ``unpack`` convert between the block and the padded [B, W] layout
+    (``row_ids`` give each row's place there; padding is zero)."""
+
+    def __init__(self, rows: Sequence[_LiveRow], row_ids: Sequence[int], unpacked_shape: tuple[int, int],
+                 hidden_size: int, layers: range) -> None:
+        device = rows[0].start_hidden.device
+        plan = _Plan.build([row.length for row in rows], [row.split for row in rows], hidden_size, device)
+        self.plan, self.shape, self.unpacked_shape, self.mask = plan, plan.shape, unpacked_shape, plan.mask
+        self.packed_index = plan.packed_index
+        as_index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        self.unpacked_index = (as_index([row_ids[row] for row in plan.token_row]), as_index(plan.token_column))
+        self._routing: tuple | None = None
+        self.in_order = [rows[row] for row in plan.order]  # the order of the token indices above
         self.position_ids = self.scatter_rows([row.position_ids for row in self.in_order])
         self.position_embeddings = (self.scatter_rows([row.cos for row in self.in_order]),
                                     self.scatter_rows([row.sin for row in self.in_order]))
         self.kv = _PrefixKV()
         self.kv.recording = False
-        prefix_index = (as_index(prefix_bin), as_index(prefix_slot))
         for layer in sorted({layer for row in rows for layer in row.keys if layer in layers}):
             for stored, per_row in ((self.kv.keys, [row.keys for row in self.in_order]),
                                     (self.kv.values, [row.values for row in self.in_order])):
                 tokens = torch.cat([kv[layer].transpose(0, 1) for kv in per_row if layer in kv])  # [sum split, heads, dim]
-                block = tokens.new_zeros(count, prefix_width, *tokens.shape[1:]).index_put(prefix_index, tokens)
-                stored[layer] = block.transpose(1, 2)  # [G, heads, P, dim]
+                block = tokens.new_zeros(plan.shape[0], plan.prefix_width, *tokens.shape[1:])
+                stored[layer] = block.index_put(plan.prefix_index, tokens).transpose(1, 2)  # [G, heads, P, dim]
 
     def routing(self, routes: Sequence[_Route],
                 mask: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -410,8 +415,7 @@ class _Blocks:
 
     def scatter_rows(self, per_row: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-row tensors ([n_i, ...], in ``in_order``) laid out in the block."""
-        tokens = torch.cat(list(per_row))
-        return tokens.new_zeros(*self.shape, *tokens.shape[1:]).index_put(self.packed_index, tokens)
+        return self.plan.scatter(torch.cat(list(per_row)))
 
     def layer(self, layer: nn.Module, hidden: torch.Tensor, cache_keyword: str) -> torch.Tensor:
         out = layer(hidden, attention_mask=self.mask, position_ids=self.position_ids, use_cache=False,
@@ -419,8 +423,7 @@ class _Blocks:
         return out[0] if isinstance(out, tuple) else out
 
     def pack(self, hidden: torch.Tensor) -> torch.Tensor:
-        packed = hidden[self.unpacked_index]
-        return packed.new_zeros(*self.shape, packed.shape[-1]).index_put(self.packed_index, packed)
+        return self.plan.scatter(hidden[self.unpacked_index])
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         padded = packed.new_zeros(*self.unpacked_shape, packed.shape[-1])
@@ -750,13 +753,20 @@ def _encode_jobs(lm: LoadedModel, jobs: Sequence[_Job]) -> tuple[TFBatch, torch.
     return batch, torch.cat([job.is_edit for job in jobs]).to(batch.input_ids.device)
 
 
-def _split_forward(lm: LoadedModel, jobs: Sequence[_Job], batch: TFBatch, is_edit: torch.Tensor) -> _SplitForward:
-    """The frozen computation of ``batch``, each row split at its first intervened or target-predicting column."""
-    editor = jobs[0].editor
-    first_intervened = batch.intervention_mask(editor.hparams.last_prompt_tokens).float().argmax(dim=1)
+def _split_columns(batch: TFBatch, is_edit: torch.Tensor, intervened: torch.Tensor) -> torch.Tensor:
+    """[B] each row's first live column: its first intervened or target-predicting column (nothing before it changes
+    during an edit)."""
+    first_intervened = intervened.float().argmax(dim=1)
     first_predicting = (batch.prompt_lengths - 1).clamp_min(0)
     first_predicting = torch.where(is_edit, first_predicting, batch.lengths)  # unrelated rows train no tokens
-    return _SplitForward(lm, batch, editor.layer_ids[0], torch.minimum(first_intervened, first_predicting))
+    return torch.minimum(first_intervened, first_predicting)
+
+
+def _split_forward(lm: LoadedModel, jobs: Sequence[_Job], batch: TFBatch, is_edit: torch.Tensor) -> _SplitForward:
+    """The frozen computation of ``batch``, each row split at its first live column (``_split_columns``)."""
+    editor = jobs[0].editor
+    intervened = batch.intervention_mask(editor.hparams.last_prompt_tokens)
+    return _SplitForward(lm, batch, editor.layer_ids[0], _split_columns(batch, is_edit, intervened))
 
 
 class _Layout:
@@ -839,15 +849,82 @@ class _Layout:
 
 
 def _compute_live_rows(lm: LoadedModel, jobs: Sequence[_Job]) -> None:
-    """Run the frozen computation of the jobs that lack it, in one batch, and give each job its rows."""
+    """Run the frozen computation of the jobs that lack it, in one packed batch, and give each job its rows."""
     jobs = [job for job in jobs if not job.rows]
     if not jobs:
         return
     batch, is_edit = _encode_jobs(lm, jobs)
-    forward = _split_forward(lm, jobs, batch, is_edit)
-    rows = _live_rows(forward, batch, batch.intervention_mask(jobs[0].editor.hparams.last_prompt_tokens), is_edit)
+    editor = jobs[0].editor
+    intervened = batch.intervention_mask(editor.hparams.last_prompt_tokens)
+    rows = _packed_live_rows(lm, batch, _split_columns(batch, is_edit, intervened), intervened, is_edit,
+                             editor.layer_ids[0])
     for job in jobs:
         job.rows, rows = rows[:len(job.pairs)], rows[len(job.pairs):]
+
+
+def _run_packed(inner: nn.Module, layers: Sequence[nn.Module], plan: _Plan, hidden: torch.Tensor,
+                positions: torch.Tensor, kv: _PrefixKV | None,
+                embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``layers`` on a packed [G, W, d] block whose tokens sit at ``positions`` [G, W] of their rows."""
+    embeddings = embeddings or inner.rotary_emb(hidden, positions)
+    keyword = _cache_keyword(inner.layers[0])
+    for layer in layers:
+        out = layer(hidden, attention_mask=plan.mask, position_ids=positions, use_cache=False,
+                    position_embeddings=embeddings, **{keyword: kv})
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def _packed_live_rows(lm: LoadedModel, batch: TFBatch, split: torch.Tensor, intervened: torch.Tensor,
+                      is_edit: torch.Tensor, start_layer: int) -> list[_LiveRow]:
+    """Every row's frozen computation, its tokens packed into a few sequences (``_Plan``) instead of padded to the
+    longest row: the layers below ``start_layer`` on all of a row's tokens, then the layers from ``start_layer`` up on
+    its ``split`` prefix columns alone, recording their keys and values.  A padded batch of one-token-different rows
+    spends about half its frozen pass on padding; the result is the padded split forward's, up to float rounding."""
+    inner = lm.model.model
+    device = batch.input_ids.device
+    lengths, splits = batch.lengths.tolist(), split.tolist()
+    with torch.no_grad():
+        whole = _Plan.build(lengths, [0] * batch.size, lm.hidden_size, device)
+        ids = whole.scatter(torch.cat([batch.input_ids[row, :lengths[row]] for row in whole.order]))
+        positions = whole.scatter(torch.cat([torch.arange(lengths[row], device=device) for row in whole.order]))
+        hidden = inner.embed_tokens(ids)
+        embeddings = inner.rotary_emb(hidden, positions)
+        hidden = _run_packed(inner, inner.layers[:start_layer], whole, hidden, positions, None, embeddings)
+        cos, sin = (whole.tokens(t) for t in embeddings)
+        per_row, offset = {}, 0
+        for row, token_hidden in zip(whole.order, whole.tokens(hidden).split([lengths[r] for r in whole.order])):
+            per_row[row] = (token_hidden, cos[offset:offset + lengths[row]], sin[offset:offset + lengths[row]])
+            offset += lengths[row]
+        with_prefix = [row for row in range(batch.size) if splits[row] > 0]
+        prefix_place = {row: index for index, row in enumerate(with_prefix)}
+        kv = _PrefixKV()
+        prefix_plan = None
+        if with_prefix:
+            prefix_plan = _Plan.build([splits[row] for row in with_prefix], [0] * len(with_prefix), lm.hidden_size, device)
+            order = [with_prefix[index] for index in prefix_plan.order]
+            prefix = prefix_plan.scatter(torch.cat([per_row[row][0][:splits[row]] for row in order]))
+            prefix_positions = prefix_plan.scatter(torch.cat([torch.arange(splits[row], device=device) for row in order]))
+            _run_packed(inner, inner.layers[start_layer:], prefix_plan, prefix, prefix_positions, kv)
+    rows = []
+    for row in range(batch.size):
+        s, n = splits[row], lengths[row]
+        if prefix_plan is not None and s > 0:
+            sequence, slot = prefix_plan.places[prefix_place[row]]
+            keys = {layer: key[sequence, :, slot:slot + s] for layer, key in kv.keys.items()}
+            values = {layer: value[sequence, :, slot:slot + s] for layer, value in kv.values.items()}
+        else:
+            keys = {layer: key[0, :, :0] for layer, key in kv.keys.items()}
+            values = {layer: value[0, :, :0] for layer, value in kv.values.items()}
+        token_hidden, row_cos, row_sin = per_row[row]
+        prompt = int(batch.prompt_lengths[row])
+        edit = bool(is_edit[row])
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        rows.append(_LiveRow(
+            s, keys, values, token_hidden[s:], torch.arange(s, n, device=device), row_cos[s:], row_sin[s:],
+            intervened[row, s:n], edit, torch.arange(prompt - 1, n - 1, device=device) - s if edit else none,
+            batch.input_ids[row, prompt:n] if edit else none))
+    return rows
 
 
 def _train(router: _Router, jobs: Sequence[_Job], packed: bool = False) -> list[EditStats]:

@@ -18,6 +18,9 @@ adds EasyEdit's generation protocol), giving one ``CaseResult`` per case and pro
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import resource
 import time
 from dataclasses import dataclass, field
@@ -182,6 +185,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    library = ctypes.CDLL(name) if name else None
+    return getattr(library, "malloc_trim", None)  # glibc only (not macOS or musl)
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``, as Dask's workers do).
+
+    Between phases of a cell (training a batch, scoring it) glibc keeps what a phase freed: a training batch's
+    activations are many mid-sized blocks that it serves from its heap rather than from mmap, so the next
+    phase's allocations land on top of them and the process's resident memory is the sum of both phases'
+    peaks instead of the larger one.  A no-op where the C library has no ``malloc_trim``.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def run_scenario(
     lm: LoadedModel,
     method: str,
@@ -246,6 +269,7 @@ def run_scenario(
                     timings[case.case_id] = (elapsed, stats.steps)
                 if on_edit is not None:
                     on_edit(len(call))
+            release_freed_memory()
             scores = [score for protocol in protocols
                       for score in score_cases(editor.logits, lm.tokenizer, lm.pad_token_id, lm.device, stream_cases,
                                                pre, metrics, protocol=protocol)]
@@ -288,6 +312,7 @@ def _run_case_parallel(lm: LoadedModel, editor_class: type[Editor], hparams, str
                         "each with its own editor; s/edit is the training time / cases")
     extra_state = extra_scorer.before(plain_logits(lm), lm, cases) if extra_scorer is not None else None
     position = {case.case_id: index for index, case in enumerate(cases)}
+    release_freed_memory()  # the pre-edit scoring's batches, before the training batch is allocated
     rows: dict[int, list[CaseResult]] = {}
     artifacts: dict[int, dict] = {}
     try:
@@ -297,6 +322,7 @@ def _run_case_parallel(lm: LoadedModel, editor_class: type[Editor], hparams, str
             result.edit_seconds.extend([share] * len(done.cases))
             if on_edit is not None:
                 on_edit(len(done.cases))
+            release_freed_memory()  # the training batch's activations, before scoring allocates its own
             try:
                 scores = score_cases(group.logits, lm.tokenizer, lm.pad_token_id, lm.device, done.cases, pre, metrics,
                                      batch_size=GROUPED_EVAL_ROWS, grouped=True)

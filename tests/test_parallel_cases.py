@@ -22,6 +22,8 @@ from orchestrator.scenarios import Scenario, plain_logits, run_scenario
 from kebench.core.errors import KebenchError
 
 TOLERANCE = 1e-6
+#: float32 hidden states of one computation in differently shaped batches (the tiny model's are of order 10)
+ROUNDING = {"rtol": 1e-5, "atol": 1e-5}
 #: a looser stopping rule and a smaller step than the tiny model's YAML, so the cases stop at different steps
 STAGGERED = {"early_stop_loss": 0.5, "lr": 0.02}
 #: FT-L's prompt_last objective needs a looser rule for some cases to stop early on the tiny model
@@ -126,6 +128,42 @@ def test_bins_hold_every_row_once_and_pack_short_rows_together():
     assert width < sum(lengths) and len(bins) * width < len(lengths) * max(lengths)
     assert _bins(lengths, prefixes, hidden_size=16) == bins  # deterministic
     assert len(_bins(lengths, prefixes, hidden_size=10**6)) == 1  # attention nearly free: one sequence
+
+
+@pytest.mark.parametrize("layers", [[1], [0, 1]])
+def test_packed_frozen_pass_equals_the_padded_split_forward(tiny_lm, layers):
+    """The joining cases' frozen computation runs packed (rows of different lengths in a few sequences); every row's
+    prefix keys/values, live hidden states at the first intervened layer, positions and targets equal the padded
+    split forward's, which the one-by-one edit runs, up to the rounding of differently shaped matrix products."""
+    from methods import _representation as rep
+
+    hparams = load_hparams("baft", tiny_lm.name, "single", {"layers": layers})
+    editors = [get_method("baft")(tiny_lm, hparams, 0) for _ in range(5)]
+    try:
+        jobs = [rep._Job(editor, [case]) for editor, case in zip(editors, _cases(5))]
+        rep._compute_live_rows(tiny_lm, jobs)
+        rows = [row for job in jobs for row in job.rows]
+        batch, is_edit = rep._encode_jobs(tiny_lm, jobs)
+        padded = rep._split_forward(tiny_lm, jobs, batch, is_edit)
+        assert len(rows) == batch.size and len({row.length for row in rows}) > 1  # rows of different lengths
+        live = padded.gather(batch.intervention_mask(hparams.last_prompt_tokens))
+        for index, row in enumerate(rows):
+            split, length = int(padded.split[index]), int(padded.live_real[index].sum())
+            assert row.split == split and row.length == length
+            assert torch.allclose(row.start_hidden, padded.start_hidden[index, :length], **ROUNDING)
+            assert torch.equal(row.position_ids, padded.position_ids[index, :length])
+            assert torch.equal(row.intervened, live[index, :length])
+            assert sorted(row.keys) == [layer for layer in range(layers[0], tiny_lm.num_layers)]
+            for layer in row.keys:
+                assert torch.allclose(row.keys[layer], padded.kv.keys[layer][index, :, :split], **ROUNDING)
+                assert torch.allclose(row.values[layer], padded.kv.values[layer][index, :, :split], **ROUNDING)
+            if row.is_edit:
+                prompt, end = int(batch.prompt_lengths[index]), int(batch.lengths[index])
+                assert torch.equal(row.labels, batch.input_ids[index, prompt:end])
+                assert torch.equal(row.target_columns + split, torch.arange(prompt - 1, end - 1))
+    finally:
+        for editor in editors:
+            editor.restore()
 
 
 @pytest.mark.parametrize("method", ["baft", "reft"])
