@@ -117,6 +117,32 @@ class BasisIntervention(nn.Module):
         delta = weights * (self.source(h32) - h32 @ r.T)
         return h32 + delta @ r, weights
 
+    @staticmethod
+    def stacked(interventions: Sequence["BasisIntervention"], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` of K interventions of one shape at once: h is [K, T, d], row k through ``interventions[k]``.
+
+        The same arithmetic as ``forward`` (each case's R from the QR of its own raw matrix, A h + b and R h as
+        separate products), batched over the case dimension, so K cases cost one set of kernels instead of K.
+        """
+        h32 = h.float()
+        raw = torch.stack([iv.rotation.parametrizations.weight.original for iv in interventions])  # [K, r, d]
+        q, r = torch.linalg.qr(raw.transpose(1, 2).float())
+        signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+        rotation = (q * signs[:, None, :]).transpose(1, 2)  # [K, r, d], as OrthonormalRows gives each case
+        source_weight = torch.stack([iv.source.weight for iv in interventions])
+        source_bias = torch.stack([iv.source.bias for iv in interventions])
+        source = torch.baddbmm(source_bias[:, None, :], h32, source_weight.transpose(1, 2))
+        first = interventions[0]
+        if first.gate is None:
+            weights = torch.ones(*h32.shape[:-1], first.source.out_features, dtype=h32.dtype, device=h32.device)
+        else:
+            gate_weight = torch.stack([iv.gate.weight for iv in interventions])  # type: ignore[union-attr]
+            gate_bias = torch.stack([iv.gate.bias for iv in interventions])  # type: ignore[union-attr]
+            weights = torch.sigmoid(torch.baddbmm(gate_bias[:, None, :], h32, gate_weight.transpose(1, 2)))
+        delta = weights * (source - h32 @ rotation.transpose(1, 2))
+        return h32 + delta @ rotation, weights
+
 
 def _backbone(lm: LoadedModel) -> nn.Module:
     """The decoder stack that maps input ids to final-normed hidden states (``model.model`` for LLaMA)."""
@@ -384,6 +410,7 @@ class _Blocks:
         as_index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         self.unpacked_index = (as_index([row_ids[row] for row in plan.token_row]), as_index(plan.token_column))
         self._routing: tuple | None = None
+        self._stacked: tuple | None = None
         self.in_order = [rows[row] for row in plan.order]  # the order of the token indices above
         self.position_ids = self.scatter_rows([row.position_ids for row in self.in_order])
         self.position_embeddings = (self.scatter_rows([row.cos for row in self.in_order]),
@@ -412,6 +439,20 @@ class _Blocks:
                 places.append((rows[mine] - route.start, columns[mine]))
             self._routing = (routes, mask, tokens, places)
         return self._routing[2], self._routing[3]
+
+    def stacked_tokens(self, routes: Sequence[_Route], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each route's intervened tokens as a row of a [K, T] index into the flat block (short rows padded with
+        token 0), and the [K, T] mask of the real entries: read row-major, the real entries are ``routing``'s
+        tokens one route after another."""
+        if self._stacked is None or self._stacked[0] is not routes or self._stacked[1] is not mask:
+            tokens, _ = self.routing(routes, mask)
+            counts = torch.tensor([len(route_tokens) for route_tokens in tokens])
+            width = max(int(counts.max()), 1)
+            real = torch.arange(width)[None, :] < counts[:, None]
+            stacked = torch.zeros(len(tokens), width, dtype=torch.long, device=tokens[0].device)
+            stacked[real.to(stacked.device)] = torch.cat(tokens)
+            self._stacked = (routes, mask, stacked, real.to(stacked.device))
+        return self._stacked[2], self._stacked[3]
 
     def scatter_rows(self, per_row: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-row tensors ([n_i, ...], in ``in_order``) laid out in the block."""
@@ -569,14 +610,15 @@ class _Router:
         weights are laid out per route as [rows, W, r] (zero where nothing is intervened)."""
         tokens, places = packing.routing(routes, mask)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        edited = []
-        for index, route in enumerate(routes):
-            outputs, weights = route.editor.interventions[str(layer)](flat[tokens[index]])
-            if self.recorded is not None:
+        stacked, real = packing.stacked_tokens(routes, mask)
+        interventions = [route.editor.interventions[str(layer)] for route in routes]
+        outputs, weights = BasisIntervention.stacked(interventions, flat[stacked])  # [K, T, d], [K, T, r]
+        if self.recorded is not None:
+            for index, route in enumerate(routes):
                 shape = (route.stop - route.start, mask.shape[1], weights.shape[-1])
-                self.recorded[index][layer] = weights.new_zeros(shape).index_put(places[index], weights)
-            edited.append(outputs.to(flat.dtype))
-        return flat.index_put((torch.cat(tokens),), torch.cat(edited)).view_as(hidden)
+                count = len(tokens[index])
+                self.recorded[index][layer] = weights.new_zeros(shape).index_put(places[index], weights[index, :count])
+        return flat.index_put((torch.cat(tokens),), outputs[real].to(flat.dtype)).view_as(hidden)
 
 
 class RepresentationEditor(Editor):

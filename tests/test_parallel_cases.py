@@ -241,7 +241,8 @@ def test_grouped_logits_route_each_row_to_its_case(tiny_lm):
                 alone = encode(tiny_lm.tokenizer, [pairs[row]], tiny_lm.pad_token_id)
                 expected = group.editors[owner].logits(alone)[0]
                 width = expected.shape[0]
-                torch.testing.assert_close(mixed[row, :width], expected, atol=1e-5, rtol=1e-5)
+                # rounding of a padded 3-row batch vs one row is ~1e-5; another case's editor moves logits by ~0.1
+                torch.testing.assert_close(mixed[row, :width], expected, atol=1e-4, rtol=1e-4)
     finally:
         group.restore()
 
