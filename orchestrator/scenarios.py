@@ -38,9 +38,10 @@ from kebench.core.models import LoadedModel
 
 SCENARIO_KINDS = ("single", "continual", "batched")
 #: rows per scoring batch when K cases are scored together: the full-vocabulary logits of a batch dominate
-#: a small model's scoring memory (SmolLM2: 4 rows x 40 tokens x 49,152 x 4 bytes = 31 MB), and scoring runs
-#: while the training batch's memory is still held by the allocator.  BaFT, 20 cases at K = 20: peak RSS 1526
-#: MB with 8 rows, 1480 MB with 4, in the same wall time (22.6 s, 22.9 s); with 16 rows K = 10 peaked at 1545 MB
+#: a small model's scoring memory (SmolLM2: 4 rows x 40 tokens x 49,152 x 4 bytes = 31 MB), and with refill the
+#: scoring runs while the other cases' training batch is alive.  Measured before ``release_freed_memory`` between
+#: the phases, BaFT, 20 cases at K = 20: peak RSS 1526 MB with 8 rows, 1480 MB with 4, in the same wall time
+#: (22.6 s, 22.9 s); with 16 rows K = 10 peaked at 1545 MB
 GROUPED_EVAL_ROWS = 4
 PROBE_TEXTS = (
     "The capital of France is",
