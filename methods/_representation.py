@@ -74,10 +74,11 @@ class OrthonormalRows(nn.Module):
     """
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        q, r = torch.linalg.qr(weight.T.float())
-        signs = torch.sign(torch.diagonal(r))
+        """[..., r, d] -> the orthonormal rows of each r×d matrix (a leading dimension stacks cases)."""
+        q, r = torch.linalg.qr(weight.transpose(-2, -1).float())
+        signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
         signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-        return (q * signs).T
+        return (q * signs[..., None, :]).transpose(-2, -1)
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         return weight  # an orthonormal-row matrix is its own preimage
@@ -124,18 +125,14 @@ class BasisIntervention(nn.Module):
         The same arithmetic as ``forward`` (each case's R from the QR of its own raw matrix, A h + b and R h as
         separate products), batched over the case dimension, so K cases cost one set of kernels instead of K.
         """
-        h32 = h.float()
+        h32, first = h.float(), interventions[0]
         raw = torch.stack([iv.rotation.parametrizations.weight.original for iv in interventions])  # [K, r, d]
-        q, r = torch.linalg.qr(raw.transpose(1, 2).float())
-        signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
-        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-        rotation = (q * signs[:, None, :]).transpose(1, 2)  # [K, r, d], as OrthonormalRows gives each case
+        rotation = first.rotation.parametrizations.weight[0](raw)  # OrthonormalRows of each case's own matrix
         source_weight = torch.stack([iv.source.weight for iv in interventions])
         source_bias = torch.stack([iv.source.bias for iv in interventions])
         source = torch.baddbmm(source_bias[:, None, :], h32, source_weight.transpose(1, 2))
-        first = interventions[0]
         if first.gate is None:
-            weights = torch.ones(*h32.shape[:-1], first.source.out_features, dtype=h32.dtype, device=h32.device)
+            weights = first.basis_weights(h32)  # ReFT: W ≡ I
         else:
             gate_weight = torch.stack([iv.gate.weight for iv in interventions])  # type: ignore[union-attr]
             gate_bias = torch.stack([iv.gate.bias for iv in interventions])  # type: ignore[union-attr]
@@ -172,6 +169,13 @@ class _PrefixKV:
         if layer_idx not in self.keys:
             return key, value
         return torch.cat([self.keys[layer_idx], key], dim=2), torch.cat([self.values[layer_idx], value], dim=2)
+
+
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                embeddings: tuple[torch.Tensor, torch.Tensor], cache_keyword: str, kv: "_PrefixKV | None") -> torch.Tensor:
+    out = layer(hidden, attention_mask=mask, position_ids=positions, use_cache=False, position_embeddings=embeddings,
+                **{cache_keyword: kv})
+    return out[0] if isinstance(out, tuple) else out
 
 
 class _FullForward:
@@ -249,9 +253,8 @@ class _SplitForward:
         self.live_real = live_real
 
     def _layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        out = layer(hidden, attention_mask=self.mask, position_ids=self.position_ids, use_cache=False,
-                    position_embeddings=self.position_embeddings, **{self.cache_keyword: self.kv})
-        return out[0] if isinstance(out, tuple) else out
+        return _call_layer(layer, hidden, self.mask, self.position_ids, self.position_embeddings, self.cache_keyword,
+                           self.kv)
 
     def __call__(self) -> torch.Tensor:
         """Final-norm hidden states of the live block (row i, column j is column s_i + j of the batch)."""
@@ -334,6 +337,17 @@ def _bins(lengths: Sequence[int], prefixes: Sequence[int], hidden_size: int) -> 
 
 
 @dataclass(frozen=True)
+class _Routing:
+    """Where the intervened tokens of each route (a case's rows) sit in a packed block."""
+
+    tokens: torch.Tensor  # flat block positions, route after route
+    places: list[tuple[torch.Tensor, torch.Tensor]]  # per route: (row within the route, column) in the padded layout
+    counts: list[int]  # per route: how many
+    stacked: torch.Tensor  # [K, T] the same positions, one row per route (short rows padded with position 0)
+    real: torch.Tensor  # [K, T] the entries of ``stacked`` that are tokens; row-major they are ``tokens``
+
+
+@dataclass(frozen=True)
 class _Plan:
     """Rows packed into the sequences ``_bins`` chooses: a [G, W] block of their tokens, each row's ``prefix`` cached
     keys in a [G, P] block beside it, and the attention mask that keeps every query within its own row (a query sees
@@ -410,7 +424,6 @@ class _Blocks:
         as_index = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         self.unpacked_index = (as_index([row_ids[row] for row in plan.token_row]), as_index(plan.token_column))
         self._routing: tuple | None = None
-        self._stacked: tuple | None = None
         self.in_order = [rows[row] for row in plan.order]  # the order of the token indices above
         self.position_ids = self.scatter_rows([row.position_ids for row in self.in_order])
         self.position_embeddings = (self.scatter_rows([row.cos for row in self.in_order]),
@@ -424,10 +437,9 @@ class _Blocks:
                 block = tokens.new_zeros(plan.shape[0], plan.prefix_width, *tokens.shape[1:])
                 stored[layer] = block.index_put(plan.prefix_index, tokens).transpose(1, 2)  # [G, heads, P, dim]
 
-    def routing(self, routes: Sequence[_Route],
-                mask: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Per route: the flat block positions of its intervened tokens, and their (row within the route,
-        column) places in the padded layout.  Computed once per (routes, mask): a layout asks at every layer."""
+    def routing(self, routes: Sequence[_Route], mask: torch.Tensor) -> "_Routing":
+        """Where each route's intervened tokens are (``_Routing``).  Computed once per (routes, mask): a layout asks at
+        every layer."""
         if self._routing is None or self._routing[0] is not routes or self._routing[1] is not mask:
             rows, columns = self.unpacked_index
             flat = self.packed_index[0] * self.shape[1] + self.packed_index[1]
@@ -437,31 +449,21 @@ class _Blocks:
                 mine = intervened & (rows >= route.start) & (rows < route.stop)
                 tokens.append(flat[mine])
                 places.append((rows[mine] - route.start, columns[mine]))
-            self._routing = (routes, mask, tokens, places)
-        return self._routing[2], self._routing[3]
-
-    def stacked_tokens(self, routes: Sequence[_Route], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each route's intervened tokens as a row of a [K, T] index into the flat block (short rows padded with
-        token 0), and the [K, T] mask of the real entries: read row-major, the real entries are ``routing``'s
-        tokens one route after another."""
-        if self._stacked is None or self._stacked[0] is not routes or self._stacked[1] is not mask:
-            tokens, _ = self.routing(routes, mask)
-            counts = torch.tensor([len(route_tokens) for route_tokens in tokens])
-            width = max(int(counts.max()), 1)
-            real = torch.arange(width)[None, :] < counts[:, None]
-            stacked = torch.zeros(len(tokens), width, dtype=torch.long, device=tokens[0].device)
-            stacked[real.to(stacked.device)] = torch.cat(tokens)
-            self._stacked = (routes, mask, stacked, real.to(stacked.device))
-        return self._stacked[2], self._stacked[3]
+            counts = [len(route_tokens) for route_tokens in tokens]
+            real = torch.arange(max(max(counts), 1))[None, :] < torch.tensor(counts)[:, None]
+            real = real.to(flat.device)
+            concatenated = torch.cat(tokens)
+            stacked = torch.zeros(real.shape, dtype=torch.long, device=flat.device)
+            stacked[real] = concatenated
+            self._routing = (routes, mask, _Routing(concatenated, places, counts, stacked, real))
+        return self._routing[2]
 
     def scatter_rows(self, per_row: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-row tensors ([n_i, ...], in ``in_order``) laid out in the block."""
         return self.plan.scatter(torch.cat(list(per_row)))
 
     def layer(self, layer: nn.Module, hidden: torch.Tensor, cache_keyword: str) -> torch.Tensor:
-        out = layer(hidden, attention_mask=self.mask, position_ids=self.position_ids, use_cache=False,
-                    position_embeddings=self.position_embeddings, **{cache_keyword: self.kv})
-        return out[0] if isinstance(out, tuple) else out
+        return _call_layer(layer, hidden, self.mask, self.position_ids, self.position_embeddings, cache_keyword, self.kv)
 
     def pack(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.plan.scatter(hidden[self.unpacked_index])
@@ -608,17 +610,16 @@ class _Router:
                           mask: torch.Tensor) -> torch.Tensor:
         """The packed block with each route's intervened tokens replaced by its editor's Φ(h); the recorded basis
         weights are laid out per route as [rows, W, r] (zero where nothing is intervened)."""
-        tokens, places = packing.routing(routes, mask)
+        routing = packing.routing(routes, mask)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        stacked, real = packing.stacked_tokens(routes, mask)
         interventions = [route.editor.interventions[str(layer)] for route in routes]
-        outputs, weights = BasisIntervention.stacked(interventions, flat[stacked])  # [K, T, d], [K, T, r]
+        outputs, weights = BasisIntervention.stacked(interventions, flat[routing.stacked])  # [K, T, d], [K, T, r]
         if self.recorded is not None:
             for index, route in enumerate(routes):
                 shape = (route.stop - route.start, mask.shape[1], weights.shape[-1])
-                count = len(tokens[index])
-                self.recorded[index][layer] = weights.new_zeros(shape).index_put(places[index], weights[index, :count])
-        return flat.index_put((torch.cat(tokens),), outputs[real].to(flat.dtype)).view_as(hidden)
+                taken = weights[index, :routing.counts[index]]
+                self.recorded[index][layer] = weights.new_zeros(shape).index_put(routing.places[index], taken)
+        return flat.index_put((routing.tokens,), outputs[routing.real].to(flat.dtype)).view_as(hidden)
 
 
 class RepresentationEditor(Editor):
@@ -911,9 +912,7 @@ def _run_packed(inner: nn.Module, layers: Sequence[nn.Module], plan: _Plan, hidd
     embeddings = embeddings or inner.rotary_emb(hidden, positions)
     keyword = _cache_keyword(inner.layers[0])
     for layer in layers:
-        out = layer(hidden, attention_mask=plan.mask, position_ids=positions, use_cache=False,
-                    position_embeddings=embeddings, **{keyword: kv})
-        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = _call_layer(layer, hidden, plan.mask, positions, embeddings, keyword, kv)
     return hidden
 
 
