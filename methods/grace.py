@@ -42,7 +42,7 @@ from torch import nn
 
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
-from methods._representation import SPLIT_FORWARD_MODEL_TYPES, _SplitForward, _targets
+from methods._forward import SPLIT_FORWARD_MODEL_TYPES, SplitForward, answer_targets
 from methods.base import Editor, EditStats, NonFiniteError, register_method
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel, as_linear, is_projection, unwrap
@@ -98,7 +98,7 @@ class EditForward:
     """One edit's forward passes: what the trained module cannot change runs once, the rest every step.
 
     On LLaMA-type models the part below ``start_layer`` and the columns before each row's ``split`` never
-    change during an edit (``methods._representation._SplitForward``); other models run the whole model
+    change during an edit (``methods._forward.SplitForward``); other models run the whole model
     every step.  The LM head runs only where a target token of the first ``n_trained`` rows is predicted.
     """
 
@@ -107,8 +107,8 @@ class EditForward:
         self.lm = lm
         self.batch = batch
         split_ok = getattr(lm.model.config, "model_type", "") in SPLIT_FORWARD_MODEL_TYPES
-        self.runner = _SplitForward(lm, batch, start_layer, split) if fast and split_ok else _WholeForward(lm, batch)
-        self.targets = _targets(batch, n_trained)
+        self.runner = SplitForward(lm, batch, start_layer, split) if fast and split_ok else _WholeForward(lm, batch)
+        self.targets = answer_targets(batch, n_trained)
         self.target_columns = self.runner.column(self.targets.rows, self.targets.columns)
 
     def columns(self, full_columns: torch.Tensor) -> torch.Tensor:

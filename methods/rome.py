@@ -54,7 +54,7 @@ from torch import nn
 
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, right_pad
-from methods._representation import SPLIT_FORWARD_MODEL_TYPES, _SplitForward
+from methods._forward import SPLIT_FORWARD_MODEL_TYPES, SplitForward
 from methods._stats import STATS_DTYPES, StatsNeed, canonical_corpus, down_proj, provenance_note, second_moment
 from methods.base import Editor, EditStats, NonFiniteError, register_method
 from kebench.core.errors import KebenchError
@@ -254,10 +254,10 @@ class _FullWidth:
         return columns
 
 
-class _LiveColumns(_SplitForward):
+class _LiveColumns(SplitForward):
     """Steps on the live columns only (LLaMA-type models, loss at the last layer).
 
-    Nothing before a row's fact token depends on δ (attention is causal), so ``_SplitForward`` (the
+    Nothing before a row's fact token depends on δ (attention is causal), so ``SplitForward`` (the
     BaFT/ReFT engine) records those columns' keys/values once and each step runs the layers above the
     edited one on the columns from the fact token on; the fact token is live column 0 of every row.
     """
