@@ -51,7 +51,8 @@ def _worker(method: str, variant: str, n: int, model: str, seed: int) -> dict:
     import torch
 
     from benchmarks.registry import select_cases
-    from methods.base import get_method, load_hparams
+    from methods.base import get_method
+    from methods.hparams import load_hparams
     from kebench.core.models import load_model
     from orchestrator.scenarios import peak_rss_mb
 
@@ -93,7 +94,7 @@ def _throughput_worker(method: str, parallel: int, n: int, model: str, seed: int
 
     from benchmarks.evaluate import compute_pre_edit
     from benchmarks.registry import select_cases
-    from methods.base import load_hparams
+    from methods.hparams import load_hparams
     from kebench.core.models import load_model
     from orchestrator.scenarios import Scenario, peak_rss_mb, plain_logits, run_scenario
 

@@ -39,7 +39,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ from benchmarks.metrics import TFBatch, encode
 from methods._forward import (SPLIT_FORWARD_MODEL_TYPES, FullForward, PrefixKV, SplitForward, Targets,
                              answer_targets, backbone, batch_rows, cache_keyword, call_layer)
 from methods.base import EditedCases, Editor, EditStats, IndependentEdits, NonFiniteError, group_runs
+from methods.hparams import at_depth
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
 
@@ -453,6 +454,11 @@ class RepresentationEditor(Editor):
     """The shared machinery; subclasses choose ``gated`` and add regularizers in ``regularizers``."""
 
     gated: bool = False
+
+    @classmethod
+    def layer_rule(cls, num_layers: int) -> dict[str, Any]:
+        # 9,18,24,28 of 32; 8,17,22,26 of 30; 8,16,21,24 of 28
+        return {"layers": at_depth(num_layers, 0.28, 0.56, 0.74, 0.87)}
 
     def __init__(self, lm: LoadedModel, hparams, seed: int) -> None:
         super().__init__(lm, hparams, seed)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
 from methods._forward import SPLIT_FORWARD_MODEL_TYPES, SplitForward, answer_targets
 from methods.base import Editor, EditStats, NonFiniteError, register_method
+from methods.hparams import at_depth
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel, as_linear, is_projection, unwrap
 
@@ -264,6 +265,10 @@ class GraceAdapter(nn.Module):
 class GRACE(Editor):
     hparams_class = GraceHParams
     protocols = ("teacher_forced", "generation")
+
+    @classmethod
+    def layer_rule(cls, num_layers: int) -> dict[str, Any]:
+        return {"layer": at_depth(num_layers, 0.84)[0]}  # 27 of 32, 25 of 30, 24 of 28
 
     def __init__(self, lm: LoadedModel, hparams: GraceHParams, seed: int) -> None:
         super().__init__(lm, hparams, seed)

@@ -234,7 +234,8 @@ def _hparams(args: argparse.Namespace) -> int:
     import yaml
 
     from kebench.core.models import check_model_name, model_revision
-    from methods.base import describe_hparams, get_method, hparams_dict
+    from methods.base import get_method
+    from methods.hparams import describe_hparams, hparams_dict
     from orchestrator.scenarios import SCENARIO_KINDS
 
     if args.scenario not in SCENARIO_KINDS:
@@ -251,7 +252,7 @@ def _hparams(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     """``kebench stats``: one pass over the corpus for every requested layer not yet cached."""
-    from methods._stats import canonical_corpus, check_dtype, ensure_stats
+    from methods.stats import canonical_corpus, check_dtype, ensure_stats
     from kebench.core.models import check_device, check_model_name, load_model, model_facts
 
     try:
@@ -423,7 +424,8 @@ def _edit(args: argparse.Namespace) -> int:
 
     from benchmarks.data import resolve_data_dir
     from benchmarks.registry import get_benchmark, select_cases
-    from methods.base import get_method, hparams_dict, load_hparams
+    from methods.base import get_method
+    from methods.hparams import hparams_dict, load_hparams
     from kebench.core.models import (check_device, check_dtype_choice, check_model_name, load_model, model_facts,
                                       model_revision, resolve_precision, with_precision)
     from orchestrator.grid import check_method_fits

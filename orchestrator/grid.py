@@ -28,7 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from benchmarks.registry import SPLITS, get_benchmark, select_cases
-from methods.base import build_hparams, get_method, hparams_dict, hparams_origin, load_hparams
+from methods.base import get_method
+from methods.hparams import build_hparams, hparams_dict, hparams_origin, load_hparams
 from kebench.core.errors import KebenchError
 from kebench.core.models import (DEFAULT_DTYPE, DTYPE_CHOICES, Precision, canonical_model, check_model_name, model_facts,
                                   model_revision, resolve_precision)

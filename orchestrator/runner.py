@@ -625,7 +625,7 @@ def _precompute_statistics(grid: GridSpec, cells: list[Cell], data_dir: str | No
     """
     import ray
 
-    from methods._stats import missing_jobs, run_job
+    from methods.stats import missing_jobs, run_job  # torch: off the command line's start-up path
 
     jobs = missing_jobs(cells)
     if not jobs:

@@ -426,7 +426,8 @@ def trial(config: Mapping[str, Any], spec: SweepSpec, data_dir: str | None,
 
     from benchmarks.evaluate import compute_pre_edit
     from benchmarks.registry import get_benchmark, select_cases
-    from methods.base import get_method, hparams_dict, load_hparams
+    from methods.base import get_method
+    from methods.hparams import hparams_dict, load_hparams
     from kebench.core.models import load_model
     from orchestrator.scenarios import Scenario, make_streams, peak_rss_mb, plain_logits, run_scenario
     from results.rows import case_rows

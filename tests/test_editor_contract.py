@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from benchmarks.metrics import encode
 from kebench.core.models import model_names
-from methods.base import SCENARIO_BLOCKS, get_method, hparams_path, load_hparams, method_names
+from methods.base import get_method, method_names
+from methods.hparams import SCENARIO_BLOCKS, hparams_path, load_hparams
 from helpers import probe_logits
 
 # Every method kebench ships or an installed plug-in brings; not the throw-away editors other test modules register.

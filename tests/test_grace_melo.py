@@ -9,7 +9,7 @@ from benchmarks.case import EditCase, PromptAnswer
 from benchmarks.evaluate import compute_pre_edit, score_cases
 from benchmarks.generation import PROTOCOL_GENERATION, generate, greedy_continuations
 from benchmarks.metrics import PROTOCOL_TEACHER_FORCED, encode
-from methods.base import load_hparams
+from methods.hparams import load_hparams
 from methods.grace import Codebook
 from methods.melo import NO_BLOCK, VectorDatabase
 from orchestrator.scenarios import Scenario, plain_logits, run_scenario

@@ -362,7 +362,7 @@ def test_bad_hparams_overrides(tmp_path: Path) -> None:
 
 
 def test_missing_hparams_yaml(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("methods.base.HPARAMS_DIR", tmp_path / "none")
+    monkeypatch.setattr("methods.hparams.HPARAMS_DIR", tmp_path / "none")
     _error(tmp_path, grid_dict(models=["llama2-7b"]),
            "methods[0] ('baft', model 'llama2-7b', scenario single):", "no hyperparameters for method 'baft'")
 

@@ -191,7 +191,7 @@ def test_grid_search_trials_are_cells_and_the_sweep_table_ranks_them(tmp_path, r
 
 @pytest.mark.ray
 def test_optuna_pareto_front_export_and_leakage(tmp_path, ray_local):
-    from methods.base import hparams_dict, load_hparams
+    from methods.hparams import hparams_dict, load_hparams
     from orchestrator.grid import parse_grid
 
     store = tmp_path / "mo"

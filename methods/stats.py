@@ -43,7 +43,6 @@ The deviation from the papers (100,000 Wikipedia articles) is recorded in every 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import time
@@ -57,6 +56,7 @@ import torch
 from benchmarks.metrics import right_pad
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel, cache_root, projection_shape
+from methods.base import get_method
 
 OFFLINE_CORPUS = "shared-offline"
 WIKIPEDIA_ALIAS = "wikipedia"
@@ -433,12 +433,9 @@ class StatsJob:
                 f"{self.dtype}{on}")
 
 
-def needs_of(method: str, hparams: Any) -> StatsNeed | None:
-    """The statistics a method's editor will read with these hyperparameters (``required_stats`` on the class)."""
-    from methods.base import get_method
-
-    hook = getattr(get_method(method), "required_stats", None)
-    return hook(hparams) if callable(hook) else None
+def needs_of(method: str, hparams: Any) -> list[StatsNeed]:
+    """The statistics a method's editor will read with these hyperparameters (its ``Editor.requirements``)."""
+    return [need for need in get_method(method).requirements(hparams) if isinstance(need, StatsNeed)]
 
 
 def missing_jobs(cells: Iterable[Any], root: Path | None = None) -> list[StatsJob]:
@@ -450,15 +447,13 @@ def missing_jobs(cells: Iterable[Any], root: Path | None = None) -> list[StatsJo
 
     wanted: dict[tuple[str, str, int, str, str], set[int]] = {}
     for cell in cells:
-        need = needs_of(cell.method, cell.hparams_object())
-        if need is None:
-            continue
-        corpus = canonical_corpus(need.corpus)
         model_dtype = Precision.parse(getattr(cell, "dtype", "") or "float32").model
-        for layer in need.layers:
-            key = StatsKey(cell.model, cell.model_revision, layer, corpus, need.n, need.dtype, model_dtype)
-            if not key.path(root).is_file():
-                wanted.setdefault((cell.model, corpus, need.n, need.dtype, model_dtype), set()).add(layer)
+        for need in needs_of(cell.method, cell.hparams_object()):
+            corpus = canonical_corpus(need.corpus)
+            for layer in need.layers:
+                key = StatsKey(cell.model, cell.model_revision, layer, corpus, need.n, need.dtype, model_dtype)
+                if not key.path(root).is_file():
+                    wanted.setdefault((cell.model, corpus, need.n, need.dtype, model_dtype), set()).add(layer)
     return [StatsJob(model, tuple(sorted(layers)), corpus, n, dtype, model_dtype)
             for (model, corpus, n, dtype, model_dtype), layers in sorted(wanted.items())]
 
