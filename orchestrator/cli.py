@@ -108,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help="tune a method's hyperparameters on a dev split with Ray Tune")
     sweep.add_argument("--sweep", type=Path, required=True, help="sweep YAML (see sweeps/)")
+    sweep.add_argument("--ray-address", default=None, help="join a running Ray cluster ('auto' on a cluster head)")
     sweep.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs for a local Ray instance")
+    sweep.add_argument("--num-gpus", type=_gpus, default=None,
+                       help="GPUs for a local Ray instance (default: CUDA devices; >0 on a CPU machine is bookkeeping)")
     sweep.add_argument("--data-dir", default=None)
     sweep.add_argument("--restart", action="store_true", help="start afresh instead of resuming the sweep's Tune experiment")
     sweep.add_argument("--export", type=Path, default=None,
@@ -283,7 +286,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from results.tables import FORMATS, get_table, render
+    from results.tables import FORMATS, get_table
 
     get_table(args.table)
     if args.fmt not in FORMATS:
@@ -325,7 +328,6 @@ def _render_readable(store: Path, table: str, fmt: str) -> str:
 def run_grid_command(args: argparse.Namespace) -> int:
     """``kebench grid`` and ``run_grid.py``: run the grid, then print its tables."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from orchestrator.grid import load_grid

@@ -33,6 +33,7 @@ from methods.hparams import build_hparams, hparams_dict, hparams_origin, load_hp
 from kebench.core.errors import KebenchError
 from kebench.core.models import (DEFAULT_DTYPE, DTYPE_CHOICES, Precision, canonical_model, check_model_name, model_facts,
                                   model_revision, resolve_precision)
+from orchestrator.exports import check_hparams_file_leakage, hparams_file_origin
 from orchestrator.scenarios import SCENARIO_KINDS, Scenario
 
 CODE_VERSION_ENV = "KEBENCH_CODE_VERSION"
@@ -104,8 +105,6 @@ class MethodSpec:
             return hparams_origin(self.name, model).describe(self.name)
         path = Path(self.hparams_file)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        from orchestrator.sweep import hparams_file_origin
-
         origin = hparams_file_origin(path)
         return f"hparams: {path} (sha256 {digest})" + (f", {origin}" if origin else "")
 
@@ -303,9 +302,7 @@ def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> li
                                           method.label, hparams_cache[key], seed, data_sha256, version,
                                           model_revision(model), method.hparams_source(model), precision.key))
     _check_unique_ids(source, cells)
-    from orchestrator.sweep import check_hparams_file_leakage  # an exported hparams_file must not have seen these cases
-
-    check_hparams_file_leakage(grid, cells, root)
+    check_hparams_file_leakage(grid, cells, root)  # an exported hparams_file must not have seen these cases
     return cells
 
 

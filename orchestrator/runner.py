@@ -13,22 +13,15 @@ Ctrl-C (SIGINT) and SIGTERM stop the workers (``ray.kill``), shut down the local
 started, and return a report with ``interrupted`` set to the signal; the command exits 128 + signal.
 Everything that can be checked before Ray starts is: the grid (``expand``), the store (writable, not a
 file, locked against a second driver, unreadable files moved aside), the resources a cell asks for
-against what a local instance will have, and whether a ``--ray-address`` answers at all.
-
-A local instance is bound to the loopback interface: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray
-use 127.0.0.1 as the node address, which is what its GCS, raylet, workers and agents listen on
-(``_node_ip_address`` alone is rewritten to the routable address).  ``ray_constants`` reads that
-variable when ``ray`` is imported, so ``local_ray_loopback`` sets both the variable (for the processes
-Ray starts) and the already-imported constant (for this driver).
+against what a local instance will have, and whether a ``--ray-address`` answers at all
+(``orchestrator.ray_session``, which the sweep starts Ray through as well).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import math
 import os
 import signal
-import socket
 import threading
 import time
 import traceback
@@ -39,6 +32,7 @@ from typing import Any, Callable
 
 from kebench.core.errors import KebenchError
 from orchestrator.grid import Cell, GridSpec, expand
+from orchestrator.ray_session import check_local_resources, check_ray_address, pool_size, ray_initialized, start_ray
 from results import rows
 
 OK, FAILED = "ok", "failed"
@@ -272,81 +266,6 @@ def select_cells(cells: list[Cell], latest: dict[str, tuple[int, str]], rerun_fa
     return chosen
 
 
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def local_ray_loopback() -> None:
-    """Make a local Ray instance started from this process listen on 127.0.0.1 only.
-
-    With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray takes the loopback address as the node address (its
-    GCS, raylet, workers, dashboard agent and metrics exporters bind to it); the variable is read at
-    ``import ray``, so the constant is set too when Ray is already imported.  A user who set the variable
-    explicitly (to join or form a real cluster) is left alone.
-    """
-    import sys
-
-    if os.environ.get(LOOPBACK_ENV, "0") != "0":
-        return
-    os.environ[LOOPBACK_ENV] = "0"
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER"):
-        constants.ENABLE_RAY_CLUSTER = False
-
-
-def check_ray_address(address: str, timeout: float = 3.0) -> None:
-    """A ``host:port`` (or ``ray://host:port``) that accepts no TCP connection is a one-line error within
-    seconds, instead of ``ray.init`` waiting for a GCS that is not there."""
-    if address in ("auto", "local"):
-        return
-    text = address.split("://", 1)[1] if "://" in address else address
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise KebenchError(f"--ray-address {address!r}: expected host:port, ray://host:port or 'auto'")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise KebenchError(f"--ray-address {address}: no Ray cluster answers there ({reason}); start one with "
-                           "'ray start --head' or leave --ray-address out for a local instance") from None
-
-
-def check_local_resources(grid: GridSpec, num_cpus: int | None, num_gpus: float | None) -> None:
-    """What a cell asks for must fit a local instance, or no cell would ever be scheduled (Ray waits forever)."""
-    cpus = num_cpus or os.cpu_count() or 1
-    if grid.resources.num_cpus > cpus:
-        raise KebenchError(f"{grid.source}: resources.num_cpus={grid.resources.num_cpus:g} but the local Ray instance "
-                           f"has {cpus} CPUs; lower it, or pass --num-cpus to give the instance more (logical) CPUs")
-    if num_gpus is not None and (not math.isfinite(num_gpus) or num_gpus < 0):
-        raise KebenchError(f"--num-gpus must be a number >= 0, got {num_gpus}")
-
-
-def _start_ray(grid: GridSpec, ray_address: str | None, num_cpus: int | None, num_gpus: float | None) -> bool:
-    """Connect to Ray; returns True when this call started a local instance (and so must shut it down)."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if ray_address:
-        check_ray_address(ray_address)
-        try:
-            ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-            raise KebenchError(f"--ray-address {ray_address}: {' '.join(str(exc).split())[:300]}") from None
-        return False
-    if num_gpus is None:
-        import torch
-
-        num_gpus = torch.cuda.device_count()
-    local_ray_loopback()
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
-             include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1")
-    return True
-
-
 class GridInterrupted(BaseException):
     """Raised in the driver's main thread by SIGINT or SIGTERM while a grid runs."""
 
@@ -408,28 +327,6 @@ class _Signals:
             raise GridInterrupted(self.signum)
 
 
-def _pool_size(grid: GridSpec, cells: int, workers: int | None) -> int:
-    import ray
-
-    resources = ray.cluster_resources()
-    cpus = resources.get("CPU", 0)
-    if cpus < grid.resources.num_cpus:
-        raise KebenchError(f"{grid.source}: resources.num_cpus={grid.resources.num_cpus:g} but the Ray cluster has "
-                           f"{cpus:g} CPUs: no cell could ever be scheduled; lower it or add nodes")
-    limits = [cells, int(cpus // max(grid.resources.num_cpus, 1e-9))]
-    if grid.resources.num_gpus > 0:
-        gpus = resources.get("GPU", 0)
-        if gpus < grid.resources.num_gpus:
-            raise KebenchError(
-                f"{grid.source}: resources.num_gpus={grid.resources.num_gpus} but the Ray cluster has {gpus:g} GPUs "
-                "(on a CPU machine start Ray with --num-gpus to schedule GPU cells as bookkeeping)"
-            )
-        limits.append(int(gpus // grid.resources.num_gpus))
-    if workers:
-        limits.append(workers)
-    return max(1, min(limits))
-
-
 def run_grid(
     grid: GridSpec,
     store: Path,
@@ -457,9 +354,9 @@ def run_grid(
     data_dir = data_dir or grid.data_dir
     cells = expand(grid, data_dir)  # validates everything before anything is written
     check_store_writable(store)
-    local = ray_address is None and not _ray_initialized()
+    local = ray_address is None and not ray_initialized()
     if local:
-        check_local_resources(grid, num_cpus, num_gpus)
+        check_local_resources(grid.source, grid.resources.num_cpus, num_cpus, num_gpus)
     elif ray_address:
         check_ray_address(ray_address)
     with StoreLock(store):
@@ -479,13 +376,6 @@ def run_grid(
     return report
 
 
-def _ray_initialized() -> bool:
-    import sys
-
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized())
-
-
 def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport, *, workers: int | None,
                ray_address: str | None, num_cpus: int | None, num_gpus: float | None, data_dir: str | None,
                on_update: Callable[[GridReport, int], None] | None) -> None:
@@ -500,11 +390,11 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
     started_here = False
     actors: list[Any] = []
     try:
-        started_here = _start_ray(grid, ray_address, num_cpus, num_gpus)
+        started_here = start_ray(ray_address, num_cpus, num_gpus)
         signals.install()  # ray.init installs its own SIGTERM handler: take it back
         mark = _phase_clock(report.phases, clock)
         mark("ray start")
-        size = _pool_size(grid, len(todo), workers)
+        size = pool_size(grid.source, grid.resources.num_cpus, grid.resources.num_gpus, len(todo), workers)
         _precompute_statistics(grid, todo, data_dir, report)
         mark("statistics")
         worker_class = ray.remote(CellWorker).options(

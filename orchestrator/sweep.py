@@ -73,6 +73,8 @@ import yaml
 
 from kebench.core.errors import KebenchError
 from kebench.core.metrics import average
+from orchestrator.exports import case_ids_sha256, write_export
+from orchestrator.ray_session import check_local_resources, check_ray_address, ray_initialized, start_ray
 from results.sweeps import value_text
 
 SPACE_KINDS = ("uniform", "loguniform", "choice", "grid", "randint")
@@ -80,7 +82,6 @@ SWEEP_KEYS = ("name", "model", "method", "benchmark", "scenario", "metric", "obj
               "seed", "resources", "space", "store", "scheduler", "search", "max_concurrent")
 SEARCHES = ("optuna", "random", "grid")
 CONSTRAINT_OPS = (">=", "<=")
-EXPORT_MARK = "# kebench-sweep: "
 #: the scored protocol trials are ranked on (GRACE's generation protocol must not pool in)
 PROTOCOL = "teacher_forced"
 _CHECKPOINT_ENV = "TUNE_GLOBAL_CHECKPOINT_S"
@@ -682,8 +683,9 @@ def _prepare_experiment(spec: SweepSpec, restart: bool) -> tuple[Path, bool]:
 
 
 def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None = None,
-              restart: bool = False) -> SweepOutcome:
-    """Run (or resume) the sweep on a local Ray instance (or the one already initialised)."""
+              restart: bool = False, ray_address: str | None = None, num_gpus: float | None = None) -> SweepOutcome:
+    """Run (or resume) the sweep on a local Ray instance, the cluster at ``ray_address``, or the session this
+    process already holds (``orchestrator.ray_session``, as a grid does)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -695,10 +697,10 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
     selection = select_cases(spec.benchmark, spec.split, spec.n, spec.offset, data_dir)  # fail before Ray starts
     make_streams(selection.cases, Scenario(spec.scenario_kind, T=spec.T, B=spec.B))
     store = check_store_writable(Path(spec.store).resolve())
-    cpus = num_cpus or os.cpu_count() or 1
-    if not ray.is_initialized() and spec.num_cpus > cpus:
-        raise KebenchError(f"{spec.source}: resources.num_cpus={spec.num_cpus:g} but the local Ray instance has "
-                           f"{cpus} CPUs; lower it or pass --num-cpus")
+    if ray_address:
+        check_ray_address(ray_address)
+    elif not ray_initialized():
+        check_local_resources(spec.source, spec.num_cpus, num_cpus, num_gpus)
     lock = StoreLock(store)
     lock.acquire()
     try:
@@ -708,14 +710,8 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
         raise
     os.environ.setdefault(_CHECKPOINT_ENV, str(STATE_PERIOD_S))  # Tune's experiment state, kept fresh
     started_here = False
-    if not ray.is_initialized():
-        from orchestrator.runner import local_ray_loopback
-
-        local_ray_loopback()  # 127.0.0.1 only: the variable alone is read too late, at `import ray`
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 log_to_driver=False, _node_ip_address="127.0.0.1")
-        started_here = True
     try:
+        started_here = start_ray(ray_address, num_cpus, num_gpus)
         stored = stored_trials(store, spec) if resumable else {}
         trainable = tune.with_resources(tune.with_parameters(trial, spec=spec, data_dir=data_dir, stored=stored),
                                         {"cpu": spec.num_cpus, "gpu": spec.num_gpus})
@@ -848,102 +844,9 @@ def export_best(spec: SweepSpec, path: str | os.PathLike[str], store: Path | Non
         f"# chosen: trial {chosen['trial_id']} ({how}): {_scores_text(spec, chosen)}.",
         "# Use it as a grid entry {name: " + spec.method + ", hparams_file: THIS_FILE}; a grid whose reported cases",
         "# overlap the dev cases below is refused.",
-        EXPORT_MARK + json.dumps(identity, sort_keys=True, separators=(",", ":")),
     ]
-    body = yaml.safe_dump(dict(sorted(chosen["hparams"].items())), sort_keys=False, default_flow_style=None)
-    target = Path(path)
-    if target.is_dir():
-        raise KebenchError(f"--export {target} is a directory; name a YAML file")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".tmp-{target.name}")
-    temporary.write_text("\n".join(header) + "\n" + body, encoding="utf-8")
-    os.replace(temporary, target)
+    write_export(path, header, identity, chosen["hparams"])
     return chosen
-
-
-def case_ids_sha256(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
-
-
-def read_export_identity(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The ``# kebench-sweep: {...}`` identity of an exported hyperparameter file (None: not from a sweep)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith(EXPORT_MARK):
-                    try:
-                        identity = json.loads(line[len(EXPORT_MARK):])
-                    except ValueError:
-                        raise KebenchError(f"{path}: unreadable '{EXPORT_MARK.strip()}' line") from None
-                    ids = identity.get("case_ids")
-                    if not isinstance(ids, list) or case_ids_sha256(ids) != identity.get("case_ids_sha256"):
-                        raise KebenchError(f"{path}: the '{EXPORT_MARK.strip()}' line's case ids do not match "
-                                           "their hash (edited by hand?)")
-                    return identity
-                if line.strip() and not line.startswith("#"):
-                    return None
-    except (OSError, UnicodeDecodeError):
-        return None
-    return None
-
-
-def hparams_file_origin(path: str | os.PathLike[str]) -> str:
-    """A provenance fragment for a grid row: which sweep an exported hyperparameter file came from ('' if none)."""
-    identity = read_export_identity(path)
-    if not identity:
-        return ""
-    return (f"from sweep {identity.get('sweep')} trial {identity.get('trial_id')} on {identity.get('benchmark')}/"
-            f"{identity.get('split')} n={identity.get('n')} offset={identity.get('offset')}")
-
-
-def check_hparams_file_leakage(grid: Any, cells: Sequence[Any] | None = None, data_dir: str | None = None) -> None:
-    """Refuse a grid that reports (split other than dev) cases a sweep tuned its ``hparams_file`` on.
-
-    Overlap is by case id within one benchmark, and by prompt text across benchmarks (the same fact in
-    two benchmark files).  One-line ``KebenchError`` naming the grid, the method entry and the file."""
-    from benchmarks.registry import select_cases
-
-    root = data_dir if data_dir is not None else getattr(grid, "data_dir", None)
-    if cells is not None:
-        reported = sorted({(c.benchmark, c.split, c.n, c.offset) for c in cells}, key=str)
-    else:
-        reported = sorted({(b.benchmark if hasattr(b, "benchmark") else b.name, b.split, b.n, b.offset)
-                           for b in grid.benchmarks}, key=str)
-    loaded: dict[tuple, Any] = {}
-
-    def load(key: tuple) -> Any:
-        if key not in loaded:
-            loaded[key] = select_cases(key[0], key[1], key[2], key[3], root)
-        return loaded[key]
-
-    for index, method in enumerate(grid.methods):
-        if not getattr(method, "hparams_file", None):
-            continue
-        identity = read_export_identity(method.hparams_file)
-        if identity is None:
-            continue
-        tuned_ids = set(identity["case_ids"])
-        tuned_prompts: set[str] = set()
-        try:
-            tuned = load((identity["benchmark"], identity["split"], identity["n"], identity["offset"]))
-            if case_ids_sha256([c.case_id for c in tuned.cases]) == identity["case_ids_sha256"]:
-                tuned_prompts = {" ".join(c.prompt.split()).lower() for c in tuned.cases}
-        except KebenchError:
-            pass  # the sweep's data is not here: compare by case id only
-        for benchmark, split, n, offset in reported:
-            if split == "dev":
-                continue
-            selection = load((benchmark, split, n, offset))
-            overlap = [c.case_id for c in selection.cases
-                       if (benchmark == identity["benchmark"] and c.case_id in tuned_ids)
-                       or " ".join(c.prompt.split()).lower() in tuned_prompts]
-            if overlap:
-                raise KebenchError(
-                    f"{grid.source}: methods[{index}] ('{method.label}').hparams_file {method.hparams_file} was tuned "
-                    f"by sweep '{identity.get('sweep')}' on {identity['benchmark']}/{identity['split']} "
-                    f"n={identity['n']} offset={identity['offset']}, which overlaps the reported {benchmark}/{split} "
-                    f"n={n} offset={offset} in {len(overlap)} case(s) (e.g. {overlap[0]}): tuning on test cases "
-                    "leaks; report on a disjoint split")
 
 
 # --------------------------------------------------------------------------- the command
@@ -994,7 +897,8 @@ def sweep_command(args: Any) -> int:
     export = getattr(args, "export", None)
     if export is not None and Path(export).is_dir():
         raise KebenchError(f"--export {export} is a directory; name a YAML file")
-    outcome = run_sweep(spec, data_dir=args.data_dir, num_cpus=args.num_cpus, restart=bool(getattr(args, "restart", False)))
+    outcome = run_sweep(spec, data_dir=args.data_dir, num_cpus=args.num_cpus, restart=bool(getattr(args, "restart", False)),
+                        ray_address=getattr(args, "ray_address", None), num_gpus=getattr(args, "num_gpus", None))
     out = sys.stdout
     verb = "resumed" if outcome.resumed else "ran"
     if outcome.interrupted:

@@ -5,7 +5,6 @@ Nothing here needs the Hub: the ``hf:`` tests run with ``HF_HUB_OFFLINE=1`` and 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

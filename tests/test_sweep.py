@@ -149,7 +149,7 @@ def test_views_keep_trials_out_of_grid_tables_and_read_old_stores(tmp_path):
 def ray_local():
     import ray
 
-    from orchestrator.runner import local_ray_loopback
+    from orchestrator.ray_session import local_ray_loopback
 
     local_ray_loopback()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
