@@ -14,17 +14,8 @@ import pytest
 import yaml
 
 from kebench.core.errors import KebenchError
-from orchestrator.sweep import (
-    best_yaml,
-    check_hparams_file_leakage,
-    export_best,
-    hparams_file_origin,
-    load_sweep,
-    make_search,
-    parse_sweep,
-    read_export_identity,
-    run_sweep,
-)
+from orchestrator.exports import check_hparams_file_leakage, hparams_file_origin, read_export_identity
+from orchestrator.sweep import best_yaml, export_best, load_sweep, make_search, parse_sweep, run_sweep
 from results.sweeps import dominates, pareto_front, pareto_layers
 from results.tables import render
 from results.views import connect, records
@@ -254,7 +245,7 @@ def test_cli_refuses_a_grid_on_cases_its_hparams_file_was_tuned_on(tmp_path, cap
 
     identity = {"sweep": "s", "benchmark": "zsre", "split": "dev", "n": 2, "offset": 0,
                 "case_ids": ["zsre-0", "zsre-1"]}
-    from orchestrator.sweep import case_ids_sha256
+    from orchestrator.exports import case_ids_sha256
     from benchmarks.registry import select_cases
 
     dev = select_cases("zsre", "dev", 2, 0)
