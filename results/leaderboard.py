@@ -27,8 +27,9 @@ from kebench.core import metrics as metric_registry
 from kebench.core.errors import KebenchError
 from results import plots
 from results.bootstrap import AVG, Estimate, bootstrap_group, resample_indices
-from results.registry import REFERENCE_LABEL, table_names
-from results.render import RENDERERS, build_table
+from results.registry import REFERENCE_LABEL
+from results.render import RENDERERS
+from results.tables import build_table, table_names
 from results.store import CELLS_DIR, has_files, read_artifact
 from results.views import connect, records
 

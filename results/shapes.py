@@ -69,11 +69,6 @@ FROM cells_latest
 WHERE downstream IS NOT NULL
 GROUP BY ALL
 """
-_NOTES_SQL = """
-SELECT DISTINCT provenance FROM cells_latest
-WHERE ($scenario IS NULL OR scenario = $scenario) AND coalesce(provenance, '') <> ''
-ORDER BY provenance
-"""
 
 
 def _key(row: dict[str, Any], names: tuple[str, ...]) -> tuple:
