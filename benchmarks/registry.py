@@ -140,7 +140,7 @@ def get_downstream(name: str) -> DownstreamCheck:
     return _DOWNSTREAM[name]
 
 
-_NOT_LOADERS = {"case", "data", "registry", "metrics", "evaluate", "generation"}
+_NOT_LOADERS = {"case", "data", "registry", "metrics", "evaluate", "generation", "protocols"}
 
 
 _imported = False

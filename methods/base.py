@@ -52,8 +52,9 @@ class Editor(ABC):
 
     name: ClassVar[str]
     hparams_class: ClassVar[type]
-    #: the protocols every case is scored under (``benchmarks.evaluate.PROTOCOLS``); GRACE adds "generation"
-    protocols: ClassVar[tuple[str, ...]] = ("teacher_forced",)
+    #: protocols (``benchmarks.protocols``) every cell of this method is scored under, beside the ones the cell
+    #: asks for (teacher-forced by default): GRACE adds EasyEdit's "generation", the protocol EasyEdit gives it
+    required_protocols: ClassVar[tuple[str, ...]] = ()
     #: where this method's ``<name>/<model>.yaml`` files live; None: ``hparams/`` beside the module that
     #: defines the class (kebench's own methods: ``methods/hparams``)
     hparams_dir: ClassVar[str | Path | None] = None

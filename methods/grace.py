@@ -264,7 +264,7 @@ class GraceAdapter(nn.Module):
 @register_method("grace")
 class GRACE(Editor):
     hparams_class = GraceHParams
-    protocols = ("teacher_forced", "generation")
+    required_protocols = ("generation",)
 
     @classmethod
     def layer_rule(cls, num_layers: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import yaml
 
 from kebench.core.errors import KebenchError
+from kebench.core.scenarios import scenario_names
 from methods.base import Editor, get_method
 
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
@@ -43,9 +44,6 @@ def hparams_path(method: str, model: str) -> Path:
     return hparams_root(method) / method / f"{hparams_file_name(model) or '-'}.yaml"
 
 
-SCENARIO_BLOCKS = ("single", "continual", "batched")
-
-
 def load_hparams(method: str, model: str, scenario: str | None = None, overrides: Mapping[str, Any] | None = None,
                  path: Path | None = None) -> Any:
     """The method's dataclass filled from its YAML for ``model``, then ``overrides``; unknown keys are errors.
@@ -62,7 +60,8 @@ def load_hparams(method: str, model: str, scenario: str | None = None, overrides
         return build_hparams(cls, dict(overrides or {}), where=f"method '{method}'")
     source = origin.path
     raw = read_hparams_file(source)
-    values = {key: value for key, value in raw.items() if key not in SCENARIO_BLOCKS}
+    blocks = set(scenario_names())
+    values = {key: value for key, value in raw.items() if key not in blocks}
     if scenario is not None:
         values.update(raw.get(scenario) or {})
     if origin.derived_for is not None:
@@ -87,7 +86,7 @@ def read_hparams_file(source: Path) -> dict[str, Any]:
         raise KebenchError(f"{source}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(raw, dict):
         raise KebenchError(f"{source}: expected a mapping of hyperparameters")
-    for block in SCENARIO_BLOCKS:
+    for block in scenario_names():  # a block per declared scenario kind (kebench.core.scenarios)
         if block in raw and not isinstance(raw[block], dict):
             raise KebenchError(f"{source}: '{block}' should be a mapping of hyperparameters for that scenario")
     return raw

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kebench.core.errors import KebenchError
+from kebench.core.scenarios import is_scenario, scenario_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--method", default=None, help="the editing method (required; kebench list shows them)")
     edit.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (float32 on a CPU; on a GPU "
                       "bfloat16 for half-precision checkpoints, with ROME/MEMIT/FT's edited layers in float32)")
-    edit.add_argument("--scenario", default="single", help="single, continual or batched")
+    edit.add_argument("--scenario", default="single", help=f"{', '.join(scenario_names())}")
     edit.add_argument("--T", type=_positive_int, default=1, help="edit calls per stream (continual, batched)")
     edit.add_argument("--B", type=_positive_int, default=1, help="cases per edit call (batched)")
     edit.add_argument("--downstream", default=None,
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--method", required=True)
     show.add_argument("--model", default="smollm2-135m",
                       help="a registered model, hf:<repo id>[@<revision>] or path:<folder>")
-    show.add_argument("--scenario", default="single", help="single, continual or batched (selects a YAML's scenario block)")
+    show.add_argument("--scenario", default="single",
+                      help=f"{', '.join(scenario_names())} (selects a YAML's scenario block)")
     show.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                       help="override a hyperparameter (repeatable)")
     show.add_argument("--hparams", type=Path, default=None, help="hyperparameter YAML instead of the method's own")
@@ -239,10 +241,9 @@ def _hparams(args: argparse.Namespace) -> int:
     from kebench.core.models import check_model_name, model_revision
     from methods.base import get_method
     from methods.hparams import describe_hparams, hparams_dict
-    from orchestrator.scenarios import SCENARIO_KINDS
 
-    if args.scenario not in SCENARIO_KINDS:
-        raise KebenchError(f"--scenario: unknown scenario '{args.scenario}'; known: {', '.join(SCENARIO_KINDS)}")
+    if not is_scenario(args.scenario):
+        raise KebenchError(f"--scenario: unknown scenario '{args.scenario}'; known: {', '.join(scenario_names())}")
     get_method(args.method)
     check_model_name(args.model)
     revision = model_revision(args.model)

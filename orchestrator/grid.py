@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 
 from benchmarks.registry import SPLITS, get_benchmark, select_cases
@@ -30,16 +31,17 @@ from kebench.core.errors import KebenchError
 from kebench.core.models import (DEFAULT_DTYPE, DTYPE_CHOICES, Precision, canonical_model, check_model_name, model_facts,
                                   model_revision, resolve_precision)
 from orchestrator import _config as cfg
+from benchmarks.protocols import cell_protocols, protocol_names
+from kebench.core.scenarios import get_scenario_kind, is_scenario, scenario_names
 from orchestrator.exports import check_hparams_file_leakage, hparams_file_origin
-from orchestrator.scenarios import SCENARIO_KINDS, Scenario
+from orchestrator.scenarios import COMMON_KEYS, Scenario
 
 CODE_VERSION_ENV = "KEBENCH_CODE_VERSION"
 TOP_KEYS = ("name", "store", "resources", "models", "benchmarks", "scenarios", "methods", "seeds", "max_retries",
-            "data_dir", "dtype")
+            "data_dir", "dtype", "protocols")
 REQUIRED_TOP_KEYS = ("name", "models", "benchmarks", "scenarios", "methods")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
-BENCHMARK_KEYS = ("name", "split", "n", "offset")
-SCENARIO_KEYS = ("kind", "T", "B", "downstream", "downstream_n", "parallel_cases")
+BENCHMARK_KEYS = ("name", "split", "n", "offset", "protocols")
 METHOD_KEYS = ("name", "label", "hparams", "hparams_file", "dtype")
 DEFAULT_SEEDS = (0,)
 DEFAULT_MAX_RETRIES = 2
@@ -66,6 +68,8 @@ class BenchmarkSpec:
     split: str = "test"
     n: int | None = None
     offset: int = 0
+    #: the scoring protocols of this entry's cells (``benchmarks.protocols``); None: the grid's
+    protocols: tuple[str, ...] | None = None
 
     @property
     def title(self) -> str:
@@ -120,6 +124,19 @@ class GridSpec:
     data_dir: str | None
     source: str  # the grid file (or what the caller named the mapping); prefixes every error
     dtype: str = DEFAULT_DTYPE  # the precision cells run in unless a method entry says otherwise
+    #: the scoring protocols of every cell (``benchmarks.protocols``) unless a benchmark entry names its own;
+    #: None: the default set, which no cell id records
+    protocols: tuple[str, ...] | None = None
+    #: the hyperparameters of each (method entry, model, scenario kind), resolved once by ``parse_grid``
+    resolved: Mapping[tuple[int, str, str], "ResolvedHparams"] = field(default_factory=dict, compare=False)
+
+    def hparams_for(self, index: int, model: str, kind: str) -> "ResolvedHparams":
+        """Method entry ``index``'s hyperparameters on ``model`` for ``kind`` (resolved at parse time; a spec
+        built by hand resolves them here)."""
+        key = (index, model, kind)
+        if key not in self.resolved:
+            return resolve_entry(self.source, index, self.methods[index], model, kind)
+        return self.resolved[key]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready, fully defaulted copy of the grid, for a manifest beside the results."""
@@ -128,12 +145,15 @@ class GridSpec:
             "store": self.store,
             "resources": dataclasses.asdict(self.resources),
             "models": list(self.models),
-            "benchmarks": [dataclasses.asdict(b) for b in self.benchmarks],
+            "benchmarks": [{key: (list(value) if isinstance(value, tuple) else value)
+                            for key, value in dataclasses.asdict(b).items() if key != "protocols" or value}
+                           for b in self.benchmarks],
             "scenarios": [s.identity() for s in self.scenarios],
             "methods": [{"name": m.name, "label": m.label, "hparams": cfg.thaw(m.overrides_dict()),
                          **({"hparams_file": m.hparams_file} if m.hparams_file else {}),
                          **({"dtype": m.dtype} if m.dtype else {})} for m in self.methods],
             "dtype": self.dtype,
+            **({"protocols": list(self.protocols)} if self.protocols else {}),
             "seeds": list(self.seeds),
             "max_retries": self.max_retries,
             "data_dir": self.data_dir,
@@ -171,6 +191,9 @@ class Cell:
     #: the resolved precision (``kebench.core.models.Precision.key``, e.g. ``bfloat16+float32-edits``);
     #: "" or "float32" is the default, left out of the id so that older cells keep theirs
     dtype: str = ""
+    #: the protocols the cell is scored under when they are not its method's default set (the default
+    #: protocols plus ``Editor.required_protocols``); () for the default, left out of the id as ``dtype`` is
+    protocols: tuple[str, ...] = ()
 
     @property
     def precision(self) -> Precision:
@@ -202,6 +225,7 @@ class Cell:
             "code_version": self.code_version,
             "model_revision": self.model_revision,
             **({} if self.precision.is_default else {"dtype": self.precision.key}),
+            **({"protocols": list(self.protocols)} if self.protocols else {}),
         }
 
     @property
@@ -252,53 +276,78 @@ def resolve_hparams(method: MethodSpec, model: str, scenario_kind: str) -> Any:
     return load_hparams(method.name, model, scenario_kind, method.overrides_dict(), path=path)
 
 
+@dataclass(frozen=True)
+class ResolvedHparams:
+    """One (method entry, model, scenario kind)'s hyperparameters: the dataclass, its canonical JSON (what the
+    cell id hashes) and where they came from (the YAML and its hash, for every row's provenance)."""
+
+    hparams: Any
+    json: str
+    source: str
+
+
+def resolve_entry(source: str, index: int, method: MethodSpec, model: str, kind: str,
+                  described: str | None = None) -> ResolvedHparams:
+    """Resolve method entry ``index`` on ``model`` for ``kind``; a failure names the entry.  ``described``: the
+    entry's provenance line on ``model`` when the caller has it (it reads and hashes the YAML)."""
+    try:
+        hparams = resolve_hparams(method, model, kind)
+        where = described if described is not None else method.hparams_source(model)
+    except KebenchError as exc:
+        raise KebenchError(f"{source}: methods[{index}] ('{method.label}', model '{model}', scenario {kind}): "
+                           f"{cfg.one_line(exc)}") from None
+    return ResolvedHparams(hparams, canonical_json(hparams_dict(hparams)), where)
+
+
 def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> list[Cell]:
     """All cells of ``grid``: models × benchmarks × scenarios × methods × seeds, in that nesting order.
 
     ``data_dir`` (else the grid's ``data_dir``, else the default lookup) is where the benchmark files
-    are read, once per benchmark spec, for the case count and the data hash.
+    are read, once per benchmark spec, for the case count and the data hash.  The hyperparameters were
+    resolved by ``parse_grid``; here each (entry, model, kind) is checked once against each case selection.
     """
     source = grid.source
     root = data_dir if data_dir is not None else grid.data_dir
     version = code_version()
-    selections: list[tuple[int, str]] = []  # (n, data_sha256) per benchmark spec
-    loaded = []
+    selections = []
     for index, bench in enumerate(grid.benchmarks):
         try:
             selection = select_cases(bench.name, bench.split, bench.n, bench.offset, root)
         except KebenchError as exc:
-            raise KebenchError(f"{source}: benchmarks[{index}]: {cfg.one_line(exc)}") from None
+            raise cfg.within(source, f"benchmarks[{index}]", exc) from None
         for scenario in grid.scenarios:
             _check_streams(source, index, bench, selection.n, scenario)
-        selections.append((selection.n, selection.data_sha256))
-        loaded.append(selection)
+        selections.append(selection)
 
-    hparams_cache: dict[tuple[int, str, str], str] = {}
     checked: set[tuple[int, str, str, int]] = set()
     cells: list[Cell] = []
     for model in grid.models:
-        for bench, (n, data_sha256) in zip(grid.benchmarks, selections):
+        revision = model_revision(model)
+        for b_index, (bench, selection) in enumerate(zip(grid.benchmarks, selections)):
             for scenario in grid.scenarios:
                 for m_index, method in enumerate(grid.methods):
-                    key = (m_index, model, scenario.kind)
-                    if key not in hparams_cache:
-                        resolved = _resolve_or_fail(source, m_index, method, model, scenario.kind)
-                        hparams_cache[key] = canonical_json(hparams_dict(resolved))
-                    b_index = grid.benchmarks.index(bench)
-                    check_key = (m_index, model, scenario.kind, b_index)
-                    if check_key not in checked:
-                        checked.add(check_key)
-                        _check_method_fits(source, m_index, method, model, scenario.kind,
-                                           _resolve_or_fail(source, m_index, method, model, scenario.kind),
-                                           loaded[b_index], f"benchmarks[{b_index}]")
+                    resolved = grid.hparams_for(m_index, model, scenario.kind)
+                    if (m_index, model, scenario.kind, b_index) not in checked:
+                        checked.add((m_index, model, scenario.kind, b_index))
+                        _check_method_fits(source, m_index, method, model, scenario.kind, resolved.hparams,
+                                           selection, f"benchmarks[{b_index}]")
                     precision = cell_precision(grid, method, model)
+                    protocols = _cell_protocols(bench.protocols or grid.protocols, method.name)
                     for seed in grid.seeds:
-                        cells.append(Cell(model, bench.name, bench.split, n, bench.offset, scenario, method.name,
-                                          method.label, hparams_cache[key], seed, data_sha256, version,
-                                          model_revision(model), method.hparams_source(model), precision.key))
+                        cells.append(Cell(model, bench.name, bench.split, selection.n, bench.offset, scenario,
+                                          method.name, method.label, resolved.json, seed, selection.data_sha256,
+                                          version, revision, resolved.source, precision.key, protocols))
     _check_unique_ids(source, cells)
     check_hparams_file_leakage(grid, cells, root)  # an exported hparams_file must not have seen these cases
     return cells
+
+
+def _cell_protocols(requested: tuple[str, ...] | None, method: str) -> tuple[str, ...]:
+    """What a cell records of its protocols: () when they are its method's default set (so no id moves),
+    else the full set it is scored under."""
+    required = get_method(method).required_protocols
+    chosen = cell_protocols(requested, required)
+    return () if chosen == cell_protocols(None, required) else chosen
 
 
 def cell_precision(grid: GridSpec, method: MethodSpec, model: str) -> Precision:
@@ -378,14 +427,23 @@ def parse_grid(mapping: Any, source: str) -> GridSpec:
     if data_dir is not None:
         data_dir = cfg.string(data_dir, source, "data_dir")
     dtype = _dtype(mapping.get("dtype", DEFAULT_DTYPE), source, "dtype")
+    protocols = parse_protocols(mapping["protocols"], source, "protocols") if "protocols" in mapping else None
 
     for index, bench in enumerate(benchmarks):
         if bench.n is not None:
             for scenario in scenarios:
                 _check_streams(source, index, bench, bench.n, scenario)
-    _validate_hparams(methods, models, scenarios, source)
+    resolved = _resolve_all(methods, models, scenarios, source)
     return GridSpec(name, store, resources, models, benchmarks, scenarios, methods, seeds, max_retries, data_dir,
-                    source, dtype)
+                    source, dtype, protocols, resolved)
+
+
+def parse_protocols(value: Any, source: str, where: str) -> tuple[str, ...]:
+    """A ``protocols:`` list: registered scoring protocols (``benchmarks.protocols``), each once."""
+    names = cfg.string_list(value, source, where)
+    for index, name in enumerate(names):
+        cfg.choice(name, protocol_names(), source, f"{where}[{index}]")
+    return names
 
 
 def _dtype(value: Any, source: str, where: str) -> str:
@@ -441,7 +499,8 @@ def _benchmarks(value: Any, source: str) -> tuple[BenchmarkSpec, ...]:
         if n is not None:
             n = cfg.integer(n, source, f"{where}.n", minimum=1)
         offset = cfg.integer(raw.get("offset", 0), source, f"{where}.offset", minimum=0)
-        spec = BenchmarkSpec(name, split, n, offset)
+        protocols = parse_protocols(raw["protocols"], source, f"{where}.protocols") if "protocols" in raw else None
+        spec = BenchmarkSpec(name, split, n, offset, protocols)
         cfg.no_duplicate(spec, specs, source, where, "benchmark", shown=spec.title)
         specs.append(spec)
     return tuple(specs)
@@ -452,28 +511,47 @@ def _scenarios(value: Any, source: str) -> tuple[Scenario, ...]:
     scenarios: list[Scenario] = []
     for index, item in enumerate(items):
         where = f"scenarios[{index}]"
-        raw = cfg.mapping(item, source, where)
-        cfg.check_keys(raw, SCENARIO_KEYS, source, f"in {where}")
-        if "kind" not in raw:
-            raise KebenchError(f"{source}: {where}: missing required key 'kind'")
-        kind = cfg.string(raw["kind"], source, f"{where}.kind")
-        if kind not in SCENARIO_KINDS:
-            raise KebenchError(f"{source}: {where}.kind: unknown scenario '{kind}'; known: {', '.join(SCENARIO_KINDS)}")
-        t_values = cfg.int_or_list(raw.get("T", 1), source, f"{where}.T")
-        b_values = cfg.int_or_list(raw.get("B", 1), source, f"{where}.B")
-        downstream = cfg.string(raw["downstream"], source, f"{where}.downstream") if "downstream" in raw else None
-        downstream_n = cfg.integer(raw["downstream_n"], source, f"{where}.downstream_n", 1) if "downstream_n" in raw else None
-        parallel = cfg.integer(raw["parallel_cases"], source, f"{where}.parallel_cases", 1) if "parallel_cases" in raw else 1
-        for b in b_values:
-            for t in t_values:
-                try:
-                    scenario = Scenario(kind, T=t, B=b, downstream=downstream, downstream_n=downstream_n,
-                                        parallel_cases=parallel)
-                except KebenchError as exc:
-                    raise KebenchError(f"{source}: {where}: {cfg.one_line(exc)}") from None
-                cfg.no_duplicate(scenario, scenarios, source, where, "scenario", shown=scenario.label)
-                scenarios.append(scenario)
+        for scenario in parse_scenario_entry(item, source, where):
+            cfg.no_duplicate(scenario, scenarios, source, where, "scenario", shown=scenario.label)
+            scenarios.append(scenario)
     return tuple(scenarios)
+
+
+def parse_scenario_entry(item: Any, source: str, where: str) -> list[Scenario]:
+    """One scenario entry of a grid (or a sweep): its kind (``kebench.core.scenarios``), T and B, the kind's own
+    parameters, and the downstream and case-parallel settings.  A list for T, B or a single-valued parameter
+    is an axis: one scenario per value (B outermost)."""
+    raw = cfg.mapping(item, source, where)
+    if "kind" not in raw:
+        raise KebenchError(f"{source}: {where}: missing required key 'kind'")
+    kind_name = cfg.string(raw["kind"], source, f"{where}.kind")
+    if not is_scenario(kind_name):
+        raise KebenchError(f"{source}: {where}.kind: unknown scenario '{kind_name}'"
+                           f"{cfg.did_you_mean(kind_name, scenario_names())}; known: {', '.join(scenario_names())}")
+    kind = get_scenario_kind(kind_name)
+    cfg.check_keys(raw, (*COMMON_KEYS, *(param.name for param in kind.params)), source, f"in {where}")
+    axes: list[tuple[str, tuple[Any, ...]]] = [("B", cfg.int_or_list(raw.get("B", 1), source, f"{where}.B")),
+                                               ("T", cfg.int_or_list(raw.get("T", 1), source, f"{where}.T"))]
+    for param in kind.params:
+        if param.name in raw:
+            value = raw[param.name]
+            axes.append((param.name, (value,) if param.many or not isinstance(value, list)
+                         else cfg.int_or_list(value, source, f"{where}.{param.name}")))
+    downstream = cfg.string(raw["downstream"], source, f"{where}.downstream") if "downstream" in raw else None
+    downstream_n = (cfg.integer(raw["downstream_n"], source, f"{where}.downstream_n", 1)
+                    if "downstream_n" in raw else None)
+    parallel = (cfg.integer(raw["parallel_cases"], source, f"{where}.parallel_cases", 1)
+                if "parallel_cases" in raw else 1)
+    scenarios = []
+    for values in itertools.product(*(choices for _, choices in axes)):
+        chosen = dict(zip((name for name, _ in axes), values))
+        params = tuple((name, value) for name, value in chosen.items() if name not in ("T", "B"))
+        try:
+            scenarios.append(Scenario(kind_name, T=chosen["T"], B=chosen["B"], downstream=downstream,
+                                      downstream_n=downstream_n, parallel_cases=parallel, params=params))
+        except KebenchError as exc:
+            raise cfg.within(source, where, exc) from None
+    return scenarios
 
 
 def _methods(value: Any, source: str) -> tuple[MethodSpec, ...]:
@@ -527,19 +605,22 @@ def _overrides(value: Any, hparams_class: type, method: str, source: str, where:
     return tuple(sorted(pairs))
 
 
-def _validate_hparams(methods: Sequence[MethodSpec], models: Sequence[str], scenarios: Sequence[Scenario],
-                      source: str) -> None:
-    """Resolve every method × model × scenario kind now, so a bad override or a missing hyperparameter
-    YAML fails before any task starts; also reject two entries that resolve to the same computation."""
+def _resolve_all(methods: Sequence[MethodSpec], models: Sequence[str], scenarios: Sequence[Scenario],
+                 source: str) -> dict[tuple[int, str, str], ResolvedHparams]:
+    """Resolve every method entry × model × scenario kind once, now, so a bad override or a missing
+    hyperparameter YAML fails before any task starts (and expansion does not resolve them again); also
+    reject two entries that resolve to the same computation."""
     kinds = list(dict.fromkeys(s.kind for s in scenarios))
+    resolved: dict[tuple[int, str, str], ResolvedHparams] = {}
     seen: dict[tuple[str, str, str, str, str], int] = {}
     for index, method in enumerate(methods):
         for model in models:
+            described = None  # the entry's YAML is read and hashed once per model, not once per kind or cell
             for kind in kinds:
-                hparams = _resolve_or_fail(source, index, method, model, kind)
-                _check_method_fits(source, index, method, model, kind, hparams, None, None)
-                resolved = canonical_json(hparams_dict(hparams))
-                key = (method.name, model, kind, resolved, method.dtype or "")  # a dtype of its own: another computation
+                entry = resolve_entry(source, index, method, model, kind, described)
+                described = entry.source
+                _check_method_fits(source, index, method, model, kind, entry.hparams, None, None)
+                key = (method.name, model, kind, entry.json, method.dtype or "")  # a dtype of its own: another computation
                 if key in seen:
                     other = methods[seen[key]]
                     raise KebenchError(
@@ -548,14 +629,8 @@ def _validate_hparams(methods: Sequence[MethodSpec], models: Sequence[str], scen
                         "would be the same computation; remove one or change its hparams"
                     )
                 seen[key] = index
-
-
-def _resolve_or_fail(source: str, index: int, method: MethodSpec, model: str, kind: str) -> Any:
-    try:
-        return resolve_hparams(method, model, kind)
-    except KebenchError as exc:
-        raise KebenchError(f"{source}: methods[{index}] ('{method.label}', model '{model}', scenario {kind}): "
-                           f"{cfg.one_line(exc)}") from None
+                resolved[(index, model, kind)] = entry
+    return resolved
 
 
 def _seeds(value: Any, source: str) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 
 from kebench.core import metrics
 from kebench.core.errors import KebenchError
+from kebench.core.scenarios import scenario_names
 
 SCHEMA_VERSION = 1
 
@@ -60,7 +61,6 @@ TMP_SUFFIX = ".parquet.tmp"
 CORRUPT_SUFFIX = ".corrupt"
 LOCK_NAME = ".kebench.lock"
 
-SCENARIOS = ("single", "continual", "batched")
 STATUSES = ("ok", "failed")
 
 _UTC_US = pa.timestamp("us", tz="UTC")
@@ -138,7 +138,9 @@ INHERITED_CASE_COLUMNS = ("cell_id", "attempt", "model", "benchmark", "split", "
                           "method", "label", "seed")
 _JSON_COLUMNS = ("hparams", "packages")
 _TIMESTAMP_COLUMNS = ("started_at", "finished_at")
-_CHOICES = {"scenario": SCENARIOS, "status": STATUSES}
+#: columns whose values come from a fixed list; the scenario kinds are whatever is declared
+#: (``kebench.core.scenarios``), read at write time so a plug-in's kind is stored like a built-in one
+_CHOICES: dict[str, Callable[[], Sequence[str]]] = {"scenario": scenario_names, "status": lambda: STATUSES}
 _PACKAGES = ("torch", "transformers", "peft", "ray", "duckdb", "pyarrow", "kebench")
 
 
@@ -468,9 +470,8 @@ def _check_values(schema: pa.Schema, row: Mapping[str, Any], where: str) -> None
             if not column.nullable:
                 raise ValueError(f"{where}: column {column.name!r} must not be null")
             continue
-        if column.name in _CHOICES and value not in _CHOICES[column.name]:
-            raise ValueError(f"{where}: column {column.name!r} is {value!r}, expected one of "
-                             f"{', '.join(_CHOICES[column.name])}")
+        if column.name in _CHOICES and value not in (choices := _CHOICES[column.name]()):
+            raise ValueError(f"{where}: column {column.name!r} is {value!r}, expected one of {', '.join(choices)}")
         if column.name == "metric" and not metrics.is_metric(value):
             raise ValueError(f"{where}: column 'metric' is {value!r}, not a registered metric "
                              f"(kebench.register_metric); registered: {', '.join(metrics.metric_names())}")

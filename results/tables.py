@@ -12,11 +12,12 @@ from pathlib import Path
 
 import duckdb
 
-import results.shapes  # noqa: F401  (registers the paper's tables)
 import results.sweeps  # noqa: F401  (registers the sweep table: Ray Tune trials)
 from kebench.core.errors import KebenchError
+from kebench.core.scenarios import scenario_kinds
 from results.registry import Table, TableDef, register_table, registered_tables
 from results.render import FORMATS, RENDERERS
+from results.shapes import register_scenario_table  # importing it registers the paper's tables
 from results.store import CELLS_DIR, has_files
 from results.views import connect, records
 
@@ -29,12 +30,20 @@ ORDER BY provenance
 """
 
 
+def _tables() -> dict[str, TableDef]:
+    """Every registered table, with the metric table of each scenario kind declared since the built-ins."""
+    for kind in scenario_kinds():
+        if kind.table is not None and kind.name not in registered_tables():
+            register_scenario_table(kind)
+    return registered_tables()
+
+
 def table_names() -> list[str]:
-    return list(registered_tables())
+    return list(_tables())
 
 
 def get_table(name: str) -> TableDef:
-    tables = registered_tables()
+    tables = _tables()
     if name not in tables:
         raise KebenchError(f"unknown table '{name}'; known: {', '.join(tables)}")
     return tables[name]

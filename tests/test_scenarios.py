@@ -18,11 +18,11 @@ CASES = [EditCase(f"c{i}", f"Question number {i} is", f"answer {i}") for i in ra
 
 def test_streams_follow_the_protocol():
     single = make_streams(CASES, Scenario("single"))
-    assert [[[c.case_id for c in call] for call in stream] for stream in single] == [[["c0"]], [["c1"]], [["c2"]], [["c3"]], [["c4"]], [["c5"]]]
+    assert [[[c.case_id for c in call] for call in stream.calls] for stream in single] == [[["c0"]], [["c1"]], [["c2"]], [["c3"]], [["c4"]], [["c5"]]]
     continual = make_streams(CASES, Scenario("continual", T=3))
-    assert [[[c.case_id for c in call] for call in s] for s in continual] == [[["c0"], ["c1"], ["c2"]], [["c3"], ["c4"], ["c5"]]]
+    assert [[[c.case_id for c in call] for call in s.calls] for s in continual] == [[["c0"], ["c1"], ["c2"]], [["c3"], ["c4"], ["c5"]]]
     batched = make_streams(CASES, Scenario("batched", B=3, T=2))
-    assert [[[c.case_id for c in call] for call in s] for s in batched] == [[["c0", "c1", "c2"], ["c3", "c4", "c5"]]]
+    assert [[[c.case_id for c in call] for call in s.calls] for s in batched] == [[["c0", "c1", "c2"], ["c3", "c4", "c5"]]]
 
 
 @pytest.mark.parametrize(
