@@ -16,12 +16,26 @@ like the same text alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
-PROTOCOL_TEACHER_FORCED = "teacher_forced"
+from kebench.core.protocols import TEACHER_FORCED
+
+PROTOCOL_TEACHER_FORCED = TEACHER_FORCED
+
+
+@dataclass
+class KVState:
+    """The key/value cache of a batch being decoded step by step (``benchmarks.decoding``).
+
+    Mutable on purpose: each forward appends the columns it ran.  ``seen`` columns of the batch are in
+    ``past`` (the model's own cache object, created by the first forward)."""
+
+    past: Any = None
+    seen: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,13 @@ class TFBatch:
     #: [B] long, or None: which of several independent edits each row belongs to (case-parallel editing
     #: routes each row through its own case's intervention; ``None``: one edited model for every row)
     groups: torch.Tensor | None = None
+    #: set only by cached decoding, and only for logits functions marked ``prefix_causal``: the columns
+    #: before ``cache.seen`` are in the cache, a forward runs the rest and returns their logits alone
+    cache: KVState | None = field(default=None, compare=False)
+    #: whether the answer positions take an editor's per-position interventions (BaFT/ReFT).  Teacher forcing
+    #: always; under the wild protocol the answer is the model's own generated text and its
+    #: ``intervene_generated`` setting decides
+    intervene_answer: bool = True
 
     @property
     def size(self) -> int:
@@ -46,14 +67,21 @@ class TFBatch:
         return (positions[None, :] >= self.prompt_lengths[:, None]) & (positions[None, :] < self.lengths[:, None])
 
     def intervention_mask(self, last_prompt_tokens: int) -> torch.Tensor:
-        """[B, L] bool: the last ``last_prompt_tokens`` prompt tokens and every answer token."""
+        """[B, L] bool: the last ``last_prompt_tokens`` prompt tokens and every answer token (only the prompt
+        tokens when ``intervene_answer`` is off)."""
         positions = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
         start = (self.prompt_lengths - last_prompt_tokens).clamp_min(0)
-        return (positions[None, :] >= start[:, None]) & (positions[None, :] < self.lengths[:, None])
+        end = self.lengths if self.intervene_answer else torch.minimum(self.prompt_lengths, self.lengths)
+        return (positions[None, :] >= start[:, None]) & (positions[None, :] < end[:, None])
+
+    def live(self, per_column: torch.Tensor) -> torch.Tensor:
+        """The columns of a [B, L, ...] tensor that a forward runs: all, or those after the cached ones."""
+        return per_column if self.cache is None else per_column[:, self.cache.seen :]
 
     def to(self, device: torch.device) -> "TFBatch":
         moved = (t.to(device) for t in (self.input_ids, self.attention_mask, self.prompt_lengths, self.lengths))
-        return TFBatch(*moved, groups=None if self.groups is None else self.groups.to(device))
+        return TFBatch(*moved, groups=None if self.groups is None else self.groups.to(device), cache=self.cache,
+                       intervene_answer=self.intervene_answer)
 
 
 def join(prompt: str, answer: str) -> tuple[str, int]:
@@ -137,6 +165,60 @@ def token_accuracy(predicted: torch.Tensor, gold: torch.Tensor) -> float:
 
 
 LogitsFn = Callable[[TFBatch], torch.Tensor]
+F = TypeVar("F", bound=Callable[..., torch.Tensor])
+
+
+def prefix_causal(fn: F) -> F:
+    """Mark a logits function (or an editor's ``logits`` method) whose output at a position depends only on
+    the tokens up to it, and which honours ``TFBatch.cache`` (runs ``forward_logits``).  Decoding then keeps a
+    KV cache; an unmarked function (a router that looks at the whole sequence: GRACE, MELO, WISE) is
+    re-run on the whole sequence at every step.  An override of a marked method is unmarked until it is
+    marked itself, so a subclass never inherits a promise it may break."""
+    fn.prefix_causal = True  # type: ignore[attr-defined]
+    return fn
+
+
+def supports_kv_cache(logits_fn: Callable) -> bool:
+    """Whether ``logits_fn`` was marked ``prefix_causal`` (a bound method reads its function's mark)."""
+    return bool(getattr(logits_fn, "prefix_causal", False))
+
+
+def _cache_names(model: torch.nn.Module) -> tuple[str, str]:
+    """(forward keyword, output attribute) of the model's KV cache: ``cache`` from transformers 5,
+    ``past_key_values`` before."""
+    names = getattr(model, "_kebench_cache_names", None)
+    if names is None:
+        parameters = inspect.signature(model.forward).parameters
+        names = ("cache", "cache") if "cache" in parameters else ("past_key_values", "past_key_values")
+        model._kebench_cache_names = names  # type: ignore[assignment]
+    return names
+
+
+def forward_logits(model: torch.nn.Module, batch: TFBatch) -> torch.Tensor:
+    """The model's logits on ``batch``: [B, L, V]; with ``batch.cache``, only the columns after the cached ones
+    ([B, L - seen, V]), appending them to the cache.
+
+    Under cached decoding rows may have padding columns between their prompt and the generated tokens (rows
+    of different prompt lengths share one new column per step); they are masked out, and position ids count
+    real tokens only, so a row computes what it would alone."""
+    if batch.cache is None:
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    state = batch.cache
+    keyword, attribute = _cache_names(model)
+    positions = (batch.attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+    out = model(input_ids=batch.input_ids[:, state.seen :], attention_mask=batch.attention_mask,
+                position_ids=positions[:, state.seen :], use_cache=True, **{keyword: state.past})
+    state.past, state.seen = getattr(out, attribute), batch.input_ids.shape[1]
+    return out.logits
+
+
+def model_logits(model: torch.nn.Module) -> LogitsFn:
+    """The unedited model's logits function (KV-cacheable)."""
+    @prefix_causal
+    def logits(batch: TFBatch) -> torch.Tensor:
+        return forward_logits(model, batch)
+
+    return logits
 
 
 def predict(logits_fn: LogitsFn, tokenizer, pairs: Sequence[tuple[str, str]], pad_token_id: int,

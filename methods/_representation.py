@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from benchmarks.case import EditCase
-from benchmarks.metrics import TFBatch, encode
+from benchmarks.metrics import TFBatch, encode, forward_logits, prefix_causal
 from methods._forward import (SPLIT_FORWARD_MODEL_TYPES, FullForward, PrefixKV, SplitForward, Targets,
                              answer_targets, backbone, batch_rows, cache_keyword, call_layer)
 from methods.base import EditedCases, Editor, EditStats, IndependentEdits, NonFiniteError, group_runs
@@ -499,11 +499,15 @@ class RepresentationEditor(Editor):
     def _whole(self, rows: int) -> list[_Route]:
         return [_Route(self, 0, rows)]
 
+    @prefix_causal
     def logits(self, batch: TFBatch) -> torch.Tensor:
+        # Prefix-causal: each intervened position is chosen by its column alone (last prompt tokens, answer
+        # or generated tokens) and Φ reads only that position's own hidden state, so a KV cache holds.
         if self._router is None:
             raise RuntimeError("editor was restored; build a new one")
-        with self._router.active(self._whole(batch.size), batch.intervention_mask(self.hparams.last_prompt_tokens)):
-            return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        mask = batch.live(batch.intervention_mask(self.hparams.last_prompt_tokens))
+        with self._router.active(self._whole(batch.size), mask):
+            return forward_logits(self.lm.model, batch)
 
     def restore(self) -> None:
         if self._router is not None:
@@ -965,12 +969,13 @@ class CaseParallel(IndependentEdits):
         jobs = [_Job(editor, [case]) for editor, case in zip(self.editors, cases)]
         return _train(self._router, jobs, packed=len(jobs) > 1)
 
+    @prefix_causal
     def logits(self, batch: TFBatch) -> torch.Tensor:
         if self._router is None:
             raise RuntimeError("editors were restored; build new ones")
         routes = [_Route(self.editors[case], start, stop) for case, start, stop in group_runs(batch)]
-        with self._router.active(routes, batch.intervention_mask(self.hparams.last_prompt_tokens)):
-            return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        with self._router.active(routes, batch.live(batch.intervention_mask(self.hparams.last_prompt_tokens))):
+            return forward_logits(self.lm.model, batch)
 
     def restore(self) -> None:
         if self._router is not None:

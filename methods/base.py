@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
 import torch
 
 from benchmarks.case import EditCase
-from benchmarks.metrics import TFBatch
+from benchmarks.metrics import TFBatch, forward_logits, prefix_causal
 from kebench.core import plugins
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
@@ -47,7 +47,13 @@ class Editor(ABC):
     stream); consecutive calls accumulate (continual editing).  ``restore`` returns the model to the
     state it had when the editor was built, bit for bit.  ``logits`` runs the edited model on a
     teacher-forced batch; the default is the plain forward pass, which suits editors that change
-    weights or hook modules.
+    weights or hook modules.  Every protocol scores through ``logits``, so the editor is in one state
+    whether it is teacher-forced or generates (``benchmarks.decoding``).
+
+    Generation keeps a KV cache only for a ``logits`` marked ``benchmarks.metrics.prefix_causal`` (its output at
+    a position depends only on the tokens up to it, and it runs ``forward_logits``, which honours
+    ``TFBatch.cache``); the default is marked.  An override is re-run on the whole sequence at every
+    decoding step unless it is marked itself: right for routers that read the whole sequence.
     """
 
     name: ClassVar[str]
@@ -120,8 +126,9 @@ class Editor(ABC):
                 and not 0 < rank <= hidden_size:
             raise KebenchError(f"{cls.name}: rank must be in 1..{hidden_size} (the model's hidden size), got {rank}")
 
+    @prefix_causal
     def logits(self, batch: TFBatch) -> torch.Tensor:
-        return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return forward_logits(self.lm.model, batch)
 
     @classmethod
     def layer_rule(cls, num_layers: int) -> dict[str, Any] | None:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.case import EditCase
-from benchmarks.metrics import TFBatch, encode
+from benchmarks.metrics import TFBatch, encode, forward_logits, prefix_causal
 from methods.stats import down_proj
 from methods.base import Editor, EditStats, IndependentEdits, NonFiniteError, group_runs, register_method
 from methods.hparams import at_depth
@@ -221,10 +221,11 @@ class _CaseCopy(Editor):
     def apply(self, cases: Sequence[EditCase]) -> EditStats:
         raise KebenchError(f"{self.name}: a case copy is trained by its case-parallel group")
 
+    @prefix_causal
     def logits(self, batch: TFBatch) -> torch.Tensor:
         self.rows.routes = [(self.weights, 0, batch.size)]
         try:
-            return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return forward_logits(self.lm.model, batch)
         finally:
             self.rows.routes = None
 
@@ -308,10 +309,11 @@ class CaseParallelFT(IndependentEdits):
                 raise NonFiniteError(f"{self.editors[k].name}: non-finite weights after the edit (case {cases[k].case_id})")
         return stats  # type: ignore[return-value]
 
+    @prefix_causal
     def logits(self, batch: TFBatch) -> torch.Tensor:
         self.rows.routes = [(self.editors[case].weights, start, stop) for case, start, stop in group_runs(batch)]
         try:
-            return self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return forward_logits(self.lm.model, batch)
         finally:
             self.rows.routes = None
 

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--downstream-n", type=_positive_int, default=None, help="items of the downstream check")
     edit.add_argument("--parallel-cases", type=_positive_int, default=1, metavar="K",
                       help="single editing: keep K independent edits training at once in one batch (BaFT, ReFT, FT-L, FT-M; same numbers)")
+    edit.add_argument("--protocol", dest="protocols", action="append", default=None, metavar="PROTOCOL",
+                      help="score under this protocol (repeatable; default teacher_forced): teacher_forced, generation, "
+                           "wild, or wild(context=qa|chat,max_new_tokens=N,intervene_generated=false)")
     edit.add_argument("--n", type=_positive_int, default=None, help="number of cases (default: the whole split)")
     edit.add_argument("--offset", type=int, default=0)
     edit.add_argument("--seed", type=_seed, default=0)
@@ -449,6 +452,10 @@ def _edit(args: argparse.Namespace) -> int:
     bench = get_benchmark(args.benchmark)
     selection = select_cases(args.benchmark, args.split, args.n, args.offset, args.data_dir)
     make_streams(selection.cases, scenario)
+    if args.protocols is not None:
+        from benchmarks.protocols import cell_protocols
+
+        cell_protocols(args.protocols, get_method(args.method).required_protocols)  # a bad spec fails before loading
     if args.hparams is not None and args.hparams.is_dir():
         raise KebenchError(f"--hparams {args.hparams} is a directory; name a hyperparameter YAML file")
     hparams = load_hparams(args.method, args.model, scenario.kind, dict(args.overrides), path=args.hparams)
@@ -470,7 +477,8 @@ def _edit(args: argparse.Namespace) -> int:
         task = progress.add_task(f"{args.method} {scenario.label}", total=len(selection.cases))
         result = run_scenario(lm, args.method, hparams, selection.cases, scenario, args.seed, bench.metrics,
                               on_edit=lambda n: progress.advance(task, n), data_dir=args.data_dir,
-                              extra_scorer=bench.extra_scorer(args.split, resolve_data_dir(args.data_dir)))
+                              extra_scorer=bench.extra_scorer(args.split, resolve_data_dir(args.data_dir)),
+                              protocols=args.protocols)
 
     timing = {(c.case_id, c.stream): (round(c.seconds, 4), c.steps) for c in result.cases}
     rows = [{**row, "seconds": timing[(row["case_id"], row["stream"])][0], "steps": timing[(row["case_id"], row["stream"])][1]}

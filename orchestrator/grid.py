@@ -31,7 +31,7 @@ from kebench.core.errors import KebenchError
 from kebench.core.models import (DEFAULT_DTYPE, DTYPE_CHOICES, Precision, canonical_model, check_model_name, model_facts,
                                   model_revision, resolve_precision)
 from orchestrator import _config as cfg
-from benchmarks.protocols import cell_protocols, protocol_names
+from benchmarks.protocols import cell_protocols, protocol_names, protocol_spec, protocol_tag
 from kebench.core.scenarios import get_scenario_kind, is_scenario, scenario_names
 from orchestrator.exports import check_hparams_file_leakage, hparams_file_origin
 from orchestrator.scenarios import COMMON_KEYS, Scenario
@@ -439,11 +439,24 @@ def parse_grid(mapping: Any, source: str) -> GridSpec:
 
 
 def parse_protocols(value: Any, source: str, where: str) -> tuple[str, ...]:
-    """A ``protocols:`` list: registered scoring protocols (``benchmarks.protocols``), each once."""
-    names = cfg.string_list(value, source, where)
-    for index, name in enumerate(names):
-        cfg.choice(name, protocol_names(), source, f"{where}[{index}]")
-    return names
+    """A ``protocols:`` list: registered scoring protocols (``benchmarks.protocols``), each once, as canonical
+    tags.  An entry is a name, ``name(key=value,...)`` or ``{name: {key: value}}`` (the wild protocol's
+    settings); settings at their defaults are dropped, so ``wild(context=question)`` is ``wild``."""
+    items = cfg.nonempty_list(value, source, where)
+    tags: list[str] = []
+    for index, item in enumerate(items):
+        try:
+            spec = protocol_spec(item)
+        except KebenchError as exc:
+            raise KebenchError(f"{source}: {where}[{index}]: {exc}") from None
+        cfg.choice(spec.split("(", 1)[0].strip(), protocol_names(), source, f"{where}[{index}]")
+        try:
+            tag = protocol_tag(spec)
+        except KebenchError as exc:
+            raise KebenchError(f"{source}: {where}[{index}]: {exc}") from None
+        cfg.no_duplicate(tag, tags, source, f"{where}[{index}]", "entry")
+        tags.append(tag)
+    return tuple(tags)
 
 
 def _dtype(value: Any, source: str, where: str) -> str:

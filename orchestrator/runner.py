@@ -177,7 +177,8 @@ def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[
     result = run_scenario(lm, cell.method, hparams, selection.cases, cell.scenario, cell.seed,
                           bench.metrics, pre=cache.pre_edit[key], data_dir=data_dir,
                           downstream_unedited=cache.downstream_unedited.get(downstream_key),
-                          extra_scorer=bench.extra_scorer(cell.split, resolve_data_dir(data_dir)))
+                          extra_scorer=bench.extra_scorer(cell.split, resolve_data_dir(data_dir)),
+                          protocols=cell.protocols or None)
     case_rows = rows.case_rows(result.cases, bench.row_protocol)
     artifact = rows.cell_artifact(selection.cases, result.cases, result.artifacts, bench.row_protocol)
     notes = [f"model {lm.info.revision}"]

@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.case import EditCase
 from benchmarks.evaluate import CaseScores, PreEdit, compute_pre_edit, score_cases, with_protocols
-from benchmarks.metrics import encode
+from benchmarks.metrics import encode, model_logits
 from benchmarks.protocols import cell_protocols, get_protocol
 from benchmarks.registry import ExtraScorer, get_downstream
 from kebench.core.errors import KebenchError
@@ -265,7 +265,7 @@ class ScenarioResult:
 
 
 def plain_logits(lm: LoadedModel) -> Callable:
-    return lambda batch: lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return model_logits(lm.model)  # the unedited model; decodes with a KV cache
 
 
 def _probe_logits(lm: LoadedModel) -> torch.Tensor:
@@ -332,6 +332,9 @@ def run_scenario(
     else:  # a cached PreEdit may lack the references of a protocol this cell adds (GRACE's generation)
         pre = with_protocols(pre, plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, cases, protocols)
     reference = _probe_logits(lm) if verify_restore else None
+    result = ScenarioResult(scenario)
+    # every setting a protocol's numbers depend on (the wild context, decoding) goes into the provenance
+    result.notes += [note for p in protocols if (note := get_protocol(p).describe(editor_class.logits))]
     check = None
     if scenario.downstream is not None:
         check = get_downstream(scenario.downstream)
@@ -339,11 +342,10 @@ def run_scenario(
             downstream_unedited, _ = check.score(plain_logits(lm), lm, scenario.downstream_n, data_dir)
     downstream_edited: list[float] = []
     downstream_items = 0
-    result = ScenarioResult(scenario)
     if scenario.parallel_cases > 1:
         if all(get_protocol(p).groups_supported for p in protocols) and _run_case_parallel(
                 lm, editor_class, hparams, streams, scenario.parallel_cases, seed, metrics, pre, on_edit, reference,
-                extra_scorer, result):
+                extra_scorer, result, protocols):
             result.peak_rss_mb = peak_rss_mb()
             return result
         result.notes.append(f"parallel_cases={scenario.parallel_cases} not used: {method} has no case-parallel "
@@ -409,7 +411,8 @@ def _score(editor: Editor, lm: LoadedModel, cases: Sequence[EditCase], pre: PreE
 def _run_case_parallel(lm: LoadedModel, editor_class: type[Editor], hparams, streams: list[Stream],
                        parallel: int, seed: int, metrics: Sequence[str], pre: PreEdit,
                        on_edit: Callable[[int], None] | None, reference: torch.Tensor | None,
-                       extra_scorer: ExtraScorer | None, result: ScenarioResult) -> bool:
+                       extra_scorer: ExtraScorer | None, result: ScenarioResult,
+                       protocols: Sequence[str] = ("teacher_forced",)) -> bool:
     """Single editing, ``parallel`` independent cases training at once (``Editor.edit_in_parallel``); each case
     is a stream of its own, as in the one-by-one run, and gets the same result.  A case's ``seconds`` is its
     share of the training time.  False, having done nothing, where the method has no case-parallel path."""
@@ -433,8 +436,10 @@ def _run_case_parallel(lm: LoadedModel, editor_class: type[Editor], hparams, str
                 on_edit(len(done.cases))
             release_freed_memory()  # the training batch's activations, before scoring allocates its own
             try:
-                scores = score_cases(group.logits, lm.tokenizer, lm.pad_token_id, lm.device, done.cases, pre, metrics,
-                                     batch_size=GROUPED_EVAL_ROWS, grouped=True)
+                scores = [score for protocol in protocols
+                          for score in score_cases(group.logits, lm.tokenizer, lm.pad_token_id, lm.device, done.cases,
+                                                   pre, metrics, batch_size=GROUPED_EVAL_ROWS, protocol=protocol,
+                                                   grouped=True)]
                 if extra_scorer is not None:
                     for editor, case in zip(group.editors, done.cases):
                         extra = extra_scorer.after(editor.logits, lm, [case], extra_state)

@@ -83,3 +83,12 @@ REL = register_metric("rel", "Rel.", description="reliability: target tokens pre
 GEN = register_metric("gen", "Gen.", description="generality: target tokens predicted on rephrased prompts", order=20)
 LOC = register_metric("loc", "Loc.", description="locality: unrelated outputs unchanged by the edit", order=30)
 POR = register_metric("por", "Por.", description="portability: answers that follow from the edit", order=40)
+
+# Token F1 beside the wild protocol's exact match (benchmarks/wild.py): partial credit that shows how close
+# a wrong answer came; outside Avg., which stays the mean of the paper's four.
+REL_F1 = register_metric("rel_f1", "Rel. F1", description="reliability: SQuAD token F1 of the generated answer",
+                         in_average=False, protocol="wild", order=11)
+GEN_F1 = register_metric("gen_f1", "Gen. F1", description="generality: SQuAD token F1 of the generated answer",
+                         in_average=False, protocol="wild", order=21)
+POR_F1 = register_metric("por_f1", "Por. F1", description="portability: SQuAD token F1 of the generated answer",
+                         in_average=False, protocol="wild", order=41)
