@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/kebench grid --grid grids/smoke.yaml --tables continual,params,single
+	$(VENV)/bin/kebench grid --grid grids/smoke.yaml --tables continual,params,single,protocols
 	$(VENV)/bin/kebench leaderboard --store runs/smoke --out runs/smoke/leaderboard
 
 test: $(STAMP)

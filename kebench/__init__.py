@@ -28,6 +28,9 @@ _EXPORTS: dict[str, str] = {
     "register_benchmark": "benchmarks.registry",
     "TFBatch": "benchmarks.metrics",
     "encode": "benchmarks.metrics",
+    "prefix_causal": "benchmarks.metrics",
+    "ScoringProtocol": "benchmarks.protocols",
+    "register_protocol": "benchmarks.protocols",
     # methods
     "Editor": "methods.base",
     "EditStats": "methods.base",

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="render a paper-shaped table from a result store")
     table.add_argument("--store", type=Path, required=True)
     table.add_argument("--table", default="continual",
-                       help="single, continual, batched, params, downstream, or a table a plug-in registered")
+                       help="single, continual, batched, params, downstream, protocols (teacher-forced beside wild), "
+                            "or a table a plug-in registered")
     table.add_argument("--format", dest="fmt", default="md", help="md, latex, csv or html")
 
     sweep = sub.add_parser("sweep", help="tune a method's hyperparameters on a dev split with Ray Tune")

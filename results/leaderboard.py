@@ -26,6 +26,7 @@ import numpy as np
 from kebench.core import metrics as metric_registry
 from kebench.core.scenarios import get_scenario_kind, is_scenario, scenario_kinds
 from kebench.core.errors import KebenchError
+from kebench.core.protocols import TEACHER_FORCED, WILD, base_name
 from results import plots
 from results.bootstrap import AVG, Estimate, bootstrap_group, resample_indices
 from results.registry import REFERENCE_LABEL
@@ -197,7 +198,35 @@ def _figures(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]
             title = f"{model} · {benchmark}/{split} · {shape} · {protocol}: metrics against {x_name}"
             figures.append(Figure(_slug(f"{scenario}-curves", {"m": model, "b": benchmark, "s": split, "B": b, "p": protocol}),
                                   title, plots.metric_curves(title, x_name, series)))
+    figures += _gap_figures(groups)
     figures += _gate_figures(artifacts)
+    return figures
+
+
+def _gap_figures(groups: list[Group]) -> list[Figure]:
+    """Teacher-forced against wild Rel./Gen. per method (the overestimate), one figure per group of cells
+    scored under both (and per wild setting, e.g. ``wild(context=chat)``)."""
+    by_key: dict[tuple, dict[str, Group]] = defaultdict(dict)
+    for group in groups:
+        key = tuple(group.key[name] for name in GROUP_KEYS if name != "protocol")
+        by_key[key][group.key["protocol"]] = group
+    figures = []
+    for key, by_protocol in by_key.items():
+        forced = by_protocol.get(TEACHER_FORCED)
+        if forced is None:
+            continue
+        for protocol, wild in sorted(by_protocol.items()):
+            if base_name(protocol) != WILD:
+                continue
+            estimates = {e.label: e.estimates for e in wild.entries}
+            rows = [(e.label, e.estimates, estimates[e.label]) for e in forced.entries if e.label in estimates]
+            if not rows:
+                continue
+            k = wild.key
+            title = (f"Rel./Gen. under {TEACHER_FORCED} and {protocol}: {k['model']} · {k['benchmark']}/{k['split']} · "
+                     f"{_shape(k['scenario'], k['T'], k['B'])}")
+            slug = _slug("protocol-gap", {name: k[name] for name in GROUP_KEYS})
+            figures.append(Figure(slug, title, plots.protocol_gap(title, rows, (TEACHER_FORCED, protocol))))
     return figures
 
 
@@ -239,6 +268,7 @@ class Failure:
     target: str
     scores: dict[str, float]
     details: dict[str, str]
+    protocol: str = TEACHER_FORCED  # what ``details['rel_output']`` is: the argmax, or generated text
 
 
 def _drilldown(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]]) -> dict[tuple[str, str], list[Failure]]:
@@ -258,7 +288,8 @@ def _drilldown(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any
                 if scores.get("rel", 1.0) < 1.0 or scores.get("loc", 1.0) < 1.0:
                     info = cases.get(case_id, {})
                     details = (info.get("details") or {}).get(k["protocol"], {})
-                    failing.append(Failure(case_id, info.get("prompt", ""), info.get("target", ""), scores, details))
+                    failing.append(Failure(case_id, info.get("prompt", ""), info.get("target", ""), scores, details,
+                                           k["protocol"]))
             if failing:
                 out[(group.title, entry.label)] = failing
     return out
@@ -359,13 +390,19 @@ def _markdown_drilldown(failures) -> list[str]:
         for failure in cases[:DRILLDOWN_LIMIT]:
             scores = ", ".join(f"{metric_registry.label(m)} {v:.2f}" for m, v in failure.scores.items())
             out.append(f"- `{failure.case_id}` ({scores}): {failure.prompt!r} → target {failure.target!r}; "
-                       f"model's argmax: {failure.details.get('rel_output', '?')!r}"
+                       f"{_output_name(failure.protocol)}: {failure.details.get('rel_output', '?')!r}"
+                       + (f"; rephrased: {failure.details['gen_output']!r}" if "gen_output" in failure.details else "")
                        + (f"; locality {failure.details['loc_prompt']!r}: {failure.details.get('loc_output')!r} "
                           f"(unedited {failure.details.get('loc_unedited')!r})" if "loc_prompt" in failure.details else ""))
         if len(cases) > DRILLDOWN_LIMIT:
             out.append(f"- … and {len(cases) - DRILLDOWN_LIMIT} more (leaderboard.html lists all)")
         out.append("")
     return out
+
+
+def _output_name(protocol: str) -> str:
+    """What a failed case's ``rel_output`` is: the argmax under teacher forcing, generated text otherwise."""
+    return "model's argmax" if protocol == TEACHER_FORCED else "generated"
 
 
 def _markdown_provenance(provenance) -> list[str]:
@@ -441,7 +478,8 @@ def _html(meta, groups: list[Group], tables, figures: list[Figure], failures, pr
     for (title, label), cases in failures.items():
         out.append(f"<details><summary>{esc(label)} · {esc(title)} ({len(cases)} cases)</summary>"
                    '<table class="failures"><thead><tr><th>Case</th><th>Scores</th><th>Prompt</th><th>Target</th>'
-                   "<th>Model's argmax</th><th>Locality (edited / unedited argmax)</th></tr></thead><tbody>")
+                   f"<th>{esc(_output_name(cases[0].protocol)).capitalize()}</th><th>Rephrased</th>"
+                   "<th>Locality (edited / unedited output)</th></tr></thead><tbody>")
         for failure in cases:
             scores = ", ".join(f"{metric_registry.label(m)} {v:.2f}" for m, v in failure.scores.items())
             loc = ""
@@ -451,6 +489,7 @@ def _html(meta, groups: list[Group], tables, figures: list[Figure], failures, pr
             out.append(f"<tr><td>{esc(failure.case_id)}</td><td>{esc(scores)}</td><td class=\"text\">{esc(failure.prompt)}</td>"
                        f"<td class=\"text\">{esc(failure.target)}</td>"
                        f"<td class=\"text\"><code>{esc(failure.details.get('rel_output', ''))}</code></td>"
+                       f"<td class=\"text\"><code>{esc(failure.details.get('gen_output', ''))}</code></td>"
                        f"<td class=\"text\">{loc}</td></tr>")
         out.append("</tbody></table></details>")
     out.append('</section><section id="provenance"><h1>Provenance</h1>')

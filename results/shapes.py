@@ -113,7 +113,7 @@ def _metric_block(spec: _Spec, keys: dict[str, Any], status: list[dict[str, Any]
         metrics = _present_metrics(v for (g, _, _), v in values.items() if g == group) or block_metrics
         texts = [_group_texts(values.get((group, label, protocol)), (group, label) in failed, metrics)
                  for label, protocol in row_keys]
-        ranked = _mark_best([t[-1] for t in texts], [label == REFERENCE_LABEL for label, _ in row_keys])
+        ranked = _rank_within_protocols([t[-1] for t in texts], row_keys)
         for cells, row_texts, avg in zip(row_cells, texts, ranked):
             cells += [Cell(text) for text in row_texts[:-1]] + [avg]
         name = _group_name(dict(zip(spec.group_keys, group)), multi_split)
@@ -138,6 +138,24 @@ def _present_metrics(metric_maps: Any) -> list[str]:
     for metric_map in metric_maps:
         seen.update(metric_map)
     return metric_registry.ordered(seen)
+
+
+def _rank_within_protocols(texts: list[str], row_keys: list[tuple[str, str | None]]) -> list[Cell]:
+    """Best and second-best Avg. marks within each protocol: a teacher-forced Avg. is never compared with a
+    wild one.  A protocol only one method was scored under (GRACE's generation) is ranked only when it is
+    the table's one protocol."""
+    cells = [Cell(text) for text in texts]
+    by_protocol: dict[str | None, list[int]] = defaultdict(list)
+    for index, (_, protocol) in enumerate(row_keys):
+        by_protocol[protocol].append(index)
+    for indices in by_protocol.values():
+        contenders = [i for i in indices if row_keys[i][0] != REFERENCE_LABEL]
+        if len(contenders) < 2 and len(by_protocol) > 1:
+            continue
+        marked = _mark_best([texts[i] for i in indices], [row_keys[i][0] == REFERENCE_LABEL for i in indices])
+        for index, cell in zip(indices, marked):
+            cells[index] = cell
+    return cells
 
 
 def _mark_best(texts: list[str], reference: list[bool] | None = None) -> list[Cell]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 
 import results.sweeps  # noqa: F401  (registers the sweep table: Ray Tune trials)
+import results.gap  # noqa: F401  (registers the protocols table: teacher-forced beside wild)
 from kebench.core.errors import KebenchError
 from kebench.core.scenarios import scenario_kinds
 from results.registry import Table, TableDef, register_table, registered_tables

@@ -148,8 +148,9 @@ _PROBE = """<!DOCTYPE html><html><body><pre id="out">waiting</pre>
 document.getElementById('page').addEventListener('load', () => {
   const doc = document.getElementById('page').contentDocument;
   const rows = [...doc.querySelectorAll('table.leaderboard tr.ranked')].map(tr => ({
-    label: tr.dataset.label, rank: tr.dataset.rank,
-    ci: [...tr.querySelectorAll('td.ci[data-low]')].map(td => [td.dataset.metric, +td.dataset.low, +td.dataset.high])}));
+    group: tr.closest('table').dataset.group, label: tr.dataset.label, rank: tr.dataset.rank,
+    ci: [...tr.querySelectorAll('td.ci[data-low]')].map(td => [td.dataset.metric, +td.dataset.low, +td.dataset.high,
+                                                               +td.dataset.mean])}));
   const images = [...doc.images].map(img => [img.complete, img.naturalWidth]);
   document.getElementById('out').textContent = 'RES' + 'ULT<<' + JSON.stringify({rows, images}) + '>>' + 'END';
 });
@@ -164,6 +165,11 @@ def test_leaderboard_page_in_headless_chromium(tmp_path: Path) -> None:
     put_cell(tmp_path, "unedited", 1, {"rel": [0.0, 0.0, 0.0], "loc": [1.0, 1.0, 1.0]}, scenario="single")
     put_cell(tmp_path, "baft", 1, {"rel": [1.0, 1.0, 0.5], "loc": [1.0, 0.5, 1.0]}, scenario="single")
     put_cell(tmp_path, "reft", 1, {"rel": [1.0, 1.0, 1.0], "loc": [0.0, 0.5, 0.0]}, scenario="single")
+    # the same methods in the wild (issue 27): their own group, ranked on their own Avg. (rel_f1 stays out of it)
+    put_cell(tmp_path, "unedited", 1, {"rel": [0.0, 0.0, 0.0], "loc": [1.0, 1.0, 1.0]}, scenario="single", protocol="wild")
+    put_cell(tmp_path, "baft", 1, {"rel": [1.0, 0.0, 0.0], "rel_f1": [1.0, 0.5, 0.0], "loc": [1.0, 1.0, 1.0]},
+             scenario="single", protocol="wild")
+    put_cell(tmp_path, "reft", 1, {"rel": [1.0, 1.0, 1.0], "loc": [1.0, 0.0, 1.0]}, scenario="single", protocol="wild")
     _, page = write_leaderboard(tmp_path, tmp_path / "lb", resamples=200)
     probe = tmp_path / "probe.html"
     probe.write_text(_PROBE % page.as_uri())
@@ -173,9 +179,17 @@ def test_leaderboard_page_in_headless_chromium(tmp_path: Path) -> None:
     match = re.search(r"RESULT&lt;&lt;(.*?)&gt;&gt;END", dom, flags=re.S)
     assert match, f"the page did not load in chromium: {dom[:500]!r}"
     seen = json.loads(match.group(1).replace("&quot;", '"'))
-    assert [(r["label"], r["rank"]) for r in seen["rows"]] == [("unedited", "ref."), ("baft", "1"), ("reft", "2")]
-    baft_ci = {metric: (low, high) for metric, low, high in seen["rows"][1]["ci"]}
+    forced = [r for r in seen["rows"] if r["group"].endswith("· teacher_forced")]
+    wild = [r for r in seen["rows"] if r["group"].endswith("· wild")]
+    assert len(forced) + len(wild) == len(seen["rows"])
+    assert [(r["label"], r["rank"]) for r in forced] == [("unedited", "ref."), ("baft", "1"), ("reft", "2")]
+    baft_ci = {metric: (low, high) for metric, low, high, _ in forced[1]["ci"]}
     assert set(baft_ci) == {"rel", "loc", "avg"} and all(low <= high for low, high in baft_ci.values())
+    assert [(r["label"], r["rank"]) for r in wild] == [("unedited", "ref."), ("reft", "1"), ("baft", "2")]
+    baft_wild = {metric: (low, high, mean) for metric, low, high, mean in wild[2]["ci"]}
+    assert set(baft_wild) == {"rel", "rel_f1", "loc", "avg"} and all(low <= high for low, high, _ in baft_wild.values())
+    assert baft_wild["avg"][2] == pytest.approx((1 / 3 + 1.0) / 2, abs=1e-5)  # Rel. and Loc.; the F1 is not in Avg.
+    assert "protocol-gap" in page.read_text() or list((tmp_path / "lb" / "plots").glob("protocol-gap-*.png"))
     assert seen["images"] and all(complete and width > 0 for complete, width in seen["images"])
     shots = REPO / "runs"
     shots.mkdir(exist_ok=True)
