@@ -6,6 +6,7 @@ rows are tagged and whose tables never mix them."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -281,12 +282,18 @@ def test_grid_with_two_protocols_writes_tagged_rows_and_tables_never_mix(tmp_pat
     assert "generated: '" in text  # the drill-down shows what the model generated under wild
 
 
-def test_kebench_edit_takes_protocols(capsys):
+def test_kebench_edit_takes_protocols(capsys, monkeypatch, tmp_path):
     from orchestrator.cli import main
 
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps a narrow table's labels
+    out = tmp_path / "rows.jsonl"
     code = main(["edit", "--model", "tiny-random-llama", "--method", "unedited", "--n", "2", "--split", "dev", "--quiet",
-                 "--protocol", "teacher_forced", "--protocol", "wild(max_new_tokens=4)"])
+                 "--protocol", "teacher_forced", "--protocol", "wild(max_new_tokens=4)", "--out", str(out)])
     stdout = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["case_id"], r["protocol"]) for r in rows) == sorted(
+        (case, protocol) for case in {r["case_id"] for r in rows} for protocol in ("teacher_forced", "wild(max_new_tokens=4)"))
+    assert all(r["loc"] == 1.0 for r in rows)  # the unedited model agrees with itself under both
     assert code == 0 and "unedited [teacher_forced]" in stdout and "unedited [wild(max_new_tokens=4)]" in stdout
     assert "Rel. F1" in stdout and "note: protocol wild(max_new_tokens=4): context=question" in stdout
     try:
