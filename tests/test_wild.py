@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,17 @@ def test_case_parallel_groups_are_scored_under_wild_as_one_by_one(tiny_lm):
     scores = [sorted((c.case_id, c.scores.protocol, c.scores.values, c.scores.details) for c in run.cases) for run in runs]
     assert scores[0] == scores[1]
     assert {protocol for _, protocol, _, _ in scores[1]} == {"teacher_forced", "wild(max_new_tokens=8)"}
+
+
+def test_grid_protocol_entries_are_canonical_tags_and_bad_ones_one_line_errors():
+    from orchestrator.grid import parse_protocols
+
+    assert parse_protocols(["teacher_forced", "wild(context=question)", {"wild": {"context": "chat"}}], "g.yaml",
+                           "protocols") == ("teacher_forced", "wild", "wild(context=chat)")
+    for entry, message in (("wild(context=poem)", "g.yaml: protocols[0]: protocol 'wild(context=poem)': context must be"),
+                           ("wilde", "g.yaml: protocols[0] must be one of"), ({"wild": 3}, "g.yaml: protocols[0]: protocol entry")):
+        with pytest.raises(KebenchError, match=re.escape(message)) as info:
+            parse_protocols([entry], "g.yaml", "protocols")
+        assert "\n" not in str(info.value)
+    with pytest.raises(KebenchError, match="duplicate|twice|more than once"):
+        parse_protocols(["wild", "wild(max_new_tokens=50)"], "g.yaml", "protocols")
