@@ -331,3 +331,16 @@ def test_grid_protocol_entries_are_canonical_tags_and_bad_ones_one_line_errors()
         assert "\n" not in str(info.value)
     with pytest.raises(KebenchError, match="duplicate|twice|more than once"):
         parse_protocols(["wild", "wild(max_new_tokens=50)"], "g.yaml", "protocols")
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_kv_cached_decoding_holds_on_other_architectures(tmp_path: Path, kind: str):
+    """Position ids and padding masks under the cache are the model's own: GPT-2 and Qwen2 decode alike."""
+    from kebench.core.models import load_model
+    from test_any_model import save_tiny
+
+    lm = load_model(f"path:{save_tiny(tmp_path / kind, kind)}", device="cpu")
+    prompts = [lm.tokenizer(text)["input_ids"] for text in ("The capital of France is", "Snow", "A longer prompt")]
+    plain = model_logits(lm.model)
+    cached = greedy_decode(plain, prompts, 8, lm.pad_token_id, CPU, decoding="cache")
+    assert cached == greedy_decode(plain, prompts, 8, lm.pad_token_id, CPU, decoding="rerun")
