@@ -144,11 +144,18 @@ class Editor(ABC):
         return {}
 
     @classmethod
+    def has_case_parallel_path(cls) -> bool:
+        """Whether the single scenario's ``parallel_cases`` can train this method's cases in one batch (it overrides
+        ``independent`` or ``edit_in_parallel``); a given model or precision may still decline at run time."""
+        return cls.independent.__func__ is not Editor.independent.__func__ or \
+            cls.edit_in_parallel.__func__ is not Editor.edit_in_parallel.__func__
+
+    @classmethod
     def independent(cls, lm: LoadedModel, hparams: Any, seed: int, copies: int) -> "IndependentEdits | None":
         """``copies`` editors of this method that train that many *independent* single edits in one batch
         (the single scenario's ``parallel_cases``), or None where the method cannot (then the scenario
-        edits its cases one by one).  Each case's result must equal a one-by-one run's: same seed, same
-        initial state, same steps."""
+        edits its cases one by one).  Each case must train exactly as in a one-by-one run: same seed, same
+        initial state, its own loss, optimizer state and stopping rule (equal to rounding; tested in float64)."""
         return None
 
     @classmethod

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a downstream check scored after each stream and on the unedited model, e.g. piqa")
     edit.add_argument("--downstream-n", type=_positive_int, default=None, help="items of the downstream check")
     edit.add_argument("--parallel-cases", type=_positive_int, default=1, metavar="K",
-                      help="single editing: keep K independent edits training at once in one batch (BaFT, ReFT, FT-L, FT-M; same numbers)")
+                      help="single editing: keep K independent edits training at once in one batch (BaFT, ReFT, FT-L, FT-M; the same training, rounded differently)")
     edit.add_argument("--n", type=_positive_int, default=None, help="number of cases (default: the whole split)")
     edit.add_argument("--offset", type=int, default=0)
     edit.add_argument("--seed", type=_seed, default=0)

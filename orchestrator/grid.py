@@ -207,7 +207,15 @@ class Cell:
             "code_version": self.code_version,
             "model_revision": self.model_revision,
             **({} if self.precision.is_default else {"dtype": self.precision.key}),
+            **({"parallel_cases": self.scenario.parallel_cases} if self.trains_cases_in_parallel else {}),
         }
+
+    @property
+    def trains_cases_in_parallel(self) -> bool:
+        """K > 1 cases of a method with a case-parallel path share a batch: the same training as one by one, rounded
+        differently (issue 25), so such a cell is not the one-by-one cell.  Methods without the path edit one by
+        one whatever K says, and keep the one-by-one id."""
+        return self.scenario.parallel_cases > 1 and get_method(self.method).has_case_parallel_path()
 
     @property
     def cell_id(self) -> str:
