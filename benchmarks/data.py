@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from benchmarks.manifest import DataFile, entry_for, fetch_command
 from kebench.core.errors import KebenchError
 
 DATA_ENV = "KEBENCH_DATA"
@@ -24,8 +25,10 @@ DATA_DIRECTORY, FETCH_CACHE, EMBEDDED = "data directory", "fetch cache", "embedd
 
 
 def cache_root() -> Path:
-    """``$KEBENCH_CACHE``, else ``~/.cache/kebench`` (the SmolLM2 weights share it)."""
-    return Path(os.environ.get(CACHE_ENV) or "~/.cache/kebench").expanduser()
+    """``$KEBENCH_CACHE``, else ``$XDG_CACHE_HOME/kebench`` or ``~/.cache/kebench``: the root the SmolLM2
+    weights use (``kebench.core.models.cache_root``, not imported here because that module loads torch)."""
+    base = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "kebench")
+    return Path(base).expanduser()
 
 
 def cache_data_dir() -> Path:
@@ -100,8 +103,6 @@ def locate(data_dir: Path, relative: str) -> Located | None:
 
 
 def check_managed_copy(path: Path, relative: str, origin: str) -> None:
-    from benchmarks.manifest import entry_for, fetch_command
-
     entry = entry_for(relative)
     if entry is None:
         return
@@ -113,7 +114,7 @@ def check_managed_copy(path: Path, relative: str, origin: str) -> None:
     raise KebenchError(f"{path}: {problem}; `{fetch_command(relative)}` replaces it")
 
 
-def verify(path: Path, entry: Any) -> str | None:
+def verify(path: Path, entry: DataFile) -> str | None:
     """None when ``path``'s content matches the manifest ``entry``; else what differs (one phrase)."""
     if entry.sha256 is not None:
         got = file_sha256(path)
@@ -132,8 +133,6 @@ def data_file(data_dir: Path, relative: str, source_hint: str = "") -> Path:
 
 
 def missing_message(data_dir: Path, relative: str, source_hint: str = "") -> str:
-    from benchmarks.manifest import fetch_command
-
     places = " or ".join(f"{root} ({origin})" for root, origin in search_roots(data_dir) if origin != EMBEDDED)
     command = fetch_command(relative)
     how = f"fetch it with `{command}`" if command else f"get it from {source_hint or 'its publisher'}"
@@ -146,7 +145,7 @@ def _read_json_cached(path: str, mtime_ns: int) -> Any:
     line_number = 0
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
-            if path.endswith(".jsonl"):
+            if path.removesuffix(".gz").endswith(".jsonl"):
                 records = []
                 for line_number, line in enumerate(handle, start=1):
                     if line.strip():

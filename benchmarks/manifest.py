@@ -30,7 +30,7 @@ KNOWEDIT_REPO = "zjunlp/KnowEdit"
 #: main HEAD; only README commits follow the last data upload (b907eca, 2024-01-28), so the data at this
 #: commit is the data KnowEdit published (reference/field-anchors-2026-12.md §4.1)
 KNOWEDIT_REVISION = "6d218881e60c7c8be836bd2befd598eb3b318be4"
-#: the last revision whose ``test_cf.json`` is the 7.57 MB file our copy is; it was re-uploaded on
+#: a revision whose ``test_cf.json`` is the 7.57 MB file our copy is; it was re-uploaded on
 #: 2024-01-21 (3ec51f9) as a different, 2.92 MB file, which is what KNOWEDIT_REVISION serves
 KNOWEDIT_TEST_CF_REVISION = "3ec93ed765d3afa108a4fc24cce509c452aed8e1"
 
@@ -145,9 +145,9 @@ MANIFEST: tuple[DataFile, ...] = (
               "8773ca68b7e13ce4f0a45ef8a425ccf3eead3a227636de37b1caad01aff65df9",
               "d07dd94189ffb965b2fc1b8122ed8f8b7a388574", ("wikidata-counterfact",), "885",
               revision=KNOWEDIT_TEST_CF_REVISION,
-              note=("pinned to 3ec93ed, the last revision with the 7.57 MB file (our bytes); from 3ec51f9 on the "
-                    "Hub serves a 2.92 MB re-upload, whose hash no row reports; shared/data stores it gzipped "
-                    "(.json.gz), and the hashes are of the decompressed content")),
+              note=("pinned to 3ec93ed, which holds the 7.57 MB file (our size; the bytes are checked on fetch); "
+                    "from 3ec51f9 on the Hub serves a 2.92 MB re-upload, whose hash no row reports; shared/data "
+                    "stores it gzipped (.json.gz), and the hashes are of the decompressed content")),
     _knowedit("knowedit/wiki_counterfact_train_cf.json", "benchmark/wiki_counterfact/train_cf.json", 1_388_264,
               "acdc01922afab1d4122249a2c22ad8c1e0e86506dd7a28eec698f22d175ebf9d",
               "3040f03ab5cbe131b40456ee6b4de4d5237fd0da", ("wikidata-counterfact",), "1,428"),

@@ -167,3 +167,27 @@ def test_wikidata_recent_scores_the_official_test_split_where_it_is_present(isol
     dev = select_cases("wikidata-recent", "dev", data_dir=folder)
     assert "knowedit/wiki_recent_train.json" in dev.provenance_note and "unavailable" not in dev.provenance_note
     assert [c.case_id for c in dev.cases] == [c.case_id for c in get_benchmark("wikidata-recent").load("dev", folder)]
+
+
+def test_the_readme_table_is_the_manifest():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for entry in MANIFEST:
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{entry.name}` |")), None)
+        assert row is not None, entry.name
+        pin = entry.source.revision if hasattr(entry.source, "revision") else entry.source.commit
+        assert f"`{pin[:7]}`" in row and entry.source.path in row, row
+        if entry.sha256 is not None:
+            assert f"{entry.size:,}" in row and f"`{entry.sha256[:8]}…{entry.sha256[-4:]}`" in row, row
+        else:
+            assert entry.git_sha1[:8] in row, row
+
+
+def test_fetch_needs_a_known_name_or_all():
+    from benchmarks.fetch import select_entries
+
+    with pytest.raises(KebenchError, match="name what to fetch: --benchmark NAME .* or --all; known: convsent"):
+        select_entries([], False)
+    with pytest.raises(KebenchError, match="--benchmark: no data files for 'nope'; known: "):
+        select_entries(["zsre", "nope"], False)
+    assert [e.name for e in select_entries(["piqa"], False)] == ["piqa/valid.jsonl", "piqa/valid-labels.lst"]
+    assert select_entries([], True) == MANIFEST
