@@ -155,7 +155,35 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--hparams", type=Path, default=None, help="hyperparameter YAML instead of the method's own")
 
     sub.add_parser("list", help="list registered models, benchmarks, methods (with their source) and plug-in failures")
+    add_data_parser(sub)
     return parser
+
+
+def add_data_parser(sub: Any) -> None:
+    """``kebench data fetch|status`` (the work is in ``benchmarks.fetch``)."""
+    data = sub.add_parser("data", help="fetch benchmark files from their pinned sources; show where each is read from")
+    actions = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    fetch = actions.add_parser("fetch", help="download, sha256-check and cache the files of benchmarks")
+    fetch.add_argument("--benchmark", action="append", default=[], metavar="NAME",
+                       help="a benchmark, piqa or shared-offline (repeatable)")
+    fetch.add_argument("--all", action="store_true", help="every file in the manifest")
+    fetch.add_argument("--dest", type=Path, default=None, help="fetch into DIR (default: ~/.cache/kebench/data)")
+    status = actions.add_parser("status", help="each benchmark's files: where each is read from, verified, or missing")
+    status.add_argument("--benchmark", action="append", default=[], metavar="NAME")
+    status.add_argument("--data-dir", default=None)
+
+
+def _data(args: argparse.Namespace) -> int:
+    from benchmarks.data import resolve_data_dir
+    from benchmarks.fetch import fetch, select_entries, status_lines
+
+    if args.data_command == "fetch":
+        fetch(select_entries(args.benchmark, args.all), args.dest, report=lambda line: print(line, flush=True))
+        return 0
+    if args.benchmark:
+        select_entries(args.benchmark, False)  # an unknown name is an error here too
+    print("\n".join(status_lines(resolve_data_dir(args.data_dir), args.benchmark)))
+    return 0
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from orchestrator.plan import plan_command
 
             return plan_command(args)
+        if args.command == "data":
+            return _data(args)
     except KebenchError as exc:
         print(f"kebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
