@@ -232,6 +232,11 @@ class Cell:
     def cell_id(self) -> str:
         return hashlib.sha256(canonical_json(self.identity()).encode("utf-8")).hexdigest()[:_CELL_ID_CHARS]
 
+    def row_key(self) -> dict[str, Any]:
+        """What the cell's row in the store says of the cell itself, ok or failed (``results.rows.cell_row``)."""
+        return {**self.key_dict(), "cell_id": self.cell_id, "hparams": self.hparams, "code_version": self.code_version,
+                "data_sha256": self.data_sha256, "downstream": self.scenario.downstream}
+
     def key_dict(self) -> dict[str, Any]:
         """The columns that identify a cell in result rows and tables."""
         return {
@@ -353,9 +358,15 @@ def _cell_protocols(requested: tuple[str, ...] | None, method: str) -> tuple[str
 def cell_precision(grid: GridSpec, method: MethodSpec, model: str) -> Precision:
     """The precision a method entry's cells run in: its ``dtype`` (else the grid's), resolved for the method,
     the checkpoint's own dtype and whether cells run on GPUs (``resources.num_gpus``)."""
+    return precision_for(method.dtype or grid.dtype, method.name, model, grid.resources.num_gpus > 0)
+
+
+def precision_for(requested: str, method: str, model: str, accelerator: bool) -> Precision:
+    """The precision policy every cell runs under, grid cell, sweep trial or ``kebench edit``: ``requested``
+    (``float32``, ``bfloat16``, ``float16``, ``auto``) resolved for the method (does it edit weights?), the
+    checkpoint's own dtype and whether the cell runs on an accelerator."""
     facts = model_facts(model)
-    return resolve_precision(method.dtype or grid.dtype, get_method(method.name).edits_weights,
-                             facts.dtype if facts else None, grid.resources.num_gpus > 0)
+    return resolve_precision(requested, get_method(method).edits_weights, facts.dtype if facts else None, accelerator)
 
 
 def check_method_fits(method: str, model: str, hparams: Any, selection: Any = None) -> None:

@@ -210,7 +210,7 @@ CHEAP = {"baft": {"max_steps": 8}, "reft": {"max_steps": 8}, "ft-l": {"max_steps
 def test_grid_runs_every_method_on_both_folders(checkpoints, tmp_path: Path) -> None:
     """The issue's acceptance test: every method, single editing, 2 cases, rows carry the content hash."""
     from orchestrator.grid import expand, parse_grid
-    from orchestrator.runner import ModelCache, execute_cell
+    from orchestrator.cell import ModelCache, execute_cell
 
     models = [f"path:{checkpoints['qwen2']}", f"path:{checkpoints['gpt2']}"]
     shipped = [m for m in method_names() if get_method(m).__module__.startswith("methods.")]  # not test plug-ins
