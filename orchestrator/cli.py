@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--downstream", default=None,
                       help="a downstream check scored after each stream and on the unedited model, e.g. piqa")
     edit.add_argument("--downstream-n", type=_positive_int, default=None, help="items of the downstream check")
+    edit.add_argument("--scenario-param", dest="scenario_params", type=_override, action="append", default=[],
+                      metavar="KEY=VALUE", help="a parameter of the scenario kind beyond T and B (repeatable)")
+    edit.add_argument("--protocol", dest="protocols", action="append", default=[], metavar="NAME",
+                      help="score under this protocol (repeatable; default teacher_forced; the method may add its own)")
     edit.add_argument("--parallel-cases", type=_positive_int, default=1, metavar="K",
                       help="single editing: keep K independent edits training at once in one batch (BaFT, ReFT, FT-L, FT-M; same numbers)")
     edit.add_argument("--n", type=_positive_int, default=None, help="number of cases (default: the whole split)")
@@ -421,32 +425,39 @@ def _list() -> int:
 
 
 def _edit(args: argparse.Namespace) -> int:
+    """``kebench edit``: one cell (``orchestrator.cell.run_cell``, as a grid worker runs it), printed as a table."""
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from benchmarks.data import resolve_data_dir
+    from benchmarks.protocols import check_protocols
     from benchmarks.registry import get_benchmark, select_cases
+    from kebench.core.metrics import metric_names
+    from kebench.core.models import check_device, check_dtype_choice, check_model_name, model_revision
     from methods.base import get_method
     from methods.hparams import hparams_dict, load_hparams
-    from kebench.core.models import (check_device, check_dtype_choice, check_model_name, load_model, model_facts,
-                                      model_revision, resolve_precision, with_precision)
-    from orchestrator.grid import check_method_fits
-    from orchestrator.scenarios import Scenario, make_streams, run_scenario
-    from kebench.core.metrics import metric_names
+    from orchestrator.cell import CellRequest, ModelCache, run_cell
+    from orchestrator.grid import check_method_fits, precision_for
+    from orchestrator.scenarios import Scenario, make_streams
     from results import rows as result_rows
     from results.summary import render_table, summarize
 
     # Validate everything cheap before loading a model.
     scenario = Scenario(args.scenario, T=args.T, B=args.B, downstream=args.downstream, downstream_n=args.downstream_n,
-                        parallel_cases=args.parallel_cases)
+                        parallel_cases=args.parallel_cases, params=tuple(args.scenario_params))
     check_model_name(args.model)
     model_revision(args.model)  # an hf: snapshot that cannot be had fails here, before anything else
     if args.method is None:
         raise KebenchError("--method is required (kebench list shows the methods)")
     check_dtype_choice(args.dtype, "--dtype")
     get_method(args.method)
-    bench = get_benchmark(args.benchmark)
+    if args.protocols:
+        try:
+            check_protocols(args.protocols)
+        except KebenchError as exc:
+            raise KebenchError(f"--protocol: {exc}") from None
+    protocols = tuple(dict.fromkeys(args.protocols))
+    get_benchmark(args.benchmark)
     selection = select_cases(args.benchmark, args.split, args.n, args.offset, args.data_dir)
     make_streams(selection.cases, scenario)
     if args.hparams is not None and args.hparams.is_dir():
@@ -460,31 +471,29 @@ def _edit(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output_path(args.out)
 
+    precision = precision_for(args.dtype, args.method, args.model, device.type != "cpu")
+    request = CellRequest(args.model, args.benchmark, args.split, args.n, args.offset, scenario, args.method, hparams,
+                          args.seed, precision, protocols=protocols, device=str(device))
     console = Console(stderr=True)
-    facts = model_facts(args.model)
-    precision = resolve_precision(args.dtype, get_method(args.method).edits_weights, facts.dtype if facts else None,
-                                  device.type != "cpu")
-    lm = with_precision(load_model(args.model, device=device, dtype=precision.torch_dtype), precision)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, disable=args.quiet, transient=False) as progress:
         task = progress.add_task(f"{args.method} {scenario.label}", total=len(selection.cases))
-        result = run_scenario(lm, args.method, hparams, selection.cases, scenario, args.seed, bench.metrics,
-                              on_edit=lambda n: progress.advance(task, n), data_dir=args.data_dir,
-                              extra_scorer=bench.extra_scorer(args.split, resolve_data_dir(args.data_dir)))
+        cell = run_cell(request, ModelCache(), args.data_dir, on_edit=lambda n: progress.advance(task, n))
+    result = cell.scenario
 
     timing = {(c.case_id, c.stream): (round(c.seconds, 4), c.steps) for c in result.cases}
     rows = [{**row, "seconds": timing[(row["case_id"], row["stream"])][0], "steps": timing[(row["case_id"], row["stream"])][1]}
-            for row in result_rows.per_case(result_rows.case_rows(result.cases, bench.row_protocol))]
+            for row in result_rows.per_case(cell.case_rows)]
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
-    protocols = sorted({row["protocol"] for row in rows})  # never pool protocols (GRACE reports two)
-    summaries = [(args.method if len(protocols) == 1 else escape(f"{args.method} [{protocol}]"),
+    protocols_seen = sorted({row["protocol"] for row in rows})  # never pool protocols (GRACE reports two)
+    summaries = [(args.method if len(protocols_seen) == 1 else escape(f"{args.method} [{protocol}]"),
                   summarize([row for row in rows if row["protocol"] == protocol], metric_names()))
-                 for protocol in protocols]
-    title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={len(selection.cases)} · "
+                 for protocol in protocols_seen]
+    title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={cell.cases} · "
              f"seed={args.seed} · {precision.key}")
     extra = {"Params": [f"{result.trainable_parameters:,}"] * len(summaries),
              "s/edit": [f"{result.seconds_per_edit:.2f}"] * len(summaries)}
@@ -494,8 +503,8 @@ def _edit(args: argparse.Namespace) -> int:
         per_stream = ", ".join(f"{value:.3f}" for value in check.edited)
         Console().print(f"downstream {check.name} ({check.items} items): unedited {check.unedited:.3f} · "
                         f"edited {check.edited_mean:.3f} (per stream: {per_stream})")
-    if selection.provenance_note:
-        Console().print(f"note: {selection.provenance_note}")
+    if cell.selection_note:
+        Console().print(f"note: {cell.selection_note}")
     for note in result.notes:
         Console().print(f"note: {note}")
     print(json.dumps({"hparams": hparams_dict(hparams), "peak_rss_mb": round(result.peak_rss_mb, 1)}), file=sys.stderr)
