@@ -86,6 +86,7 @@ class CellResult:
     artifact: dict[str, Any]
     scenario: ScenarioResult
     cases: int
+    data_sha256: str
     selection_note: str = ""
 
     @property
@@ -125,10 +126,11 @@ class ModelCache:
 
 
 def run_cell(req: CellRequest, cache: ModelCache, data_dir: str | None = None,
-             on_stream: Callable[[int, ScenarioResult], None] | None = None,
+             on_stream: Callable[[int, CellResult], None] | None = None,
              on_edit: Callable[[int], None] | None = None) -> CellResult:
-    """Compute one cell.  ``on_stream(index, result so far)`` after each stream, ``on_edit(n)`` after each edit
-    call.  Raises whatever the computation raises (the grid worker turns that into a failed row)."""
+    """Compute one cell.  ``on_stream(index, the cell's result so far)`` after each stream (a sweep reports
+    running scores to Tune there), ``on_edit(n)`` after each edit call.  Raises whatever the computation
+    raises (the grid worker turns that into a failed row)."""
     lm = cache.model(req.model, req.precision, req.model_revision, req.device)
     selection = select_cases(req.benchmark, req.split, req.n, req.offset, data_dir)
     if req.data_sha256 and selection.data_sha256 != req.data_sha256:
@@ -139,31 +141,39 @@ def run_cell(req: CellRequest, cache: ModelCache, data_dir: str | None = None,
                                                selection.cases)
     bench = get_benchmark(req.benchmark)
     downstream_key = (req.scenario.downstream, req.scenario.downstream_n)
+
+    def cell_result(result: ScenarioResult) -> CellResult:
+        fields: dict[str, Any] = {
+            "seconds_per_edit": result.seconds_per_edit,
+            "trainable_params": result.trainable_parameters,
+            "paper_params": result.paper_parameters,
+            "device": _device_label(lm),
+            "dtype": req.precision.key,
+        }
+        if result.downstream is not None:
+            fields.update(downstream=result.downstream.name, downstream_items=result.downstream.items,
+                          downstream_unedited=result.downstream.unedited,
+                          downstream_edited=result.downstream.edited_mean)
+        return CellResult(
+            case_rows=rows.case_rows(result.cases, bench.row_protocol),
+            fields=fields,
+            notes=_notes(req, lm, selection.provenance_note, result),
+            artifact=rows.cell_artifact(selection.cases, result.cases, result.artifacts, bench.row_protocol),
+            scenario=result,
+            cases=len(selection.cases),
+            data_sha256=selection.data_sha256,
+            selection_note=selection.provenance_note or "",
+        )
+
     result = run_scenario(lm, req.method, req.hparams, selection.cases, req.scenario, req.seed, bench.metrics,
                           pre=cache.pre_edit[key], on_edit=on_edit, data_dir=data_dir,
                           downstream_unedited=cache.downstream_unedited.get(downstream_key),
                           extra_scorer=bench.extra_scorer(req.split, resolve_data_dir(data_dir)),
-                          protocols=req.protocols or None, on_stream=on_stream)
-    fields: dict[str, Any] = {
-        "seconds_per_edit": result.seconds_per_edit,
-        "trainable_params": result.trainable_parameters,
-        "paper_params": result.paper_parameters,
-        "device": _device_label(lm),
-        "dtype": req.precision.key,
-    }
+                          protocols=req.protocols or None,
+                          on_stream=None if on_stream is None else lambda index, so_far: on_stream(index, cell_result(so_far)))
     if result.downstream is not None:
         cache.downstream_unedited[downstream_key] = result.downstream.unedited
-        fields.update(downstream=result.downstream.name, downstream_items=result.downstream.items,
-                      downstream_unedited=result.downstream.unedited, downstream_edited=result.downstream.edited_mean)
-    return CellResult(
-        case_rows=rows.case_rows(result.cases, bench.row_protocol),
-        fields=fields,
-        notes=_notes(req, lm, selection.provenance_note, result),
-        artifact=rows.cell_artifact(selection.cases, result.cases, result.artifacts, bench.row_protocol),
-        scenario=result,
-        cases=len(selection.cases),
-        selection_note=selection.provenance_note or "",
-    )
+    return cell_result(result)
 
 
 def _notes(req: CellRequest, lm: Any, selection_note: str, result: ScenarioResult) -> list[str]:
