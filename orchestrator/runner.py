@@ -20,7 +20,6 @@ against what a local instance will have, and whether a ``--ray-address`` answers
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import signal
 import threading
 import time
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from benchmarks.protocols import cell_protocols, get_protocol, register_protocol
+from kebench.core.scenarios import ScenarioKind, get_scenario_kind, register_scenario
 from orchestrator.cell import FAILED, OK, CellOutcome, ModelCache, execute_cell
 from orchestrator.grid import Cell, GridSpec, expand
 from orchestrator.ray_session import check_local_resources, check_ray_address, pool_size, ray_initialized, start_ray
@@ -37,15 +38,15 @@ from results import rows
 class CellWorker:
     """A Ray actor body: keeps its model between cells.
 
-    ``plugin_modules``: modules that declared a scenario kind or a scoring protocol the cells use outside
-    kebench's own packages (``plugin_modules``); a worker process imports them before its first cell, so a
-    kind registered in the driver (by a plug-in or a test module) is known where the cell runs too."""
+    ``plugins``: the scenario kinds and scoring protocols the cells use that are not kebench's own
+    (``plugin_declarations``).  A worker registers them before its first cell, so a kind a plug-in or a test
+    module declared in the driver is known where the cell runs (its stream logic travels by reference: its
+    module must be importable on the worker)."""
 
-    def __init__(self, data_dir: str | None = None, plugin_modules: tuple[str, ...] = ()) -> None:
+    def __init__(self, data_dir: str | None = None, plugins: tuple[Any, ...] = ()) -> None:
         from kebench.core.models import configure_threads
 
-        for module in plugin_modules:
-            importlib.import_module(module)
+        register_plugins(plugins)
         self.cache = ModelCache()
         self.data_dir = data_dir
         configure_threads()
@@ -54,18 +55,22 @@ class CellWorker:
         return execute_cell(cell, attempt, self.cache, self.data_dir)
 
 
-def plugin_modules(cells: Sequence[Cell]) -> tuple[str, ...]:
-    """The modules outside kebench that declared the scenario kinds and protocols ``cells`` use."""
-    from benchmarks.protocols import cell_protocols, get_protocol
-    from kebench.core.scenarios import get_scenario_kind
+def plugin_declarations(cells: Sequence[Cell]) -> tuple[Any, ...]:
+    """The declarations of the scenario kinds (with stream logic of their own) and the scoring protocols
+    (defined outside ``benchmarks``) that ``cells`` use."""
+    kinds = {cell.scenario.kind: get_scenario_kind(cell.scenario.kind) for cell in cells}
+    protocols = {name: get_protocol(name) for cell in cells for name in cell_protocols(cell.protocols or None)}
+    return (*(kind for kind in kinds.values() if kind.streams is not None),
+            *(protocol for protocol in protocols.values() if not protocol.module.startswith("benchmarks.")))
 
-    modules = {get_scenario_kind(cell.scenario.kind).module for cell in cells}
-    modules |= {get_protocol(name).module for cell in cells for name in cell_protocols(cell.protocols or None)}
-    return tuple(sorted(module for module in modules if module and not module.startswith(_OWN_PACKAGES)))
 
-
-#: kebench's own packages: their modules are imported in every worker anyway
-_OWN_PACKAGES = ("kebench.", "benchmarks.", "methods.", "orchestrator.", "results.")
+def register_plugins(declarations: Sequence[Any]) -> None:
+    """Register, in this process, what ``plugin_declarations`` collected in the driver (identical ones are no-ops)."""
+    for declaration in declarations:
+        if isinstance(declaration, ScenarioKind):
+            register_scenario(declaration)
+        else:
+            register_protocol(declaration.name)(type(declaration))
 
 
 # --------------------------------------------------------------------------- the driver
@@ -245,8 +250,8 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
             num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus,
             max_restarts=grid.max_retries, max_task_retries=grid.max_retries,
         )
-        modules = plugin_modules(todo)
-        actors.extend(worker_class.remote(data_dir, modules) for _ in range(size))
+        plugins = plugin_declarations(todo)
+        actors.extend(worker_class.remote(data_dir, plugins) for _ in range(size))
         actor_model: dict[int, str | None] = {index: None for index in range(size)}
         queue = list(todo)
         pending: dict[Any, tuple[int, Cell, int]] = {}
@@ -288,7 +293,7 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
             except (RayActorError, RayTaskError) as exc:
                 # The worker died past its retries: record the cell, replace the worker, go on.
                 outcome = _system_failure(cell, attempt, exc)
-                actors[index] = worker_class.remote(data_dir, modules)
+                actors[index] = worker_class.remote(data_dir, plugins)
                 actor_model[index] = None
             if "first cell result" not in report.phases:
                 mark("first cell result")

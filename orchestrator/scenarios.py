@@ -169,7 +169,8 @@ class Stream:
 
     @property
     def cases(self) -> list[EditCase]:
-        return [case for call in self.calls for case in call]
+        """The stream's cases, each once, in the order they are first edited (a case edited twice is scored once)."""
+        return list({case.case_id: case for call in self.calls for case in call}.values())
 
     def scored_after(self) -> tuple[int, ...]:
         return self.checkpoints or (len(self.calls),)
@@ -356,21 +357,22 @@ def run_scenario(
         scores: list[CaseScores] = []
         try:
             timings: dict[str, tuple[float, int]] = {}
-            edited: list[EditCase] = []
+            edited: dict[str, EditCase] = {}  # each case once, in the order first edited
             checkpoints = set(stream.scored_after())
             for done, call in enumerate(stream.calls, start=1):
                 started = time.perf_counter()
                 stats = editor.apply(list(call))
                 elapsed = time.perf_counter() - started
                 result.edit_seconds.append(elapsed)
-                edited.extend(call)
+                edited.update((case.case_id, case) for case in call if case.case_id not in edited)
                 for case in call:
                     timings[case.case_id] = (elapsed, stats.steps)
                 if on_edit is not None:
                     on_edit(len(call))
                 if done in checkpoints:
                     release_freed_memory()
-                    scores += _score(editor, lm, edited, pre, metrics, protocols, extra_scorer, extra_state)
+                    scores += _score(editor, lm, list(edited.values()), pre, metrics, protocols, extra_scorer,
+                                     extra_state)
             result.trainable_parameters = max(result.trainable_parameters, editor.trainable_parameters())
             result.paper_parameters = editor.paper_parameters()
             result.artifacts.append(editor.artifacts(stream_cases))

@@ -112,11 +112,6 @@ class ScenarioKind:
         extra = {name: (list(value) if isinstance(value, tuple) else value) for name, value in (values or {}).items()}
         return template.format(kind=self.name, T=T, B=B, **extra)
 
-    @property
-    def module(self) -> str:
-        """The module that holds a plug-in kind's stream logic (a grid's workers import it); "" for built-ins."""
-        return getattr(self.streams, "__module__", "") or ""
-
 
 _REGISTRY: dict[str, ScenarioKind] = {}
 
