@@ -1,13 +1,29 @@
-"""The ``kebench`` command line."""
+"""The ``kebench`` command line.
+
+Each command imports the layers it needs inside its own function: torch comes with the methods and
+models, Ray with grids and sweeps, pyarrow and DuckDB with the store, and ``kebench --help`` or a usage
+error must not wait seconds for any of them.  Those imports are the only function-level ones here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
+import os
+import shutil
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from kebench.core.errors import KebenchError
 from kebench.core.scenarios import is_scenario, scenario_names
@@ -44,8 +60,6 @@ def _seed(text: str) -> int:
 
 
 def _gpus(text: str) -> float:
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -56,8 +70,6 @@ def _gpus(text: str) -> float:
 
 
 def _override(text: str) -> tuple[str, Any]:
-    import yaml
-
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
@@ -203,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "leaderboard":
             return _leaderboard(args)
         if args.command == "plan":
-            from orchestrator.plan import plan_command
+            from orchestrator.plan import plan_command  # torch and DuckDB: off the start-up path
 
             return plan_command(args)
     except KebenchError as exc:
@@ -223,8 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check_output_path(path: Path, flag: str = "--out") -> None:
     """An output file must be creatable: not a directory, not under a file, in a writable directory.
     Checked before any work, so a run is never lost to its output path."""
-    import os
-
     if path.is_dir():
         raise KebenchError(f"{flag} {path} is a directory; name a file")
     for parent in path.parents:
@@ -240,8 +250,7 @@ def check_output_path(path: Path, flag: str = "--out") -> None:
 
 def _hparams(args: argparse.Namespace) -> int:
     """``kebench hparams``: the resolved hyperparameters as YAML, after a comment saying where they come from."""
-    import yaml
-
+    # torch (the method registry): off the command line's start-up path
     from kebench.core.models import check_model_name, model_revision
     from methods.base import get_method
     from methods.hparams import describe_hparams, hparams_dict
@@ -260,6 +269,7 @@ def _hparams(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     """``kebench stats``: one pass over the corpus for every requested layer not yet cached."""
+    # torch: off the command line's start-up path
     from methods.stats import canonical_corpus, check_dtype, ensure_stats
     from kebench.core.models import check_device, check_model_name, load_model, model_facts
 
@@ -285,12 +295,14 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    # Ray Tune and torch: off the command line's start-up path
     from orchestrator.sweep import sweep_command
 
     return sweep_command(args)
 
 
 def _table(args: argparse.Namespace) -> int:
+    # pyarrow and DuckDB: off the command line's start-up path
     from results.tables import FORMATS, get_table
 
     get_table(args.table)
@@ -306,9 +318,7 @@ def _table(args: argparse.Namespace) -> int:
 
 def _render_readable(store: Path, table: str, fmt: str) -> str:
     """Render ``table``; unreadable Parquet files are named on stderr and left out (the rest renders)."""
-    import shutil
-    import tempfile
-
+    # pyarrow and DuckDB: off the command line's start-up path
     from results.store import scan_store
     from results.tables import render
 
@@ -332,9 +342,7 @@ def _render_readable(store: Path, table: str, fmt: str) -> str:
 
 def run_grid_command(args: argparse.Namespace) -> int:
     """``kebench grid`` and ``run_grid.py``: run the grid, then print its tables."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    # Ray, torch, pyarrow and DuckDB: off the command line's start-up path
     from orchestrator.grid import load_grid
     from orchestrator.runner import run_grid
     from results.tables import render, table_names
@@ -373,10 +381,8 @@ def run_grid_command(args: argparse.Namespace) -> int:
         print(f"kebench: warning: unreadable store file moved aside as {path} ({reason}); its cell re-ran",
               file=sys.stderr)
     if report.interrupted:
-        import signal as _signal
-
-        signum = report.signal or _signal.SIGINT
-        print(f"kebench: interrupted by {_signal.Signals(signum).name}: {report.finished} of {report.total} cells "
+        signum = report.signal or signal.SIGINT
+        print(f"kebench: interrupted by {signal.Signals(signum).name}: {report.finished} of {report.total} cells "
               f"stored ({report.ok + report.failed} this run, {report.failed} failed), workers stopped; run the same "
               "command again to resume", file=sys.stderr)
         return 128 + int(signum)
@@ -392,6 +398,7 @@ def run_grid_command(args: argparse.Namespace) -> int:
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
+    # pyarrow, DuckDB and matplotlib: off the command line's start-up path
     from results.leaderboard import write_leaderboard
 
     if not args.store.is_dir():
@@ -404,6 +411,7 @@ def _leaderboard(args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
+    # torch (the registries import every method): off the command line's start-up path
     from benchmarks.registry import benchmark_names, benchmark_source
     from kebench.core import plugins
     from kebench.core.metrics import metric_names
@@ -426,10 +434,7 @@ def _list() -> int:
 
 def _edit(args: argparse.Namespace) -> int:
     """``kebench edit``: one cell (``orchestrator.cell.run_cell``, as a grid worker runs it), printed as a table."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    # torch, pyarrow and DuckDB: off the command line's start-up path
     from benchmarks.protocols import check_protocols
     from benchmarks.registry import get_benchmark, select_cases
     from kebench.core.metrics import metric_names

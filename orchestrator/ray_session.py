@@ -16,6 +16,7 @@ module for its checks, and its start-up must not pay for either.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -81,9 +82,7 @@ def start_ray(ray_address: str | None, num_cpus: int | None, num_gpus: float | N
     """Connect to Ray; returns True when this call started a local instance (and so must shut it down).
 
     Nothing happens when this process already holds a session (a test, or a caller that set one up)."""
-    import logging
-
-    import ray
+    import ray  # seconds to import: off the command line's start-up path (see the module docstring)
 
     if ray.is_initialized():
         return False
@@ -95,7 +94,7 @@ def start_ray(ray_address: str | None, num_cpus: int | None, num_gpus: float | N
             raise KebenchError(f"--ray-address {ray_address}: {' '.join(str(exc).split())[:300]}") from None
         return False
     if num_gpus is None:
-        import torch
+        import torch  # off the command line's start-up path
 
         num_gpus = torch.cuda.device_count()
     local_ray_loopback()  # 127.0.0.1 only: the variable alone is read too late, at `import ray`
@@ -108,7 +107,7 @@ def start_ray(ray_address: str | None, num_cpus: int | None, num_gpus: float | N
 def pool_size(source: str, num_cpus: float, num_gpus: float, tasks: int, workers: int | None) -> int:
     """How many workers of ``num_cpus``/``num_gpus`` each the connected cluster runs at once (at most ``tasks``
     and ``workers``); a cluster that cannot run even one is a one-line error naming ``source``."""
-    import ray
+    import ray  # off the command line's start-up path
 
     resources = ray.cluster_resources()
     cpus = resources.get("CPU", 0)

@@ -29,11 +29,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from benchmarks.protocols import cell_protocols, get_protocol, register_protocol
+from kebench.core.models import configure_threads
 from kebench.core.scenarios import ScenarioKind, get_scenario_kind, register_scenario
+from methods.stats import missing_jobs, run_job
 from orchestrator.cell import FAILED, OK, CellOutcome, ModelCache, execute_cell
 from orchestrator.grid import Cell, GridSpec, expand
 from orchestrator.ray_session import check_local_resources, check_ray_address, pool_size, ray_initialized, start_ray
 from results import rows
+from results.store import (StoreLock, check_store_writable, next_attempt, package_versions, quarantine, scan_store,
+                           write_cell_attempt)
 
 class CellWorker:
     """A Ray actor body: keeps its model between cells.
@@ -44,8 +48,6 @@ class CellWorker:
     module must be importable on the worker)."""
 
     def __init__(self, data_dir: str | None = None, plugins: tuple[Any, ...] = ()) -> None:
-        from kebench.core.models import configure_threads
-
         register_plugins(plugins)
         self.cache = ModelCache()
         self.data_dir = data_dir
@@ -197,8 +199,6 @@ def run_grid(
     file, unwritable or held by another driver, resources a local instance cannot provide, or a
     ``ray_address`` that does not answer.
     """
-    from results.store import StoreLock, check_store_writable, quarantine, scan_store
-
     store = Path(store)
     data_dir = data_dir or grid.data_dir
     cells = expand(grid, data_dir)  # validates everything before anything is written
@@ -228,10 +228,8 @@ def run_grid(
 def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport, *, workers: int | None,
                ray_address: str | None, num_cpus: int | None, num_gpus: float | None, data_dir: str | None,
                on_update: Callable[[GridReport, int], None] | None) -> None:
-    import ray
+    import ray  # Ray only where cells run: `kebench plan` imports this module and starts nothing
     from ray.exceptions import RayActorError, RayTaskError
-
-    from results.store import next_attempt, write_cell_attempt
 
     signals = _Signals()
     signals.install()  # before Ray starts: a Ctrl-C during start-up is an interrupt too
@@ -363,9 +361,7 @@ def _precompute_statistics(grid: GridSpec, cells: list[Cell], data_dir: str | No
 
     A failed task is reported and the grid goes on; a cell that still misses its statistics computes them.
     """
-    import ray
-
-    from methods.stats import missing_jobs, run_job  # torch: off the command line's start-up path
+    import ray  # Ray only where cells run: `kebench plan` imports this module and starts nothing
 
     jobs = missing_jobs(cells)
     if not jobs:
@@ -383,8 +379,6 @@ def _precompute_statistics(grid: GridSpec, cells: list[Cell], data_dir: str | No
 
 def _system_failure(cell: Cell, attempt: int, exc: BaseException) -> CellOutcome:
     """The row of a cell whose worker died past its retries (the cell itself never returned)."""
-    from results.store import package_versions
-
     now = dt.datetime.now(dt.timezone.utc)
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     row = rows.cell_row(cell.row_key(), attempt=attempt, status=FAILED,

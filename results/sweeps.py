@@ -239,7 +239,7 @@ def _slug(text: str) -> str:
 
 def write_sweep_plots(store: Path, keys: Mapping[str, Any], trials: list[dict[str, Any]]) -> list[Path]:
     """Each objective against each searched hyperparameter (and, with two objectives, the trade-off)."""
-    from results import plots
+    from results import plots  # matplotlib (a second to import): only a store with trials draws
 
     info = keys["info"]
     objectives = list(info.get("objectives") or ["avg"])
