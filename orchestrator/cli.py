@@ -27,6 +27,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from kebench.core.errors import KebenchError
 from kebench.core.scenarios import is_scenario, scenario_names
+from orchestrator._config import MAX_SEED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,7 +47,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-MAX_SEED = 2**63 - 1  # seeds are stored in an int64 column (results/store.py)
 
 
 def _seed(text: str) -> int:

@@ -46,8 +46,6 @@ METHOD_KEYS = ("name", "label", "hparams", "hparams_file", "dtype")
 DEFAULT_SEEDS = (0,)
 DEFAULT_MAX_RETRIES = 2
 _CELL_ID_CHARS = 16
-#: seeds are stored in an int64 column (results/store.py): a larger one would fail after the cell ran
-MAX_SEED = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- the parsed spec
@@ -649,7 +647,7 @@ def _seeds(value: Any, source: str) -> tuple[int, ...]:
     seeds: list[int] = []
     for index, item in enumerate(items):
         where = f"seeds[{index}]"
-        seed = cfg.integer(item, source, where, minimum=0, maximum=MAX_SEED)
+        seed = cfg.integer(item, source, where, minimum=0, maximum=cfg.MAX_SEED)
         cfg.no_duplicate(seed, seeds, source, where, "seed")
         seeds.append(seed)
     return tuple(seeds)

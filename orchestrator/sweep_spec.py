@@ -48,7 +48,7 @@ from kebench.core.models import DEFAULT_DTYPE, DTYPE_CHOICES, check_model_name
 from methods.base import get_method, method_names
 from methods.hparams import build_hparams, hparams_dict
 from orchestrator import _config as cfg
-from orchestrator.grid import (MAX_SEED, MethodSpec, check_method_fits, parse_protocols, parse_scenario_entry,
+from orchestrator.grid import (MethodSpec, check_method_fits, parse_protocols, parse_scenario_entry,
                                resolve_hparams)
 from orchestrator.scenarios import Scenario
 
@@ -198,7 +198,7 @@ def parse_sweep(raw: Any, source: str) -> SweepSpec:
     return SweepSpec(
         name=name, model=model, method=method, benchmark=bench_name, split="dev", n=n, scenario_kind=scenario.kind,
         T=scenario.T, B=scenario.B, metric=goals[0], samples=1 if search == "grid" else samples,
-        seed=cfg.integer(raw.get("seed", 0), source, "seed", minimum=0, maximum=MAX_SEED), num_cpus=num_cpus,
+        seed=cfg.integer(raw.get("seed", 0), source, "seed", minimum=0, maximum=cfg.MAX_SEED), num_cpus=num_cpus,
         num_gpus=num_gpus, space=space, store=cfg.string(raw.get("store", f"runs/sweeps/{name}"), source, "store"),
         scheduler=scheduler, source=source, offset=offset, search=search, max_concurrent=max_concurrent,
         objectives=goals, modes=modes, constraints=constraints, protocol=protocol, dtype=dtype,
