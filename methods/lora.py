@@ -104,7 +104,8 @@ class PeftEditor(Editor):
 
     def __init__(self, lm: LoadedModel, hparams: Any, seed: int) -> None:
         super().__init__(lm, hparams, seed)
-        from peft import get_peft_model  # peft imports transformers (seconds): off `kebench list`'s path
+        # peft imports transformers (seconds): off `kebench list`'s start-up path
+        from peft import get_peft_model
 
         bad = [layer for layer in hparams.layers if not 0 <= layer < lm.num_layers]
         if bad:
@@ -197,7 +198,8 @@ class LoRA(PeftEditor):
     hparams_class = LoRAHParams
 
     def config(self):
-        from peft import LoraConfig  # peft imports transformers (seconds): off `kebench list`'s path
+        # peft imports transformers (seconds): off `kebench list`'s start-up path
+        from peft import LoraConfig
 
         hp = self.hparams
         return LoraConfig(task_type="CAUSAL_LM", r=hp.rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
@@ -210,7 +212,8 @@ class AdaLoRA(PeftEditor):
     adaptive = True
 
     def config(self):
-        from peft import AdaLoraConfig  # peft imports transformers (seconds): off `kebench list`'s path
+        # peft imports transformers (seconds): off `kebench list`'s start-up path
+        from peft import AdaLoraConfig
 
         hp = self.hparams
         return AdaLoraConfig(task_type="CAUSAL_LM", init_r=hp.init_r, target_r=hp.target_r, tinit=hp.tinit,

@@ -165,12 +165,15 @@ def run_cell(req: CellRequest, cache: ModelCache, data_dir: str | None = None,
             selection_note=selection.provenance_note or "",
         )
 
+    def stream_done(index: int, so_far: ScenarioResult) -> None:
+        if on_stream is not None:
+            on_stream(index, cell_result(so_far))
+
     result = run_scenario(lm, req.method, req.hparams, selection.cases, req.scenario, req.seed, bench.metrics,
                           pre=cache.pre_edit[key], on_edit=on_edit, data_dir=data_dir,
                           downstream_unedited=cache.downstream_unedited.get(downstream_key),
                           extra_scorer=bench.extra_scorer(req.split, resolve_data_dir(data_dir)),
-                          protocols=req.protocols or None,
-                          on_stream=None if on_stream is None else lambda index, so_far: on_stream(index, cell_result(so_far)))
+                          protocols=req.protocols or None, on_stream=stream_done)
     if result.downstream is not None:
         cache.downstream_unedited[downstream_key] = result.downstream.unedited
     return cell_result(result)

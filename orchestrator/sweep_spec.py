@@ -266,8 +266,8 @@ def _space(value: Any, method: str, base: Any, source: str) -> tuple[tuple[str, 
             raise KebenchError(f"{source}: {where}: not a hyperparameter of {method}{cfg.did_you_mean(name, known)}; "
                                f"known: {', '.join(known)}")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
-            raise KebenchError(f"{source}: {where} must be one of {{{', '.join(SPACE_KINDS)}: [...]}}"
-                               f"{cfg.did_you_mean(next(iter(spec), None), SPACE_KINDS) if isinstance(spec, dict) else ''}")
+            hint = cfg.did_you_mean(next(iter(spec), None), SPACE_KINDS) if isinstance(spec, dict) else ""
+            raise KebenchError(f"{source}: {where} must be one of {{{', '.join(SPACE_KINDS)}: [...]}}{hint}")
         kind, args = next(iter(spec.items()))
         args = tuple(_space_arguments(kind, args, source, f"{where}.{kind}"))
         for value in _probe_values(kind, args):  # each value the trials can take must fit the dataclass

