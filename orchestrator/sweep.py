@@ -36,7 +36,8 @@ since the experiment started is refused unless restarted.
 **Export.**  ``export_best`` writes the chosen trial's full resolved hyperparameters as a hyperparameter
 YAML (usable as a grid's ``hparams_file``) with a header naming the sweep, its dev split and the score,
 and a ``# kebench-sweep: {...}`` line with the sweep's identity (benchmark, split, n, offset, the dev case
-ids and their hash); ``check_hparams_file_leakage`` refuses a grid whose reported cases overlap them.
+ids and their hash; the format: ``orchestrator.exports``), whose leakage check refuses a grid whose
+reported cases overlap them.
 """
 
 from __future__ import annotations
@@ -532,7 +533,7 @@ def export_best(spec: SweepSpec, path: str | os.PathLike[str], store: Path | Non
     header = [
         f"# {spec.method} on {spec.model}: tuned by kebench sweep '{spec.name}' ({spec.source}), {spec.search} search,",
         f"# {len(trials)} trials on {spec.benchmark}/{spec.split} n={spec.n} offset={spec.offset}, "
-        f"{spec.scenario_kind} T={spec.T}" + (f" B={spec.B}" if spec.scenario_kind == "batched" else "") + ";",
+        f"{spec.scenario.label};",
         f"# chosen: trial {chosen['trial_id']} ({how}): {_scores_text(spec, chosen)}.",
         "# Use it as a grid entry {name: " + spec.method + ", hparams_file: THIS_FILE}; a grid whose reported cases",
         "# overlap the dev cases below is refused.",
