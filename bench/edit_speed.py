@@ -51,7 +51,8 @@ def _worker(method: str, variant: str, n: int, model: str, seed: int) -> dict:
     import torch
 
     from benchmarks.registry import select_cases
-    from methods.base import get_method, load_hparams
+    from methods.base import get_method
+    from methods.hparams import load_hparams
     from kebench.core.models import load_model
     from orchestrator.scenarios import peak_rss_mb
 
@@ -93,7 +94,7 @@ def _throughput_worker(method: str, parallel: int, n: int, model: str, seed: int
 
     from benchmarks.evaluate import compute_pre_edit
     from benchmarks.registry import select_cases
-    from methods.base import load_hparams
+    from methods.hparams import load_hparams
     from kebench.core.models import load_model
     from orchestrator.scenarios import Scenario, peak_rss_mb, plain_logits, run_scenario
 
@@ -209,7 +210,7 @@ def main() -> None:
             if "naive" in results:
                 row["speedup_vs_naive"] = results["naive"]["median_s_per_edit"] / row["median_s_per_edit"]
             rows.append(row)
-    print(f"| method | variant | median s/edit | mean steps | peak RSS (MB) | speed-up vs naive |")
+    print("| method | variant | median s/edit | mean steps | peak RSS (MB) | speed-up vs naive |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:
         speedup = f"{row['speedup_vs_naive']:.2f}×" if "speedup_vs_naive" in row else "–"

@@ -1,7 +1,7 @@
-"""Score edit cases in as few batches as possible, under a protocol.
+"""Score edit cases in as few batches as possible, under a registered protocol (``benchmarks.protocols``).
 
-``teacher_forced`` (``benchmarks.metrics``) is every method's protocol; ``generation``
-(``benchmarks.generation``, EasyEdit's vanilla generation) is GRACE's own.  Both score the same
+``teacher_forced`` (``benchmarks.metrics``) is the default protocol; ``generation``
+(``benchmarks.generation``, EasyEdit's vanilla generation) is GRACE's own.  All protocols score the same
 answer tokens; only how the predictions are obtained differs, and locality compares with the unedited
 model's outputs under the same protocol.
 """
@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from benchmarks.case import EditCase
-from benchmarks.generation import PROTOCOL_GENERATION, generate
-from benchmarks.metrics import PROTOCOL_TEACHER_FORCED, LogitsFn, keyed_mean, mean, predict, token_accuracy
+from benchmarks.metrics import PROTOCOL_TEACHER_FORCED, LogitsFn, keyed_mean, mean, token_accuracy
+from benchmarks.protocols import check_protocols, get_protocol
 from kebench.core.errors import KebenchError
-
-PROTOCOLS = (PROTOCOL_TEACHER_FORCED, PROTOCOL_GENERATION)
 
 LocalityKey = tuple[str, str, int]  # (case_id, locality key, prompt index)
 
@@ -64,27 +62,13 @@ class CaseScores:
 
 @dataclass(frozen=True)
 class PreEdit:
-    """The unedited model's locality outputs, computed once per model and case.
+    """The unedited model's locality outputs, computed once per model and case: per protocol, the predicted
+    tokens of every locality item (teacher-forced argmax; for ``generation``, the greedily generated tokens)."""
 
-    ``locality_argmax``: teacher-forced argmax over every locality answer; ``locality_generated``: the
-    tokens greedily generated from every locality prompt (only when a generation-protocol method runs).
-    """
+    references: Mapping[str, Mapping[LocalityKey, torch.Tensor]] = field(default_factory=dict)
 
-    locality_argmax: dict[LocalityKey, torch.Tensor]
-    locality_generated: dict[LocalityKey, torch.Tensor] = field(default_factory=dict)
-
-    def reference(self, protocol: str) -> dict[LocalityKey, torch.Tensor]:
-        return self.locality_generated if protocol == PROTOCOL_GENERATION else self.locality_argmax
-
-
-def check_protocols(protocols: Sequence[str]) -> None:
-    unknown = [p for p in protocols if p not in PROTOCOLS]
-    if unknown or not protocols:
-        raise KebenchError(f"unknown protocol '{unknown[0] if unknown else ''}'; known: {', '.join(PROTOCOLS)}")
-
-
-def _predictor(protocol: str):
-    return generate if protocol == PROTOCOL_GENERATION else predict
+    def reference(self, protocol: str) -> Mapping[LocalityKey, torch.Tensor]:
+        return self.references.get(protocol, {})
 
 
 def _locality_items(cases: Sequence[EditCase]) -> list[tuple[LocalityKey, tuple[str, str]]]:
@@ -99,35 +83,33 @@ def _locality_items(cases: Sequence[EditCase]) -> list[tuple[LocalityKey, tuple[
 def compute_pre_edit(logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch.device,
                      cases: Sequence[EditCase], batch_size: int = 32,
                      protocols: Sequence[str] = (PROTOCOL_TEACHER_FORCED,)) -> PreEdit:
-    pre = PreEdit({})
-    if PROTOCOL_TEACHER_FORCED in protocols:
-        pre = PreEdit(_locality_outputs(predict, logits_fn, tokenizer, pad_token_id, device, _locality_items(cases),
-                                        batch_size))
-    return with_protocols(pre, logits_fn, tokenizer, pad_token_id, device, cases, protocols, batch_size)
+    return with_protocols(PreEdit(), logits_fn, tokenizer, pad_token_id, device, cases, protocols, batch_size)
 
 
 def with_protocols(pre: PreEdit, logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch.device,
                    cases: Sequence[EditCase], protocols: Sequence[str], batch_size: int = 32) -> PreEdit:
-    """``pre`` plus the generation-protocol locality outputs it lacks for ``cases`` (``logits_fn`` = unedited model).
+    """``pre`` plus the locality outputs it lacks for ``cases`` under ``protocols`` (``logits_fn`` = unedited model).
 
-    A cached ``PreEdit`` built for teacher-forced methods is topped up, not recomputed, when a
-    generation-protocol method (GRACE) runs on the same cases; ``pre`` itself is not modified.
+    A cached ``PreEdit`` built for one protocol is topped up, not recomputed, when a cell scored under
+    another (GRACE's generation) runs on the same cases; ``pre`` itself is not modified.
     """
     check_protocols(protocols)
-    if PROTOCOL_GENERATION not in protocols:
-        return pre
-    missing = [(key, pair) for key, pair in _locality_items(cases) if key not in pre.locality_generated]
-    if not missing:
-        return pre
-    generated = _locality_outputs(generate, logits_fn, tokenizer, pad_token_id, device, missing, batch_size)
-    return PreEdit(pre.locality_argmax, {**pre.locality_generated, **generated})
+    references = dict(pre.references)
+    topped_up = False
+    for protocol in protocols:
+        have = references.get(protocol, {})
+        missing = [(key, pair) for key, pair in _locality_items(cases) if key not in have]
+        if missing:
+            outputs = _locality_outputs(protocol, logits_fn, tokenizer, pad_token_id, device, missing, batch_size)
+            references[protocol] = {**have, **outputs}
+            topped_up = True
+    return PreEdit(references) if topped_up else pre
 
 
-def _locality_outputs(predictor, logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch.device,
+def _locality_outputs(protocol: str, logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch.device,
                       items: list[tuple[LocalityKey, tuple[str, str]]], batch_size: int) -> dict[LocalityKey, torch.Tensor]:
-    if not items:
-        return {}
-    outputs, _ = predictor(logits_fn, tokenizer, [pair for _, pair in items], pad_token_id, device, batch_size)
+    outputs, _ = get_protocol(protocol).predict(logits_fn, tokenizer, [pair for _, pair in items], pad_token_id,
+                                                device, batch_size)
     return {key: output for (key, _), output in zip(items, outputs)}
 
 
@@ -139,8 +121,9 @@ def score_cases(logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch
     ``grouped``: each case was edited independently (case-parallel single editing); every row's batch
     carries the index of its case in ``cases`` (``TFBatch.groups``) so ``logits_fn`` can route it."""
     check_protocols((protocol,))
-    if grouped and protocol != PROTOCOL_TEACHER_FORCED:
-        raise KebenchError(f"grouped scoring supports the {PROTOCOL_TEACHER_FORCED} protocol only, got {protocol!r}")
+    scorer = get_protocol(protocol)
+    if grouped and not scorer.groups_supported:
+        raise KebenchError(f"protocol {protocol!r} cannot score case-parallel groups")
     pairs: list[tuple[str, str]] = []
     slots: list[tuple[str, str, str, int]] = []  # (case_id, metric, key, index) per pair
     for case in cases:
@@ -161,15 +144,12 @@ def score_cases(logits_fn: LogitsFn, tokenizer, pad_token_id: int, device: torch
                 for index, item in enumerate(items):
                     pairs.append((item.prompt, item.answer))
                     slots.append((case.case_id, "loc", key, index))
-    predictor = _predictor(protocol)
-    if not pairs:
-        predictions, golds = [], []
-    elif grouped:
+    groups = None
+    if grouped:
         index_of = {case.case_id: index for index, case in enumerate(cases)}
         groups = [index_of[case_id] for case_id, _, _, _ in slots]
-        predictions, golds = predict(logits_fn, tokenizer, pairs, pad_token_id, device, batch_size, groups=groups)
-    else:
-        predictions, golds = predictor(logits_fn, tokenizer, pairs, pad_token_id, device, batch_size)
+    predictions, golds = (scorer.predict(logits_fn, tokenizer, pairs, pad_token_id, device, batch_size, groups=groups)
+                          if pairs else ([], []))
     references = pre.reference(protocol)
 
     per_case: dict[str, dict[str, dict[str, list[float]]]] = {c.case_id: {} for c in cases}

@@ -39,7 +39,7 @@ EASYEDIT_FORK_COMMIT = "5d49c472bd4b8447a70d276fb577d28088588e62"
 PIQA_REPO = "ybisk/ybisk.github.io"  # the PIQA first author's site, the official PIQA data host
 PIQA_COMMIT = "21edab439af693b961be2f069e8690a88d3b4e37"
 
-STATS_CORPUS = "shared-offline"  # methods/_stats.py: the offline corpus of ROME/MEMIT second moments
+STATS_CORPUS = "shared-offline"  # methods/stats.py: the offline corpus of ROME/MEMIT second moments
 EMBEDDED = "zsre/zsre_mend_eval_portability_gpt4.json"  # ships in benchmarks/embedded/
 
 

@@ -149,7 +149,7 @@ def get_downstream(name: str) -> DownstreamCheck:
     return _DOWNSTREAM[name]
 
 
-_NOT_LOADERS = {"case", "data", "registry", "metrics", "evaluate", "generation", "manifest", "fetch"}
+_NOT_LOADERS = {"case", "data", "registry", "metrics", "evaluate", "generation", "manifest", "fetch", "protocols"}
 
 
 _imported = False

@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import inspect
 import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +48,12 @@ from torch.nn.utils import parametrize
 
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
+from methods._forward import (SPLIT_FORWARD_MODEL_TYPES, FullForward, PrefixKV, SplitForward, Targets,
+                             answer_targets, backbone, batch_rows, cache_keyword, call_layer)
 from methods.base import EditedCases, Editor, EditStats, IndependentEdits, NonFiniteError, group_runs
+from methods.hparams import at_depth
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
-
-#: model types whose decoder layers take (hidden, attention_mask, position_ids, past_key_values,
-#: position_embeddings) and whose attention only calls ``past_key_values.update``: the split forward is
-#: exact for them.  Other architectures use the full forward.
-SPLIT_FORWARD_MODEL_TYPES = frozenset({"llama"})
 
 #: pairs per forward when basis weights are read out (a long stream's artifacts would otherwise be one batch)
 BASIS_WEIGHT_ROWS = 32
@@ -145,149 +142,6 @@ class BasisIntervention(nn.Module):
             weights = torch.sigmoid(torch.baddbmm(gate_bias[:, None, :], h32, gate_weight.transpose(1, 2)))
         delta = weights * (source - h32 @ rotation.transpose(1, 2))
         return h32 + delta @ rotation, weights
-
-
-def _backbone(lm: LoadedModel) -> nn.Module:
-    """The decoder stack that maps input ids to final-normed hidden states (``model.model`` for LLaMA)."""
-    backbone = getattr(lm, "backbone", None)
-    return backbone if isinstance(backbone, nn.Module) else lm.model.model
-
-
-def _cache_keyword(layer: nn.Module) -> str:
-    """The decoder layer's name for its key/value cache argument: ``cache`` from transformers 5.x (where
-    ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
-    parameters = inspect.signature(layer.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-class _PrefixKV:
-    """A stand-in for a transformers ``Cache``: records the prefix keys/values once, then prepends them."""
-
-    def __init__(self) -> None:
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.recording = True
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if self.recording:
-            self.keys[layer_idx], self.values[layer_idx] = key, value
-            return key, value
-        if layer_idx not in self.keys:
-            return key, value
-        return torch.cat([self.keys[layer_idx], key], dim=2), torch.cat([self.values[layer_idx], value], dim=2)
-
-
-def _call_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                embeddings: tuple[torch.Tensor, torch.Tensor], cache_keyword: str, kv: "_PrefixKV | None") -> torch.Tensor:
-    out = layer(hidden, attention_mask=mask, position_ids=positions, use_cache=False, position_embeddings=embeddings,
-                **{cache_keyword: kv})
-    return out[0] if isinstance(out, tuple) else out
-
-
-class _FullForward:
-    """The naive variant: the whole model on the whole batch at every step."""
-
-    packing: "_Blocks | None" = None
-
-    def __init__(self, lm: LoadedModel, batch: TFBatch) -> None:
-        self.lm, self.batch = lm, batch
-
-    def __call__(self) -> torch.Tensor:
-        return _backbone(self.lm)(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask).last_hidden_state
-
-    def gather(self, per_column: torch.Tensor) -> torch.Tensor:
-        return per_column
-
-    def column(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        return columns
-
-    def select(self, rows: torch.Tensor) -> "_FullForward":
-        return _FullForward(self.lm, _batch_rows(self.batch, rows))
-
-
-class _SplitForward:
-    """Runs the frozen part of a batch once; each call runs layers ``start..`` on the live columns only.
-
-    Row i is split at its own column s_i (its first intervened or first target-predicting column):
-    columns before s_i never change during an edit, so their keys/values are computed once per layer.
-    The live columns of every row are packed to the left of a [B, W] block with their true positions,
-    so each step costs (live tokens) × (upper layers) instead of (all tokens) × (all layers).
-    """
-
-    packing: "_Blocks | None" = None  # the router sees the padded [B, W] block itself
-
-    def __init__(self, lm: LoadedModel, batch: TFBatch, start_layer: int, split: torch.Tensor) -> None:
-        inner = lm.model.model
-        self.inner = inner
-        self.start_layer = start_layer
-        device = batch.input_ids.device
-        rows = batch.size
-        self.split = split  # [B] first live column of each row
-        live_lengths = batch.lengths - split
-        width = int(live_lengths.max())
-        prefix_width = int(split.max())
-        offsets = torch.arange(width, device=device)
-        self.live_columns = (split[:, None] + offsets[None, :]).clamp_max(batch.input_ids.shape[1] - 1)  # [B, W]
-        live_real = offsets[None, :] < live_lengths[:, None]
-        with torch.no_grad():
-            self.kv = _PrefixKV()
-            self.cache_keyword = _cache_keyword(inner.layers[0])
-            if prefix_width > 0:
-                prefix_ids = batch.input_ids[:, :prefix_width]
-                prefix = inner.embed_tokens(prefix_ids)
-                positions = torch.arange(prefix_width, device=device)[None, :]
-                cos, sin = inner.rotary_emb(prefix, positions)
-                for layer in inner.layers:
-                    prefix = layer(prefix, attention_mask=None, position_ids=positions, use_cache=False,
-                                   position_embeddings=(cos, sin), **{self.cache_keyword: self.kv})
-                    prefix = prefix[0] if isinstance(prefix, tuple) else prefix
-            self.kv.recording = False
-            # Live query j of row i sees that row's prefix keys k < s_i and the live keys up to itself.
-            prefix_visible = torch.arange(prefix_width, device=device)[None, :] < split[:, None]  # [B, S]
-            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-            self.mask = torch.cat(
-                [prefix_visible[:, None, :].expand(rows, width, prefix_width), causal[None].expand(rows, width, width)],
-                dim=2,
-            )[:, None]  # [B, 1, W, S + W]
-            live_ids = torch.where(live_real, batch.input_ids.gather(1, self.live_columns), batch.input_ids[0, -1])
-            hidden = inner.embed_tokens(live_ids)
-            self.position_ids = split[:, None] + offsets[None, :]
-            self.position_embeddings = inner.rotary_emb(hidden, self.position_ids)
-            for layer in inner.layers[:start_layer]:
-                hidden = self._layer(layer, hidden)
-            self.start_hidden = hidden
-        self.live_real = live_real
-
-    def _layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return _call_layer(layer, hidden, self.mask, self.position_ids, self.position_embeddings, self.cache_keyword,
-                           self.kv)
-
-    def __call__(self) -> torch.Tensor:
-        """Final-norm hidden states of the live block (row i, column j is column s_i + j of the batch)."""
-        hidden = self.start_hidden
-        for layer in self.inner.layers[self.start_layer:]:
-            hidden = self._layer(layer, hidden)
-        return self.inner.norm(hidden)
-
-    def gather(self, per_column: torch.Tensor) -> torch.Tensor:
-        """A [B, L] per-column tensor (a mask) in the live block's layout; padding is False."""
-        return per_column.gather(1, self.live_columns) & self.live_real
-
-    def column(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        return columns - self.split[rows]
-
-    def select(self, rows: torch.Tensor) -> "_SplitForward":
-        """The same frozen computation for a subset of the rows (no layer is run again)."""
-        kept = object.__new__(_SplitForward)
-        kept.inner, kept.start_layer, kept.cache_keyword = self.inner, self.start_layer, self.cache_keyword
-        kept.split, kept.live_columns, kept.live_real = self.split[rows], self.live_columns[rows], self.live_real[rows]
-        kept.kv = _PrefixKV()
-        kept.kv.recording = False
-        kept.kv.keys = {layer: key[rows] for layer, key in self.kv.keys.items()}
-        kept.kv.values = {layer: value[rows] for layer, value in self.kv.values.items()}
-        kept.mask, kept.position_ids, kept.start_hidden = self.mask[rows], self.position_ids[rows], self.start_hidden[rows]
-        kept.position_embeddings = tuple(t[rows] for t in self.position_embeddings)
-        return kept
 
 
 @dataclass(frozen=True)
@@ -434,7 +288,7 @@ class _Blocks:
         self.position_ids = self.scatter_rows([row.position_ids for row in self.in_order])
         self.position_embeddings = (self.scatter_rows([row.cos for row in self.in_order]),
                                     self.scatter_rows([row.sin for row in self.in_order]))
-        self.kv = _PrefixKV()
+        self.kv = PrefixKV()
         self.kv.recording = False
         for layer in sorted({layer for row in rows for layer in row.keys if layer in layers}):
             for stored, per_row in ((self.kv.keys, [row.keys for row in self.in_order]),
@@ -469,7 +323,7 @@ class _Blocks:
         return self.plan.scatter(torch.cat(list(per_row)))
 
     def layer(self, layer: nn.Module, hidden: torch.Tensor, cache_keyword: str) -> torch.Tensor:
-        return _call_layer(layer, hidden, self.mask, self.position_ids, self.position_embeddings, cache_keyword, self.kv)
+        return call_layer(layer, hidden, self.mask, self.position_ids, self.position_embeddings, cache_keyword, self.kv)
 
     def pack(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.plan.scatter(hidden[self.unpacked_index])
@@ -492,7 +346,7 @@ class _Packing:
 
     def __init__(self, lm: LoadedModel, layer_ids: Sequence[int], rows: Sequence[_LiveRow]) -> None:
         inner = lm.model.model
-        self.inner, self.cache_keyword = inner, _cache_keyword(inner.layers[0])
+        self.inner, self.cache_keyword = inner, cache_keyword(inner.layers[0])
         self.start_layer, self.top_layer = layer_ids[0], layer_ids[-1]
         shape = (len(rows), max(row.length for row in rows))
         edit_rows = [index for index, row in enumerate(rows) if row.is_edit]
@@ -516,32 +370,6 @@ class _Packing:
                 blocks, hidden = self.upper, self.upper.pack(self.lower.unpack(hidden))
             hidden = blocks.layer(self.inner.layers[index], hidden, self.cache_keyword)
         return blocks.unpack(self.inner.norm(hidden))
-
-
-def _batch_rows(batch: TFBatch, rows: torch.Tensor) -> TFBatch:
-    """Rows ``rows`` of ``batch`` (the padded width is kept)."""
-    return TFBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.prompt_lengths[rows], batch.lengths[rows],
-                   None if batch.groups is None else batch.groups[rows])
-
-
-@dataclass(frozen=True)
-class _Targets:
-    rows: torch.Tensor  # rows of the batch whose next-token predictions are trained
-    columns: torch.Tensor  # the column that predicts each target token
-    labels: torch.Tensor  # the target token ids
-
-
-def _targets(batch: TFBatch, edit_rows: int | Sequence[int]) -> _Targets:
-    """The trained target tokens of ``edit_rows`` (a count: the first rows of the batch)."""
-    rows, columns, labels = [], [], []
-    for i in (range(edit_rows) if isinstance(edit_rows, int) else edit_rows):
-        p, n = int(batch.prompt_lengths[i]), int(batch.lengths[i])
-        rows.extend([i] * (n - p))
-        columns.extend(range(p - 1, n - 1))
-        labels.extend(batch.input_ids[i, p:n].tolist())
-    device = batch.input_ids.device
-    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return _Targets(as_long(rows), as_long(columns), as_long(labels))
 
 
 @dataclass(frozen=True)
@@ -633,6 +461,11 @@ class RepresentationEditor(Editor):
 
     gated: bool = False
 
+    @classmethod
+    def layer_rule(cls, num_layers: int) -> dict[str, Any]:
+        # 9,18,24,28 of 32; 8,17,22,26 of 30; 8,16,21,24 of 28
+        return {"layers": at_depth(num_layers, 0.28, 0.56, 0.74, 0.87)}
+
     def __init__(self, lm: LoadedModel, hparams, seed: int) -> None:
         super().__init__(lm, hparams, seed)
         layers = tuple(hparams.layers)
@@ -706,7 +539,7 @@ class RepresentationEditor(Editor):
         router = self._router if self._router is not None else _Router(lm, self.layer_ids)
         try:
             with torch.no_grad(), router.active(self._whole(batch.size), mask, record=True) as recorded:
-                _backbone(lm)(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                backbone(lm)(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         finally:
             if router is not self._router:
                 router.remove()
@@ -811,11 +644,11 @@ def _split_columns(batch: TFBatch, is_edit: torch.Tensor, intervened: torch.Tens
     return torch.minimum(first_intervened, first_predicting)
 
 
-def _split_forward(lm: LoadedModel, jobs: Sequence[_Job], batch: TFBatch, is_edit: torch.Tensor) -> _SplitForward:
+def _split_forward(lm: LoadedModel, jobs: Sequence[_Job], batch: TFBatch, is_edit: torch.Tensor) -> SplitForward:
     """The frozen computation of ``batch``, each row split at its first live column (``_split_columns``)."""
     editor = jobs[0].editor
     intervened = batch.intervention_mask(editor.hparams.last_prompt_tokens)
-    return _SplitForward(lm, batch, editor.layer_ids[0], _split_columns(batch, is_edit, intervened))
+    return SplitForward(lm, batch, editor.layer_ids[0], _split_columns(batch, is_edit, intervened))
 
 
 class _Layout:
@@ -833,16 +666,16 @@ class _Layout:
             _compute_live_rows(lm, jobs)
             return cls._packed(lm, jobs)
         batch, is_edit = _encode_jobs(lm, jobs)
-        runner = _split_forward(lm, jobs, batch, is_edit) if splits else _FullForward(lm, batch)
+        runner = _split_forward(lm, jobs, batch, is_edit) if splits else FullForward(lm, batch)
         return cls._padded(lm, jobs, batch, is_edit, runner)
 
     @classmethod
     def _padded(cls, lm: LoadedModel, jobs: Sequence[_Job], batch: TFBatch, is_edit: torch.Tensor,
-                runner: "_FullForward | _SplitForward") -> "_Layout":
+                runner: "FullForward | SplitForward") -> "_Layout":
         mask = batch.intervention_mask(jobs[0].editor.hparams.last_prompt_tokens)
         edit_rows = is_edit.nonzero(as_tuple=True)[0].tolist()
-        targets = _targets(batch, edit_rows)
-        live_targets = _Targets(targets.rows, runner.column(targets.rows, targets.columns), targets.labels)
+        targets = answer_targets(batch, edit_rows)
+        live_targets = Targets(targets.rows, runner.column(targets.rows, targets.columns), targets.labels)
         target_lengths = (batch.lengths - batch.prompt_lengths) * is_edit
         target_counts, row = [], 0
         for job in jobs:
@@ -861,13 +694,13 @@ class _Layout:
         for index, row in enumerate(rows):
             live_mask[index, :row.length] = row.intervened
         is_edit = torch.tensor([row.is_edit for row in rows], dtype=torch.bool, device=device)
-        targets = _Targets(torch.cat([torch.full_like(row.labels, index) for index, row in enumerate(rows)]),
+        targets = Targets(torch.cat([torch.full_like(row.labels, index) for index, row in enumerate(rows)]),
                            torch.cat([row.target_columns for row in rows]), torch.cat([row.labels for row in rows]))
         target_counts = [sum(row.labels.numel() for row in job.rows) for job in jobs]
         return cls(lm, jobs, runner, live_mask, is_edit, targets, target_counts)
 
-    def __init__(self, lm: LoadedModel, jobs: Sequence[_Job], runner: "_FullForward | _SplitForward | _Packing",
-                 live_mask: torch.Tensor, is_edit: torch.Tensor, targets: _Targets, target_counts: Sequence[int]) -> None:
+    def __init__(self, lm: LoadedModel, jobs: Sequence[_Job], runner: "FullForward | SplitForward | _Packing",
+                 live_mask: torch.Tensor, is_edit: torch.Tensor, targets: Targets, target_counts: Sequence[int]) -> None:
         self.lm, self.jobs, self.runner, self.targets = lm, list(jobs), runner, targets
         self.batch: TFBatch | None = None  # the padded layout's tokens
         self.live_mask = live_mask
@@ -887,7 +720,7 @@ class _Layout:
         rows = torch.cat([torch.arange(self.parts[i].rows.start, self.parts[i].rows.stop) for i in positions])
         rows = rows.to(self.batch.input_ids.device)
         is_edit = torch.cat([job.is_edit for job in jobs]).to(rows.device)
-        return _Layout._padded(self.lm, jobs, _batch_rows(self.batch, rows), is_edit, self.runner.select(rows))
+        return _Layout._padded(self.lm, jobs, batch_rows(self.batch, rows), is_edit, self.runner.select(rows))
 
     def extend(self, jobs: Sequence[_Job]) -> "_Layout":
         """This layout with ``jobs`` added; packed, only their frozen computation is run."""
@@ -912,13 +745,13 @@ def _compute_live_rows(lm: LoadedModel, jobs: Sequence[_Job]) -> None:
 
 
 def _run_packed(inner: nn.Module, layers: Sequence[nn.Module], plan: _Plan, hidden: torch.Tensor,
-                positions: torch.Tensor, kv: _PrefixKV | None,
+                positions: torch.Tensor, kv: PrefixKV | None,
                 embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``layers`` on a packed [G, W, d] block whose tokens sit at ``positions`` [G, W] of their rows."""
     embeddings = embeddings or inner.rotary_emb(hidden, positions)
-    keyword = _cache_keyword(inner.layers[0])
+    keyword = cache_keyword(inner.layers[0])
     for layer in layers:
-        hidden = _call_layer(layer, hidden, plan.mask, positions, embeddings, keyword, kv)
+        hidden = call_layer(layer, hidden, plan.mask, positions, embeddings, keyword, kv)
     return hidden
 
 
@@ -945,7 +778,7 @@ def _packed_live_rows(lm: LoadedModel, batch: TFBatch, split: torch.Tensor, inte
             offset += lengths[row]
         with_prefix = [row for row in range(batch.size) if splits[row] > 0]
         prefix_place = {row: index for index, row in enumerate(with_prefix)}
-        kv = _PrefixKV()
+        kv = PrefixKV()
         prefix_plan = None
         if with_prefix:
             prefix_plan = _Plan.build([splits[row] for row in with_prefix], [0] * len(with_prefix), lm.hidden_size, device)

@@ -31,15 +31,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
-from methods._stats import down_proj
+from methods.stats import down_proj
 from methods.base import Editor, EditStats, IndependentEdits, NonFiniteError, group_runs, register_method
+from methods.hparams import at_depth
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel, PrecisionIsland
 
@@ -114,6 +115,10 @@ def case_losses(lm: LoadedModel, batch: TFBatch, objective: str) -> torch.Tensor
 
 class FineTuneEditor(Editor):
     edits_weights = True
+
+    @classmethod
+    def layer_rule(cls, num_layers: int) -> dict[str, Any]:
+        return {"layers": at_depth(num_layers, 0.66)}  # 21 of 32, 20 of 30, 18 of 28
 
     def __init__(self, lm: LoadedModel, hparams: FTHParams, seed: int) -> None:
         super().__init__(lm, hparams, seed)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,9 @@ from torch import nn
 
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
-from methods._representation import SPLIT_FORWARD_MODEL_TYPES, _SplitForward, _targets
+from methods._forward import SPLIT_FORWARD_MODEL_TYPES, SplitForward, answer_targets
 from methods.base import Editor, EditStats, NonFiniteError, register_method
+from methods.hparams import at_depth
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel, as_linear, is_projection, unwrap
 
@@ -98,7 +99,7 @@ class EditForward:
     """One edit's forward passes: what the trained module cannot change runs once, the rest every step.
 
     On LLaMA-type models the part below ``start_layer`` and the columns before each row's ``split`` never
-    change during an edit (``methods._representation._SplitForward``); other models run the whole model
+    change during an edit (``methods._forward.SplitForward``); other models run the whole model
     every step.  The LM head runs only where a target token of the first ``n_trained`` rows is predicted.
     """
 
@@ -107,8 +108,8 @@ class EditForward:
         self.lm = lm
         self.batch = batch
         split_ok = getattr(lm.model.config, "model_type", "") in SPLIT_FORWARD_MODEL_TYPES
-        self.runner = _SplitForward(lm, batch, start_layer, split) if fast and split_ok else _WholeForward(lm, batch)
-        self.targets = _targets(batch, n_trained)
+        self.runner = SplitForward(lm, batch, start_layer, split) if fast and split_ok else _WholeForward(lm, batch)
+        self.targets = answer_targets(batch, n_trained)
         self.target_columns = self.runner.column(self.targets.rows, self.targets.columns)
 
     def columns(self, full_columns: torch.Tensor) -> torch.Tensor:
@@ -263,7 +264,11 @@ class GraceAdapter(nn.Module):
 @register_method("grace")
 class GRACE(Editor):
     hparams_class = GraceHParams
-    protocols = ("teacher_forced", "generation")
+    required_protocols = ("generation",)
+
+    @classmethod
+    def layer_rule(cls, num_layers: int) -> dict[str, Any]:
+        return {"layer": at_depth(num_layers, 0.84)[0]}  # 27 of 32, 25 of 30, 24 of 28
 
     def __init__(self, lm: LoadedModel, hparams: GraceHParams, seed: int) -> None:
         super().__init__(lm, hparams, seed)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ from torch import nn
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, encode
 from methods.base import Editor, EditStats, register_method
+from methods.hparams import at_depth
 from methods.grace import EditForward, capture, check_finite, swap_module, target_module
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
@@ -229,6 +230,11 @@ class BlockLoRA(nn.Module):
 @register_method("melo")
 class MELO(Editor):
     hparams_class = MeloHParams
+
+    @classmethod
+    def layer_rule(cls, num_layers: int) -> dict[str, Any]:
+        router = max(0, min(at_depth(num_layers, 0.73)[0], num_layers - 2))  # 23 of 32, 22 of 30, 20 of 28
+        return {"router_layer": router, "lora_layers": list(range(router + 1, min(num_layers, router + 3)))}
 
     def __init__(self, lm: LoadedModel, hparams: MeloHParams, seed: int) -> None:
         super().__init__(lm, hparams, seed)

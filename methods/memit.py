@@ -13,7 +13,7 @@ Implemented from the definition in ``kmeng01/memit`` (``memit_main.py::execute_m
 
        ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹,   solved in float64 with ``torch.linalg.solve``,
 
-   where C_l = E[k kᵀ] is the layer's second moment (``methods._stats``) and λ = ``mom2_update_weight``.
+   where C_l = E[k kᵀ] is the layer's second moment (``methods.stats``) and λ = ``mom2_update_weight``.
    ΔW_l is added to ``down_proj.weight`` before the next layer's keys are read.
 
 A batch (B cases in one call) is solved jointly, as MEMIT is meant to be used.  The statistics are
@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from benchmarks.case import EditCase
-from methods._stats import StatsNeed, provenance_note, second_moment
+from methods.stats import StatsNeed, provenance_note, second_moment
 from methods.base import EditStats, NonFiniteError, register_method
+from methods.hparams import at_depth
 from methods.rome import (ValueSettings, WeightEditor, capture, check_locate_then_edit, context_templates,
                           encode_rows, optimize_value, subject_of)
 from kebench.core.models import LoadedModel
@@ -73,6 +74,13 @@ class MEMITHParams:
 class MEMIT(WeightEditor):
     hparams_class = MEMITHParams
 
+    @classmethod
+    def layer_rule(cls, num_layers: int) -> dict[str, Any]:
+        # about n/6 consecutive layers (at most 5), from just below ROME's layer: 4..8 of 32 and 30, 3..7 of 28
+        count = min(5, max(1, math.floor(num_layers / 6 + 0.5)))
+        start = max(0, at_depth(num_layers, 0.16)[0] - 1)
+        return {"layers": list(range(start, min(num_layers, start + count)))}
+
     def __init__(self, lm: LoadedModel, hparams: MEMITHParams, seed: int) -> None:
         super().__init__(lm, hparams, seed)
         self.groups = context_templates(hparams.n_short_templates, hparams.n_long_templates)
@@ -81,12 +89,12 @@ class MEMIT(WeightEditor):
                         for layer in hparams.layers}
 
     @classmethod
-    def required_stats(cls, hparams: MEMITHParams) -> StatsNeed:
-        return StatsNeed(tuple(hparams.layers), hparams.mom2_corpus, hparams.mom2_n_samples, hparams.mom2_dtype)
+    def requirements(cls, hparams: MEMITHParams) -> tuple[StatsNeed, ...]:
+        return (StatsNeed(tuple(hparams.layers), hparams.mom2_corpus, hparams.mom2_n_samples, hparams.mom2_dtype),)
 
     @classmethod
     def provenance(cls, hparams: MEMITHParams) -> str:
-        return provenance_note(cls.required_stats(hparams))
+        return provenance_note(cls.requirements(hparams)[0])
 
     def _keys(self, cases: Sequence[EditCase], layer: int) -> torch.Tensor:
         """[n, d_mlp]: per case, the mean over template groups of the mean key within each group."""

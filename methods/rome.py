@@ -5,7 +5,7 @@ and EasyEdit's port (``easyeditor/models/rome``; see ``../shared/reference/editi
 
 * **Key u** (``compute_u``): the input k of ``layers[l].mlp.down_proj`` at the subject's last token,
   averaged over the prompt prefixed by each context template.  With ``mom2_adjustment`` u ← C⁻¹ u,
-  where C = E[k kᵀ] comes from ``methods._stats`` (cached on disk).  u is normalised.
+  where C = E[k kᵀ] comes from ``methods.stats`` (cached on disk).  u is normalised.
 * **Value v** (``compute_v``): an additive δ on the MLP output at the subject's last token of every
   templated prompt, optimised with Adam (``v_lr``) for ``v_num_grad_steps`` on
   the target's NLL (per-token mean per prompt, averaged over prompts) + ``kl_factor`` · KL(current ‖
@@ -54,9 +54,10 @@ from torch import nn
 
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, right_pad
-from methods._representation import SPLIT_FORWARD_MODEL_TYPES, _SplitForward
-from methods._stats import STATS_DTYPES, StatsNeed, canonical_corpus, down_proj, provenance_note, second_moment
+from methods._forward import SPLIT_FORWARD_MODEL_TYPES, SplitForward
+from methods.stats import STATS_DTYPES, StatsNeed, canonical_corpus, down_proj, provenance_note, second_moment
 from methods.base import Editor, EditStats, NonFiniteError, register_method
+from methods.hparams import at_depth
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel, PrecisionIsland, projection_weight
 
@@ -254,10 +255,10 @@ class _FullWidth:
         return columns
 
 
-class _LiveColumns(_SplitForward):
+class _LiveColumns(SplitForward):
     """Steps on the live columns only (LLaMA-type models, loss at the last layer).
 
-    Nothing before a row's fact token depends on δ (attention is causal), so ``_SplitForward`` (the
+    Nothing before a row's fact token depends on δ (attention is causal), so ``SplitForward`` (the
     BaFT/ReFT engine) records those columns' keys/values once and each step runs the layers above the
     edited one on the columns from the fact token on; the fact token is live column 0 of every row.
     """
@@ -494,6 +495,10 @@ class WeightEditor(Editor):
 class ROME(WeightEditor):
     hparams_class = ROMEHParams
 
+    @classmethod
+    def layer_rule(cls, num_layers: int) -> dict[str, Any]:
+        return {"layers": at_depth(num_layers, 0.16)}  # LLaMA-2/3: 5 of 32, SmolLM2: 5 of 30, Gemma: 4 of 28
+
     def __init__(self, lm: LoadedModel, hparams: ROMEHParams, seed: int) -> None:
         super().__init__(lm, hparams, seed)
         self.groups = context_templates(hparams.n_short_templates, hparams.n_long_templates)
@@ -505,15 +510,16 @@ class ROME(WeightEditor):
                             for layer in set(self.edit_layers)}
 
     @classmethod
-    def required_stats(cls, hparams: ROMEHParams) -> StatsNeed | None:
+    def requirements(cls, hparams: ROMEHParams) -> tuple[StatsNeed, ...]:
         if not hparams.mom2_adjustment:
-            return None
-        return StatsNeed(tuple(sorted(set(hparams.layers))), hparams.mom2_corpus, hparams.mom2_n_samples, hparams.mom2_dtype)
+            return ()
+        return (StatsNeed(tuple(sorted(set(hparams.layers))), hparams.mom2_corpus, hparams.mom2_n_samples,
+                          hparams.mom2_dtype),)
 
     @classmethod
     def provenance(cls, hparams: ROMEHParams) -> str:
-        need = cls.required_stats(hparams)
-        return provenance_note(need) if need else "no mom2 statistics (mom2_adjustment off)"
+        needs = cls.requirements(hparams)
+        return provenance_note(needs[0]) if needs else "no mom2 statistics (mom2_adjustment off)"
 
     def left_vector(self, case: EditCase, layer: int) -> torch.Tensor:
         """u: the mean key over the templated prompts, C⁻¹-adjusted when configured, normalised."""

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,7 @@ from benchmarks.case import EditCase
 from benchmarks.generation import greedy_continuations
 from benchmarks.metrics import TFBatch, encode
 from methods.base import Editor, EditStats, register_method
+from methods.hparams import at_depth
 from methods.grace import EditForward, check_finite, swap_module, target_module
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
@@ -247,6 +248,10 @@ def _no_irrelevant_message(method: str, case_id: str) -> str:
 @register_method("wise")
 class WISE(Editor):
     hparams_class = WiseHParams
+
+    @classmethod
+    def layer_rule(cls, num_layers: int) -> dict[str, Any]:
+        return {"layer": at_depth(num_layers, 0.84)[0]}  # as GRACE: 27 of 32, 25 of 30, 24 of 28
 
     @classmethod
     def check_hparams(cls, hparams, num_layers, hidden_size, benchmark=None) -> None:

@@ -1,15 +1,33 @@
-"""The ``kebench`` command line."""
+"""The ``kebench`` command line.
+
+Each command imports the layers it needs inside its own function: torch comes with the methods and
+models, Ray with grids and sweeps, pyarrow and DuckDB with the store, and ``kebench --help`` or a usage
+error must not wait seconds for any of them.  Those imports are the only function-level ones here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
+import os
+import shutil
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
 from kebench.core.errors import KebenchError
+from kebench.core.scenarios import is_scenario, scenario_names
+from orchestrator._config import MAX_SEED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +47,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-MAX_SEED = 2**63 - 1  # seeds are stored in an int64 column (results/store.py)
 
 
 def _seed(text: str) -> int:
@@ -43,8 +60,6 @@ def _seed(text: str) -> int:
 
 
 def _gpus(text: str) -> float:
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -55,8 +70,6 @@ def _gpus(text: str) -> float:
 
 
 def _override(text: str) -> tuple[str, Any]:
-    import yaml
-
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
@@ -78,12 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--method", default=None, help="the editing method (required; kebench list shows them)")
     edit.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (float32 on a CPU; on a GPU "
                       "bfloat16 for half-precision checkpoints, with ROME/MEMIT/FT's edited layers in float32)")
-    edit.add_argument("--scenario", default="single", help="single, continual or batched")
+    edit.add_argument("--scenario", default="single", help=f"{', '.join(scenario_names())}")
     edit.add_argument("--T", type=_positive_int, default=1, help="edit calls per stream (continual, batched)")
     edit.add_argument("--B", type=_positive_int, default=1, help="cases per edit call (batched)")
     edit.add_argument("--downstream", default=None,
                       help="a downstream check scored after each stream and on the unedited model, e.g. piqa")
     edit.add_argument("--downstream-n", type=_positive_int, default=None, help="items of the downstream check")
+    edit.add_argument("--scenario-param", dest="scenario_params", type=_override, action="append", default=[],
+                      metavar="KEY=VALUE", help="a parameter of the scenario kind beyond T and B (repeatable)")
+    edit.add_argument("--protocol", dest="protocols", action="append", default=[], metavar="NAME",
+                      help="score under this protocol (repeatable; default teacher_forced; the method may add its own)")
     edit.add_argument("--parallel-cases", type=_positive_int, default=1, metavar="K",
                       help="single editing: keep K independent edits training at once in one batch (BaFT, ReFT, FT-L, FT-M; the same training, rounded differently)")
     edit.add_argument("--n", type=_positive_int, default=None, help="number of cases (default: the whole split)")
@@ -108,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help="tune a method's hyperparameters on a dev split with Ray Tune")
     sweep.add_argument("--sweep", type=Path, required=True, help="sweep YAML (see sweeps/)")
+    sweep.add_argument("--ray-address", default=None, help="join a running Ray cluster ('auto' on a cluster head)")
     sweep.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs for a local Ray instance")
+    sweep.add_argument("--num-gpus", type=_gpus, default=None,
+                       help="GPUs for a local Ray instance (default: CUDA devices; >0 on a CPU machine is bookkeeping)")
     sweep.add_argument("--data-dir", default=None)
     sweep.add_argument("--restart", action="store_true", help="start afresh instead of resuming the sweep's Tune experiment")
     sweep.add_argument("--export", type=Path, default=None,
@@ -149,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--method", required=True)
     show.add_argument("--model", default="smollm2-135m",
                       help="a registered model, hf:<repo id>[@<revision>] or path:<folder>")
-    show.add_argument("--scenario", default="single", help="single, continual or batched (selects a YAML's scenario block)")
+    show.add_argument("--scenario", default="single",
+                      help=f"{', '.join(scenario_names())} (selects a YAML's scenario block)")
     show.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                       help="override a hyperparameter (repeatable)")
     show.add_argument("--hparams", type=Path, default=None, help="hyperparameter YAML instead of the method's own")
@@ -222,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "leaderboard":
             return _leaderboard(args)
         if args.command == "plan":
-            from orchestrator.plan import plan_command
+            from orchestrator.plan import plan_command  # torch and DuckDB: off the start-up path
 
             return plan_command(args)
         if args.command == "data":
@@ -244,8 +265,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check_output_path(path: Path, flag: str = "--out") -> None:
     """An output file must be creatable: not a directory, not under a file, in a writable directory.
     Checked before any work, so a run is never lost to its output path."""
-    import os
-
     if path.is_dir():
         raise KebenchError(f"{flag} {path} is a directory; name a file")
     for parent in path.parents:
@@ -261,14 +280,13 @@ def check_output_path(path: Path, flag: str = "--out") -> None:
 
 def _hparams(args: argparse.Namespace) -> int:
     """``kebench hparams``: the resolved hyperparameters as YAML, after a comment saying where they come from."""
-    import yaml
-
+    # torch (the method registry): off the command line's start-up path
     from kebench.core.models import check_model_name, model_revision
-    from methods.base import describe_hparams, get_method, hparams_dict
-    from orchestrator.scenarios import SCENARIO_KINDS
+    from methods.base import get_method
+    from methods.hparams import describe_hparams, hparams_dict
 
-    if args.scenario not in SCENARIO_KINDS:
-        raise KebenchError(f"--scenario: unknown scenario '{args.scenario}'; known: {', '.join(SCENARIO_KINDS)}")
+    if not is_scenario(args.scenario):
+        raise KebenchError(f"--scenario: unknown scenario '{args.scenario}'; known: {', '.join(scenario_names())}")
     get_method(args.method)
     check_model_name(args.model)
     revision = model_revision(args.model)
@@ -281,7 +299,8 @@ def _hparams(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     """``kebench stats``: one pass over the corpus for every requested layer not yet cached."""
-    from methods._stats import canonical_corpus, check_dtype, ensure_stats
+    # torch: off the command line's start-up path
+    from methods.stats import canonical_corpus, check_dtype, ensure_stats
     from kebench.core.models import check_device, check_model_name, load_model, model_facts
 
     try:
@@ -306,13 +325,15 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    # Ray Tune and torch: off the command line's start-up path
     from orchestrator.sweep import sweep_command
 
     return sweep_command(args)
 
 
 def _table(args: argparse.Namespace) -> int:
-    from results.tables import FORMATS, get_table, render
+    # pyarrow and DuckDB: off the command line's start-up path
+    from results.tables import FORMATS, get_table
 
     get_table(args.table)
     if args.fmt not in FORMATS:
@@ -327,9 +348,7 @@ def _table(args: argparse.Namespace) -> int:
 
 def _render_readable(store: Path, table: str, fmt: str) -> str:
     """Render ``table``; unreadable Parquet files are named on stderr and left out (the rest renders)."""
-    import shutil
-    import tempfile
-
+    # pyarrow and DuckDB: off the command line's start-up path
     from results.store import scan_store
     from results.tables import render
 
@@ -353,10 +372,7 @@ def _render_readable(store: Path, table: str, fmt: str) -> str:
 
 def run_grid_command(args: argparse.Namespace) -> int:
     """``kebench grid`` and ``run_grid.py``: run the grid, then print its tables."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    # Ray, torch, pyarrow and DuckDB: off the command line's start-up path
     from orchestrator.grid import load_grid
     from orchestrator.runner import run_grid
     from results.tables import render, table_names
@@ -395,10 +411,8 @@ def run_grid_command(args: argparse.Namespace) -> int:
         print(f"kebench: warning: unreadable store file moved aside as {path} ({reason}); its cell re-ran",
               file=sys.stderr)
     if report.interrupted:
-        import signal as _signal
-
-        signum = report.signal or _signal.SIGINT
-        print(f"kebench: interrupted by {_signal.Signals(signum).name}: {report.finished} of {report.total} cells "
+        signum = report.signal or signal.SIGINT
+        print(f"kebench: interrupted by {signal.Signals(signum).name}: {report.finished} of {report.total} cells "
               f"stored ({report.ok + report.failed} this run, {report.failed} failed), workers stopped; run the same "
               "command again to resume", file=sys.stderr)
         return 128 + int(signum)
@@ -414,6 +428,7 @@ def run_grid_command(args: argparse.Namespace) -> int:
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
+    # pyarrow, DuckDB and matplotlib: off the command line's start-up path
     from results.leaderboard import write_leaderboard
 
     if not args.store.is_dir():
@@ -426,6 +441,7 @@ def _leaderboard(args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
+    # torch (the registries import every method): off the command line's start-up path
     from benchmarks.registry import benchmark_names, benchmark_source
     from kebench.core import plugins
     from kebench.core.metrics import metric_names
@@ -447,31 +463,36 @@ def _list() -> int:
 
 
 def _edit(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from benchmarks.data import resolve_data_dir
+    """``kebench edit``: one cell (``orchestrator.cell.run_cell``, as a grid worker runs it), printed as a table."""
+    # torch, pyarrow and DuckDB: off the command line's start-up path
+    from benchmarks.protocols import check_protocols
     from benchmarks.registry import get_benchmark, select_cases
-    from methods.base import get_method, hparams_dict, load_hparams
-    from kebench.core.models import (check_device, check_dtype_choice, check_model_name, load_model, model_facts,
-                                      model_revision, resolve_precision, with_precision)
-    from orchestrator.grid import check_method_fits
-    from orchestrator.scenarios import Scenario, make_streams, run_scenario
     from kebench.core.metrics import metric_names
+    from kebench.core.models import check_device, check_dtype_choice, check_model_name, model_revision
+    from methods.base import get_method
+    from methods.hparams import hparams_dict, load_hparams
+    from orchestrator.cell import CellRequest, ModelCache, run_cell
+    from orchestrator.grid import check_method_fits, precision_for
+    from orchestrator.scenarios import Scenario, make_streams
     from results import rows as result_rows
     from results.summary import render_table, summarize
 
     # Validate everything cheap before loading a model.
     scenario = Scenario(args.scenario, T=args.T, B=args.B, downstream=args.downstream, downstream_n=args.downstream_n,
-                        parallel_cases=args.parallel_cases)
+                        parallel_cases=args.parallel_cases, params=tuple(args.scenario_params))
     check_model_name(args.model)
     model_revision(args.model)  # an hf: snapshot that cannot be had fails here, before anything else
     if args.method is None:
         raise KebenchError("--method is required (kebench list shows the methods)")
     check_dtype_choice(args.dtype, "--dtype")
     get_method(args.method)
-    bench = get_benchmark(args.benchmark)
+    if args.protocols:
+        try:
+            check_protocols(args.protocols)
+        except KebenchError as exc:
+            raise KebenchError(f"--protocol: {exc}") from None
+    protocols = tuple(dict.fromkeys(args.protocols))
+    get_benchmark(args.benchmark)
     selection = select_cases(args.benchmark, args.split, args.n, args.offset, args.data_dir)
     make_streams(selection.cases, scenario)
     if args.hparams is not None and args.hparams.is_dir():
@@ -485,31 +506,29 @@ def _edit(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output_path(args.out)
 
+    precision = precision_for(args.dtype, args.method, args.model, device.type != "cpu")
+    request = CellRequest(args.model, args.benchmark, args.split, args.n, args.offset, scenario, args.method, hparams,
+                          args.seed, precision, protocols=protocols, device=str(device))
     console = Console(stderr=True)
-    facts = model_facts(args.model)
-    precision = resolve_precision(args.dtype, get_method(args.method).edits_weights, facts.dtype if facts else None,
-                                  device.type != "cpu")
-    lm = with_precision(load_model(args.model, device=device, dtype=precision.torch_dtype), precision)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, disable=args.quiet, transient=False) as progress:
         task = progress.add_task(f"{args.method} {scenario.label}", total=len(selection.cases))
-        result = run_scenario(lm, args.method, hparams, selection.cases, scenario, args.seed, bench.metrics,
-                              on_edit=lambda n: progress.advance(task, n), data_dir=args.data_dir,
-                              extra_scorer=bench.extra_scorer(args.split, resolve_data_dir(args.data_dir)))
+        cell = run_cell(request, ModelCache(), args.data_dir, on_edit=lambda n: progress.advance(task, n))
+    result = cell.scenario
 
     timing = {(c.case_id, c.stream): (round(c.seconds, 4), c.steps) for c in result.cases}
     rows = [{**row, "seconds": timing[(row["case_id"], row["stream"])][0], "steps": timing[(row["case_id"], row["stream"])][1]}
-            for row in result_rows.per_case(result_rows.case_rows(result.cases, bench.row_protocol))]
+            for row in result_rows.per_case(cell.case_rows)]
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
-    protocols = sorted({row["protocol"] for row in rows})  # never pool protocols (GRACE reports two)
-    summaries = [(args.method if len(protocols) == 1 else escape(f"{args.method} [{protocol}]"),
+    protocols_seen = sorted({row["protocol"] for row in rows})  # never pool protocols (GRACE reports two)
+    summaries = [(args.method if len(protocols_seen) == 1 else escape(f"{args.method} [{protocol}]"),
                   summarize([row for row in rows if row["protocol"] == protocol], metric_names()))
-                 for protocol in protocols]
-    title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={len(selection.cases)} · "
+                 for protocol in protocols_seen]
+    title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={cell.cases} · "
              f"seed={args.seed} · {precision.key}")
     extra = {"Params": [f"{result.trainable_parameters:,}"] * len(summaries),
              "s/edit": [f"{result.seconds_per_edit:.2f}"] * len(summaries)}
@@ -519,8 +538,8 @@ def _edit(args: argparse.Namespace) -> int:
         per_stream = ", ".join(f"{value:.3f}" for value in check.edited)
         Console().print(f"downstream {check.name} ({check.items} items): unedited {check.unedited:.3f} · "
                         f"edited {check.edited_mean:.3f} (per stream: {per_stream})")
-    if selection.provenance_note:
-        Console().print(f"note: {selection.provenance_note}")
+    if cell.selection_note:
+        Console().print(f"note: {cell.selection_note}")
     for note in result.notes:
         Console().print(f"note: {note}")
     print(json.dumps({"hparams": hparams_dict(hparams), "peak_rss_mb": round(result.peak_rss_mb, 1)}), file=sys.stderr)

@@ -14,41 +14,38 @@ result store can skip cells it already holds when a grid is resumed or extended.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import importlib.metadata
+import itertools
 import json
-import math
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import yaml
 
 from benchmarks.registry import SPLITS, get_benchmark, select_cases
-from methods.base import build_hparams, get_method, hparams_dict, hparams_origin, load_hparams
+from methods.base import get_method
+from methods.hparams import build_hparams, hparams_dict, hparams_origin, load_hparams
 from kebench.core.errors import KebenchError
 from kebench.core.models import (DEFAULT_DTYPE, DTYPE_CHOICES, Precision, canonical_model, check_model_name, model_facts,
                                   model_revision, resolve_precision)
-from orchestrator.scenarios import SCENARIO_KINDS, Scenario
+from orchestrator import _config as cfg
+from benchmarks.protocols import cell_protocols, protocol_names
+from kebench.core.scenarios import get_scenario_kind, is_scenario, scenario_names
+from orchestrator.exports import check_hparams_file_leakage, hparams_file_origin
+from orchestrator.scenarios import COMMON_KEYS, Scenario
 
 CODE_VERSION_ENV = "KEBENCH_CODE_VERSION"
 TOP_KEYS = ("name", "store", "resources", "models", "benchmarks", "scenarios", "methods", "seeds", "max_retries",
-            "data_dir", "dtype")
+            "data_dir", "dtype", "protocols")
 REQUIRED_TOP_KEYS = ("name", "models", "benchmarks", "scenarios", "methods")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
-BENCHMARK_KEYS = ("name", "split", "n", "offset")
-SCENARIO_KEYS = ("kind", "T", "B", "downstream", "downstream_n", "parallel_cases")
+BENCHMARK_KEYS = ("name", "split", "n", "offset", "protocols")
 METHOD_KEYS = ("name", "label", "hparams", "hparams_file", "dtype")
 DEFAULT_SEEDS = (0,)
 DEFAULT_MAX_RETRIES = 2
-# Grid names and method labels end up in store paths and hive partition values: keep them path-safe.
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
 _CELL_ID_CHARS = 16
-#: seeds are stored in an int64 column (results/store.py): a larger one would fail after the cell ran
-MAX_SEED = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- the parsed spec
@@ -69,6 +66,8 @@ class BenchmarkSpec:
     split: str = "test"
     n: int | None = None
     offset: int = 0
+    #: the scoring protocols of this entry's cells (``benchmarks.protocols``); None: the grid's
+    protocols: tuple[str, ...] | None = None
 
     @property
     def title(self) -> str:
@@ -103,8 +102,6 @@ class MethodSpec:
             return hparams_origin(self.name, model).describe(self.name)
         path = Path(self.hparams_file)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        from orchestrator.sweep import hparams_file_origin
-
         origin = hparams_file_origin(path)
         return f"hparams: {path} (sha256 {digest})" + (f", {origin}" if origin else "")
 
@@ -125,6 +122,19 @@ class GridSpec:
     data_dir: str | None
     source: str  # the grid file (or what the caller named the mapping); prefixes every error
     dtype: str = DEFAULT_DTYPE  # the precision cells run in unless a method entry says otherwise
+    #: the scoring protocols of every cell (``benchmarks.protocols``) unless a benchmark entry names its own;
+    #: None: the default set, which no cell id records
+    protocols: tuple[str, ...] | None = None
+    #: the hyperparameters of each (method entry, model, scenario kind), resolved once by ``parse_grid``
+    resolved: Mapping[tuple[int, str, str], "ResolvedHparams"] = field(default_factory=dict, compare=False)
+
+    def hparams_for(self, index: int, model: str, kind: str) -> "ResolvedHparams":
+        """Method entry ``index``'s hyperparameters on ``model`` for ``kind`` (resolved at parse time; a spec
+        built by hand resolves them here)."""
+        key = (index, model, kind)
+        if key not in self.resolved:
+            return resolve_entry(self.source, index, self.methods[index], model, kind)
+        return self.resolved[key]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready, fully defaulted copy of the grid, for a manifest beside the results."""
@@ -133,12 +143,15 @@ class GridSpec:
             "store": self.store,
             "resources": dataclasses.asdict(self.resources),
             "models": list(self.models),
-            "benchmarks": [dataclasses.asdict(b) for b in self.benchmarks],
+            "benchmarks": [{key: (list(value) if isinstance(value, tuple) else value)
+                            for key, value in dataclasses.asdict(b).items() if key != "protocols" or value}
+                           for b in self.benchmarks],
             "scenarios": [s.identity() for s in self.scenarios],
-            "methods": [{"name": m.name, "label": m.label, "hparams": _thaw(m.overrides_dict()),
+            "methods": [{"name": m.name, "label": m.label, "hparams": cfg.thaw(m.overrides_dict()),
                          **({"hparams_file": m.hparams_file} if m.hparams_file else {}),
                          **({"dtype": m.dtype} if m.dtype else {})} for m in self.methods],
             "dtype": self.dtype,
+            **({"protocols": list(self.protocols)} if self.protocols else {}),
             "seeds": list(self.seeds),
             "max_retries": self.max_retries,
             "data_dir": self.data_dir,
@@ -176,6 +189,9 @@ class Cell:
     #: the resolved precision (``kebench.core.models.Precision.key``, e.g. ``bfloat16+float32-edits``);
     #: "" or "float32" is the default, left out of the id so that older cells keep theirs
     dtype: str = ""
+    #: the protocols the cell is scored under when they are not its method's default set (the default
+    #: protocols plus ``Editor.required_protocols``); () for the default, left out of the id as ``dtype`` is
+    protocols: tuple[str, ...] = ()
 
     @property
     def precision(self) -> Precision:
@@ -208,6 +224,7 @@ class Cell:
             "model_revision": self.model_revision,
             **({} if self.precision.is_default else {"dtype": self.precision.key}),
             **({"parallel_cases": self.scenario.parallel_cases} if self.trains_cases_in_parallel else {}),
+            **({"protocols": list(self.protocols)} if self.protocols else {}),
         }
 
     @property
@@ -220,6 +237,11 @@ class Cell:
     @property
     def cell_id(self) -> str:
         return hashlib.sha256(canonical_json(self.identity()).encode("utf-8")).hexdigest()[:_CELL_ID_CHARS]
+
+    def row_key(self) -> dict[str, Any]:
+        """What the cell's row in the store says of the cell itself, ok or failed (``results.rows.cell_row``)."""
+        return {**self.key_dict(), "cell_id": self.cell_id, "hparams": self.hparams, "code_version": self.code_version,
+                "data_sha256": self.data_sha256, "downstream": self.scenario.downstream}
 
     def key_dict(self) -> dict[str, Any]:
         """The columns that identify a cell in result rows and tables."""
@@ -265,63 +287,92 @@ def resolve_hparams(method: MethodSpec, model: str, scenario_kind: str) -> Any:
     return load_hparams(method.name, model, scenario_kind, method.overrides_dict(), path=path)
 
 
+@dataclass(frozen=True)
+class ResolvedHparams:
+    """One (method entry, model, scenario kind)'s hyperparameters: the dataclass, its canonical JSON (what the
+    cell id hashes) and where they came from (the YAML and its hash, for every row's provenance)."""
+
+    hparams: Any
+    json: str
+    source: str
+
+
+def resolve_entry(source: str, index: int, method: MethodSpec, model: str, kind: str,
+                  described: str | None = None) -> ResolvedHparams:
+    """Resolve method entry ``index`` on ``model`` for ``kind``; a failure names the entry.  ``described``: the
+    entry's provenance line on ``model`` when the caller has it (it reads and hashes the YAML)."""
+    try:
+        hparams = resolve_hparams(method, model, kind)
+        where = described if described is not None else method.hparams_source(model)
+    except KebenchError as exc:
+        raise KebenchError(f"{source}: methods[{index}] ('{method.label}', model '{model}', scenario {kind}): "
+                           f"{cfg.one_line(exc)}") from None
+    return ResolvedHparams(hparams, canonical_json(hparams_dict(hparams)), where)
+
+
 def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> list[Cell]:
     """All cells of ``grid``: models × benchmarks × scenarios × methods × seeds, in that nesting order.
 
     ``data_dir`` (else the grid's ``data_dir``, else the default lookup) is where the benchmark files
-    are read, once per benchmark spec, for the case count and the data hash.
+    are read, once per benchmark spec, for the case count and the data hash.  The hyperparameters were
+    resolved by ``parse_grid``; here each (entry, model, kind) is checked once against each case selection.
     """
     source = grid.source
     root = data_dir if data_dir is not None else grid.data_dir
     version = code_version()
-    selections: list[tuple[int, str]] = []  # (n, data_sha256) per benchmark spec
-    loaded = []
+    selections = []
     for index, bench in enumerate(grid.benchmarks):
         try:
             selection = select_cases(bench.name, bench.split, bench.n, bench.offset, root)
         except KebenchError as exc:
-            raise KebenchError(f"{source}: benchmarks[{index}]: {_one_line(exc)}") from None
+            raise cfg.within(source, f"benchmarks[{index}]", exc) from None
         for scenario in grid.scenarios:
             _check_streams(source, index, bench, selection.n, scenario)
-        selections.append((selection.n, selection.data_sha256))
-        loaded.append(selection)
+        selections.append(selection)
 
-    hparams_cache: dict[tuple[int, str, str], str] = {}
     checked: set[tuple[int, str, str, int]] = set()
     cells: list[Cell] = []
     for model in grid.models:
-        for bench, (n, data_sha256) in zip(grid.benchmarks, selections):
+        revision = model_revision(model)
+        for b_index, (bench, selection) in enumerate(zip(grid.benchmarks, selections)):
             for scenario in grid.scenarios:
                 for m_index, method in enumerate(grid.methods):
-                    key = (m_index, model, scenario.kind)
-                    if key not in hparams_cache:
-                        resolved = _resolve_or_fail(source, m_index, method, model, scenario.kind)
-                        hparams_cache[key] = canonical_json(hparams_dict(resolved))
-                    b_index = grid.benchmarks.index(bench)
-                    check_key = (m_index, model, scenario.kind, b_index)
-                    if check_key not in checked:
-                        checked.add(check_key)
-                        _check_method_fits(source, m_index, method, model, scenario.kind,
-                                           _resolve_or_fail(source, m_index, method, model, scenario.kind),
-                                           loaded[b_index], f"benchmarks[{b_index}]")
+                    resolved = grid.hparams_for(m_index, model, scenario.kind)
+                    if (m_index, model, scenario.kind, b_index) not in checked:
+                        checked.add((m_index, model, scenario.kind, b_index))
+                        _check_method_fits(source, m_index, method, model, scenario.kind, resolved.hparams,
+                                           selection, f"benchmarks[{b_index}]")
                     precision = cell_precision(grid, method, model)
+                    protocols = _cell_protocols(bench.protocols or grid.protocols, method.name)
                     for seed in grid.seeds:
-                        cells.append(Cell(model, bench.name, bench.split, n, bench.offset, scenario, method.name,
-                                          method.label, hparams_cache[key], seed, data_sha256, version,
-                                          model_revision(model), method.hparams_source(model), precision.key))
+                        cells.append(Cell(model, bench.name, bench.split, selection.n, bench.offset, scenario,
+                                          method.name, method.label, resolved.json, seed, selection.data_sha256,
+                                          version, revision, resolved.source, precision.key, protocols))
     _check_unique_ids(source, cells)
-    from orchestrator.sweep import check_hparams_file_leakage  # an exported hparams_file must not have seen these cases
-
-    check_hparams_file_leakage(grid, cells, root)
+    check_hparams_file_leakage(grid, cells, root)  # an exported hparams_file must not have seen these cases
     return cells
+
+
+def _cell_protocols(requested: tuple[str, ...] | None, method: str) -> tuple[str, ...]:
+    """What a cell records of its protocols: () when they are its method's default set (so no id moves),
+    else the full set it is scored under."""
+    required = get_method(method).required_protocols
+    chosen = cell_protocols(requested, required)
+    return () if chosen == cell_protocols(None, required) else chosen
 
 
 def cell_precision(grid: GridSpec, method: MethodSpec, model: str) -> Precision:
     """The precision a method entry's cells run in: its ``dtype`` (else the grid's), resolved for the method,
     the checkpoint's own dtype and whether cells run on GPUs (``resources.num_gpus``)."""
+    return precision_for(method.dtype or grid.dtype, method.name, model, grid.resources.num_gpus > 0)
+
+
+def precision_for(requested: str, method: str, model: str, accelerator: bool) -> Precision:
+    """The precision policy every cell runs under, grid cell, sweep trial or ``kebench edit``: ``requested``
+    (``float32``, ``bfloat16``, ``float16``, ``auto``) resolved for the method (does it edit weights?), the
+    checkpoint's own dtype and whether the cell runs on an accelerator."""
     facts = model_facts(model)
-    return resolve_precision(method.dtype or grid.dtype, get_method(method.name).edits_weights,
-                             facts.dtype if facts else None, grid.resources.num_gpus > 0)
+    return resolve_precision(requested, get_method(method).edits_weights, facts.dtype if facts else None, accelerator)
 
 
 def check_method_fits(method: str, model: str, hparams: Any, selection: Any = None) -> None:
@@ -339,7 +390,7 @@ def _check_method_fits(source: str, index: int, method: MethodSpec, model: str, 
     except KebenchError as exc:
         on = f", {bench_where} {selection.benchmark}/{selection.split}" if bench_where else ""
         raise KebenchError(f"{source}: methods[{index}] ('{method.label}', model '{model}', scenario {kind}{on}): "
-                           f"{_one_line(exc)}") from None
+                           f"{cfg.one_line(exc)}") from None
 
 
 def _check_unique_ids(source: str, cells: Sequence[Cell]) -> None:
@@ -367,146 +418,161 @@ def _check_streams(source: str, index: int, bench: BenchmarkSpec, n: int, scenar
 
 def load_grid(path: str | os.PathLike[str]) -> GridSpec:
     """Read and validate a grid YAML; every problem is a one-line ``KebenchError`` naming the file."""
-    source = str(path)
-    file = Path(path)
-    if not file.exists():
-        raise KebenchError(f"{source}: grid file not found")
-    if not file.is_file():
-        raise KebenchError(f"{source}: not a file")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KebenchError(f"{source}: cannot read: {_one_line(exc)}") from None
-    try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as exc:
-        raise KebenchError(f"{source}: invalid YAML: {_yaml_problem(exc)}") from None
-    return parse_grid(raw, source)
+    return parse_grid(cfg.load_yaml_file(path, "grid"), str(path))
 
 
 def parse_grid(mapping: Any, source: str) -> GridSpec:
     """Validate an already-parsed grid mapping; ``source`` prefixes every error message."""
     if not isinstance(mapping, dict):
         raise KebenchError(f"{source}: a grid must be a mapping with keys {', '.join(REQUIRED_TOP_KEYS)}; "
-                           f"got {_describe(mapping)}")
-    _check_keys(mapping, TOP_KEYS, source, "at top level")
+                           f"got {cfg.describe(mapping)}")
+    cfg.check_keys(mapping, TOP_KEYS, source, "at top level")
     for key in REQUIRED_TOP_KEYS:
         if key not in mapping:
             raise KebenchError(f"{source}: missing required key '{key}' at top level")
 
-    name = _safe_name(mapping["name"], source, "name")
-    store = _string(mapping.get("store", f"runs/{name}"), source, "store")
+    name = cfg.safe_name(mapping["name"], source, "name")
+    store = cfg.string(mapping.get("store", f"runs/{name}"), source, "store")
     resources = _resources(mapping.get("resources", {}), source)
     models = _models(mapping["models"], source)
     benchmarks = _benchmarks(mapping["benchmarks"], source)
     scenarios = _scenarios(mapping["scenarios"], source)
     methods = _methods(mapping["methods"], source)
     seeds = _seeds(mapping.get("seeds", list(DEFAULT_SEEDS)), source)
-    max_retries = _integer(mapping.get("max_retries", DEFAULT_MAX_RETRIES), source, "max_retries", minimum=0)
+    max_retries = cfg.integer(mapping.get("max_retries", DEFAULT_MAX_RETRIES), source, "max_retries", minimum=0)
     data_dir = mapping.get("data_dir")
     if data_dir is not None:
-        data_dir = _string(data_dir, source, "data_dir")
+        data_dir = cfg.string(data_dir, source, "data_dir")
     dtype = _dtype(mapping.get("dtype", DEFAULT_DTYPE), source, "dtype")
+    protocols = parse_protocols(mapping["protocols"], source, "protocols") if "protocols" in mapping else None
 
     for index, bench in enumerate(benchmarks):
         if bench.n is not None:
             for scenario in scenarios:
                 _check_streams(source, index, bench, bench.n, scenario)
-    _validate_hparams(methods, models, scenarios, source)
+    resolved = _resolve_all(methods, models, scenarios, source)
     return GridSpec(name, store, resources, models, benchmarks, scenarios, methods, seeds, max_retries, data_dir,
-                    source, dtype)
+                    source, dtype, protocols, resolved)
+
+
+def parse_protocols(value: Any, source: str, where: str) -> tuple[str, ...]:
+    """A ``protocols:`` list: registered scoring protocols (``benchmarks.protocols``), each once."""
+    names = cfg.string_list(value, source, where)
+    for index, name in enumerate(names):
+        cfg.choice(name, protocol_names(), source, f"{where}[{index}]")
+    return names
 
 
 def _dtype(value: Any, source: str, where: str) -> str:
     if value not in DTYPE_CHOICES:
-        raise KebenchError(f"{source}: {where} must be one of {', '.join(DTYPE_CHOICES)}, got {_describe(value)}")
+        raise KebenchError(f"{source}: {where} must be one of {', '.join(DTYPE_CHOICES)}, got {cfg.describe(value)}")
     return value
 
 
 def _resources(value: Any, source: str) -> Resources:
-    raw = _mapping(value, source, "resources")
-    _check_keys(raw, RESOURCE_KEYS, source, "in resources")
+    raw = cfg.mapping(value, source, "resources")
+    cfg.check_keys(raw, RESOURCE_KEYS, source, "in resources")
     defaults = Resources()
     return Resources(
-        num_cpus=_number(raw.get("num_cpus", defaults.num_cpus), source, "resources.num_cpus"),
-        num_gpus=_number(raw.get("num_gpus", defaults.num_gpus), source, "resources.num_gpus"),
+        num_cpus=cfg.number(raw.get("num_cpus", defaults.num_cpus), source, "resources.num_cpus"),
+        num_gpus=cfg.number(raw.get("num_gpus", defaults.num_gpus), source, "resources.num_gpus"),
     )
 
 
 def _models(value: Any, source: str) -> tuple[str, ...]:
-    items = _nonempty_list(value, source, "models")
+    items = cfg.nonempty_list(value, source, "models")
     models: list[str] = []
     for index, item in enumerate(items):
         where = f"models[{index}]"
-        model = _string(item, source, where)
+        model = cfg.string(item, source, where)
         try:
             check_model_name(model)
             model = canonical_model(model)  # a path: folder is recorded absolute
         except KebenchError as exc:
-            raise KebenchError(f"{source}: {where}: {_one_line(exc)}") from None
-        _no_duplicate(model, models, source, where, "model")
+            raise KebenchError(f"{source}: {where}: {cfg.one_line(exc)}") from None
+        cfg.no_duplicate(model, models, source, where, "model")
         models.append(model)
     return tuple(models)
 
 
 def _benchmarks(value: Any, source: str) -> tuple[BenchmarkSpec, ...]:
-    items = _nonempty_list(value, source, "benchmarks")
+    items = cfg.nonempty_list(value, source, "benchmarks")
     specs: list[BenchmarkSpec] = []
     for index, item in enumerate(items):
         where = f"benchmarks[{index}]"
-        raw = _mapping(item, source, where)
-        _check_keys(raw, BENCHMARK_KEYS, source, f"in {where}")
+        raw = cfg.mapping(item, source, where)
+        cfg.check_keys(raw, BENCHMARK_KEYS, source, f"in {where}")
         if "name" not in raw:
             raise KebenchError(f"{source}: {where}: missing required key 'name'")
-        name = _string(raw["name"], source, f"{where}.name")
+        name = cfg.string(raw["name"], source, f"{where}.name")
         try:
             get_benchmark(name)
         except KebenchError as exc:
-            raise KebenchError(f"{source}: {where}.name: {_one_line(exc)}") from None
-        split = _string(raw.get("split", "test"), source, f"{where}.split")
+            raise KebenchError(f"{source}: {where}.name: {cfg.one_line(exc)}") from None
+        split = cfg.string(raw.get("split", "test"), source, f"{where}.split")
         if split not in SPLITS:
             raise KebenchError(f"{source}: {where}.split: unknown split '{split}'; known: {', '.join(SPLITS)}")
         n = raw.get("n")
         if n is not None:
-            n = _integer(n, source, f"{where}.n", minimum=1)
-        offset = _integer(raw.get("offset", 0), source, f"{where}.offset", minimum=0)
-        spec = BenchmarkSpec(name, split, n, offset)
-        _no_duplicate(spec, specs, source, where, "benchmark", shown=spec.title)
+            n = cfg.integer(n, source, f"{where}.n", minimum=1)
+        offset = cfg.integer(raw.get("offset", 0), source, f"{where}.offset", minimum=0)
+        protocols = parse_protocols(raw["protocols"], source, f"{where}.protocols") if "protocols" in raw else None
+        spec = BenchmarkSpec(name, split, n, offset, protocols)
+        cfg.no_duplicate(spec, specs, source, where, "benchmark", shown=spec.title)
         specs.append(spec)
     return tuple(specs)
 
 
 def _scenarios(value: Any, source: str) -> tuple[Scenario, ...]:
-    items = _nonempty_list(value, source, "scenarios")
+    items = cfg.nonempty_list(value, source, "scenarios")
     scenarios: list[Scenario] = []
     for index, item in enumerate(items):
         where = f"scenarios[{index}]"
-        raw = _mapping(item, source, where)
-        _check_keys(raw, SCENARIO_KEYS, source, f"in {where}")
-        if "kind" not in raw:
-            raise KebenchError(f"{source}: {where}: missing required key 'kind'")
-        kind = _string(raw["kind"], source, f"{where}.kind")
-        if kind not in SCENARIO_KINDS:
-            raise KebenchError(f"{source}: {where}.kind: unknown scenario '{kind}'; known: {', '.join(SCENARIO_KINDS)}")
-        t_values = _int_or_list(raw.get("T", 1), source, f"{where}.T")
-        b_values = _int_or_list(raw.get("B", 1), source, f"{where}.B")
-        downstream = _string(raw["downstream"], source, f"{where}.downstream") if "downstream" in raw else None
-        downstream_n = _integer(raw["downstream_n"], source, f"{where}.downstream_n", 1) if "downstream_n" in raw else None
-        parallel = _integer(raw["parallel_cases"], source, f"{where}.parallel_cases", 1) if "parallel_cases" in raw else 1
-        for b in b_values:
-            for t in t_values:
-                try:
-                    scenario = Scenario(kind, T=t, B=b, downstream=downstream, downstream_n=downstream_n,
-                                        parallel_cases=parallel)
-                except KebenchError as exc:
-                    raise KebenchError(f"{source}: {where}: {_one_line(exc)}") from None
-                _no_duplicate(scenario, scenarios, source, where, "scenario", shown=scenario.label)
-                scenarios.append(scenario)
+        for scenario in parse_scenario_entry(item, source, where):
+            cfg.no_duplicate(scenario, scenarios, source, where, "scenario", shown=scenario.label)
+            scenarios.append(scenario)
     return tuple(scenarios)
 
 
+def parse_scenario_entry(item: Any, source: str, where: str) -> list[Scenario]:
+    """One scenario entry of a grid (or a sweep): its kind (``kebench.core.scenarios``), T and B, the kind's own
+    parameters, and the downstream and case-parallel settings.  A list for T, B or a single-valued parameter
+    is an axis: one scenario per value (B outermost)."""
+    raw = cfg.mapping(item, source, where)
+    if "kind" not in raw:
+        raise KebenchError(f"{source}: {where}: missing required key 'kind'")
+    kind_name = cfg.string(raw["kind"], source, f"{where}.kind")
+    if not is_scenario(kind_name):
+        raise KebenchError(f"{source}: {where}.kind: unknown scenario '{kind_name}'"
+                           f"{cfg.did_you_mean(kind_name, scenario_names())}; known: {', '.join(scenario_names())}")
+    kind = get_scenario_kind(kind_name)
+    cfg.check_keys(raw, (*COMMON_KEYS, *(param.name for param in kind.params)), source, f"in {where}")
+    axes: list[tuple[str, tuple[Any, ...]]] = [("B", cfg.int_or_list(raw.get("B", 1), source, f"{where}.B")),
+                                               ("T", cfg.int_or_list(raw.get("T", 1), source, f"{where}.T"))]
+    for param in kind.params:
+        if param.name in raw:
+            value = raw[param.name]
+            axes.append((param.name, (value,) if param.many or not isinstance(value, list)
+                         else cfg.int_or_list(value, source, f"{where}.{param.name}")))
+    downstream = cfg.string(raw["downstream"], source, f"{where}.downstream") if "downstream" in raw else None
+    downstream_n = (cfg.integer(raw["downstream_n"], source, f"{where}.downstream_n", 1)
+                    if "downstream_n" in raw else None)
+    parallel = (cfg.integer(raw["parallel_cases"], source, f"{where}.parallel_cases", 1)
+                if "parallel_cases" in raw else 1)
+    scenarios = []
+    for values in itertools.product(*(choices for _, choices in axes)):
+        chosen = dict(zip((name for name, _ in axes), values))
+        params = tuple((name, value) for name, value in chosen.items() if name not in ("T", "B"))
+        try:
+            scenarios.append(Scenario(kind_name, T=chosen["T"], B=chosen["B"], downstream=downstream,
+                                      downstream_n=downstream_n, parallel_cases=parallel, params=params))
+        except KebenchError as exc:
+            raise cfg.within(source, where, exc) from None
+    return scenarios
+
+
 def _methods(value: Any, source: str) -> tuple[MethodSpec, ...]:
-    items = _nonempty_list(value, source, "methods")
+    items = cfg.nonempty_list(value, source, "methods")
     specs: list[MethodSpec] = []
     labels: dict[str, int] = {}
     for index, item in enumerate(items):
@@ -515,18 +581,18 @@ def _methods(value: Any, source: str) -> tuple[MethodSpec, ...]:
             raw: dict[Any, Any] = {"name": item}
         elif isinstance(item, dict):
             raw = item
-            _check_keys(raw, METHOD_KEYS, source, f"in {where}")
+            cfg.check_keys(raw, METHOD_KEYS, source, f"in {where}")
             if "name" not in raw:
                 raise KebenchError(f"{source}: {where}: missing required key 'name'")
         else:
             raise KebenchError(f"{source}: {where} must be a method name or a mapping with keys "
-                               f"{', '.join(METHOD_KEYS)}, got {_describe(item)}")
-        name = _string(raw["name"], source, f"{where}.name" if isinstance(item, dict) else where)
+                               f"{', '.join(METHOD_KEYS)}, got {cfg.describe(item)}")
+        name = cfg.string(raw["name"], source, f"{where}.name" if isinstance(item, dict) else where)
         try:
             hparams_class = get_method(name).hparams_class
         except KebenchError as exc:
-            raise KebenchError(f"{source}: {where}: {_one_line(exc)}") from None
-        label = _safe_name(raw.get("label", name), source, f"{where}.label")
+            raise KebenchError(f"{source}: {where}: {cfg.one_line(exc)}") from None
+        label = cfg.safe_name(raw.get("label", name), source, f"{where}.label")
         if label in labels:
             raise KebenchError(f"{source}: {where}.label: duplicate method label '{label}' "
                                f"(also methods[{labels[label]}]); give each entry its own label")
@@ -534,7 +600,7 @@ def _methods(value: Any, source: str) -> tuple[MethodSpec, ...]:
         overrides = _overrides(raw.get("hparams", {}), hparams_class, name, source, f"{where}.hparams")
         hparams_file = None
         if "hparams_file" in raw:
-            file = Path(_string(raw["hparams_file"], source, f"{where}.hparams_file")).expanduser()
+            file = Path(cfg.string(raw["hparams_file"], source, f"{where}.hparams_file")).expanduser()
             if not file.is_file():
                 raise KebenchError(f"{source}: {where}.hparams_file: {file} is not a file "
                                    "(relative paths are read from the current directory)")
@@ -545,30 +611,33 @@ def _methods(value: Any, source: str) -> tuple[MethodSpec, ...]:
 
 
 def _overrides(value: Any, hparams_class: type, method: str, source: str, where: str) -> tuple[tuple[str, Any], ...]:
-    raw = _mapping(value, source, where)
+    raw = cfg.mapping(value, source, where)
     known = [f.name for f in dataclasses.fields(hparams_class)]
     pairs: list[tuple[str, Any]] = []
     for key, item in raw.items():
         if key not in known:
             raise KebenchError(f"{source}: {where}: unknown hyperparameter {key!r} for method '{method}'"
-                               f"{_did_you_mean(key, known)}; known: {', '.join(known)}")
-        pairs.append((key, _freeze(item, source, f"{where}.{key}")))
+                               f"{cfg.did_you_mean(key, known)}; known: {', '.join(known)}")
+        pairs.append((key, cfg.freeze(item, source, f"{where}.{key}")))
     return tuple(sorted(pairs))
 
 
-def _validate_hparams(methods: Sequence[MethodSpec], models: Sequence[str], scenarios: Sequence[Scenario],
-                      source: str) -> None:
-    """Resolve every method × model × scenario kind now, so a bad override or a missing hyperparameter
-    YAML fails before any task starts; also reject two entries that resolve to the same computation."""
+def _resolve_all(methods: Sequence[MethodSpec], models: Sequence[str], scenarios: Sequence[Scenario],
+                 source: str) -> dict[tuple[int, str, str], ResolvedHparams]:
+    """Resolve every method entry × model × scenario kind once, now, so a bad override or a missing
+    hyperparameter YAML fails before any task starts (and expansion does not resolve them again); also
+    reject two entries that resolve to the same computation."""
     kinds = list(dict.fromkeys(s.kind for s in scenarios))
+    resolved: dict[tuple[int, str, str], ResolvedHparams] = {}
     seen: dict[tuple[str, str, str, str, str], int] = {}
     for index, method in enumerate(methods):
         for model in models:
+            described = None  # the entry's YAML is read and hashed once per model, not once per kind or cell
             for kind in kinds:
-                hparams = _resolve_or_fail(source, index, method, model, kind)
-                _check_method_fits(source, index, method, model, kind, hparams, None, None)
-                resolved = canonical_json(hparams_dict(hparams))
-                key = (method.name, model, kind, resolved, method.dtype or "")  # a dtype of its own: another computation
+                entry = resolve_entry(source, index, method, model, kind, described)
+                described = entry.source
+                _check_method_fits(source, index, method, model, kind, entry.hparams, None, None)
+                key = (method.name, model, kind, entry.json, method.dtype or "")  # a dtype of its own: another computation
                 if key in seen:
                     other = methods[seen[key]]
                     raise KebenchError(
@@ -577,172 +646,16 @@ def _validate_hparams(methods: Sequence[MethodSpec], models: Sequence[str], scen
                         "would be the same computation; remove one or change its hparams"
                     )
                 seen[key] = index
-
-
-def _resolve_or_fail(source: str, index: int, method: MethodSpec, model: str, kind: str) -> Any:
-    try:
-        return resolve_hparams(method, model, kind)
-    except KebenchError as exc:
-        raise KebenchError(f"{source}: methods[{index}] ('{method.label}', model '{model}', scenario {kind}): "
-                           f"{_one_line(exc)}") from None
+                resolved[(index, model, kind)] = entry
+    return resolved
 
 
 def _seeds(value: Any, source: str) -> tuple[int, ...]:
-    items = _nonempty_list(value, source, "seeds")
+    items = cfg.nonempty_list(value, source, "seeds")
     seeds: list[int] = []
     for index, item in enumerate(items):
         where = f"seeds[{index}]"
-        seed = _integer(item, source, where, minimum=0, maximum=MAX_SEED)
-        _no_duplicate(seed, seeds, source, where, "seed")
+        seed = cfg.integer(item, source, where, minimum=0, maximum=cfg.MAX_SEED)
+        cfg.no_duplicate(seed, seeds, source, where, "seed")
         seeds.append(seed)
     return tuple(seeds)
-
-
-# --------------------------------------------------------------------------- small checkers
-
-def _check_keys(mapping: Mapping[Any, Any], known: Sequence[str], source: str, where: str) -> None:
-    for key in mapping:
-        if key not in known:
-            raise KebenchError(f"{source}: unknown key {key!r} {where}{_did_you_mean(key, known)}; "
-                               f"known: {', '.join(known)}")
-
-
-def _did_you_mean(key: Any, known: Sequence[str]) -> str:
-    if not isinstance(key, str):
-        return ""
-    close = difflib.get_close_matches(key, known, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _mapping(value: Any, source: str, where: str) -> dict[Any, Any]:
-    if not isinstance(value, dict):
-        raise KebenchError(f"{source}: {where} must be a mapping, got {_describe(value)}")
-    return value
-
-
-def _nonempty_list(value: Any, source: str, where: str) -> list[Any]:
-    if not isinstance(value, list) or not value:
-        got = "an empty list" if isinstance(value, list) else _describe(value)
-        raise KebenchError(f"{source}: {where} must be a non-empty list, got {got}")
-    return value
-
-
-def _string(value: Any, source: str, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise KebenchError(f"{source}: {where} must be a non-empty string, got {_describe(value)}")
-    return value
-
-
-def _safe_name(value: Any, source: str, where: str) -> str:
-    text = _string(value, source, where)
-    if not _SAFE_NAME.fullmatch(text):
-        raise KebenchError(f"{source}: {where} must be letters, digits and . _ + = - (it names files and "
-                           f"partitions), got {text!r}")
-    return text
-
-
-def _integer(value: Any, source: str, where: str, minimum: int, maximum: int | None = None) -> int:
-    """YAML ``true`` is a Python bool, which is an int subclass: reject it explicitly."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise KebenchError(f"{source}: {where} must be an integer >= {minimum}, got {_describe(value)}")
-    if value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise KebenchError(f"{source}: {where} must be {kind}, got {value}")
-    if maximum is not None and value > maximum:
-        raise KebenchError(f"{source}: {where} must be at most {maximum} (it is stored as a 64-bit integer), got {value}")
-    return value
-
-
-def _int_or_list(value: Any, source: str, where: str) -> tuple[int, ...]:
-    """T and B take one value or a list of values (one scenario each)."""
-    items = value if isinstance(value, list) else [value]
-    if not items:
-        raise KebenchError(f"{source}: {where} must be a positive integer or a non-empty list of them, got an empty list")
-    values: list[int] = []
-    for position, item in enumerate(items):
-        item_where = f"{where}[{position}]" if isinstance(value, list) else where
-        if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
-            raise KebenchError(f"{source}: {item_where} must be a positive integer, got {_describe(item)}")
-        _no_duplicate(item, values, source, item_where, "value")
-        values.append(item)
-    return tuple(values)
-
-
-def _number(value: Any, source: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise KebenchError(f"{source}: {where} must be a number >= 0, got {_describe(value)}")
-    return float(value)
-
-
-def _freeze(value: Any, source: str, where: str) -> Any:
-    """Lists become tuples so specs stay hashable; hyperparameters are scalars or lists of scalars."""
-    if isinstance(value, list):
-        return tuple(_freeze(item, source, where) for item in value)
-    if isinstance(value, dict):
-        raise KebenchError(f"{source}: {where} must be a scalar or a list, got a mapping")
-    return value
-
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_thaw(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _thaw(item) for key, item in value.items()}
-    return value
-
-
-def _no_duplicate(item: Any, seen: Iterable[Any], source: str, where: str, what: str, shown: str | None = None) -> None:
-    if item in seen:
-        raise KebenchError(f"{source}: {where}: duplicate {what} {shown if shown is not None else repr(item)}")
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if value is None:
-        return "null"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__}"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split("\n")).strip()
-
-
-# --------------------------------------------------------------------------- strict YAML
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys, which PyYAML otherwise resolves silently (last one wins)."""
-
-
-def _construct_strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            duplicate = key in seen
-            seen.add(key)
-        except TypeError:  # an unhashable key: let the normal constructor report it
-            continue
-        if duplicate:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_strict_mapping)
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
-    return _one_line(exc)

@@ -54,11 +54,17 @@ import heapq
 import io
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from kebench.core.errors import KebenchError
+from kebench.core.models import model_facts
+from orchestrator.grid import expand, load_grid
+from orchestrator.runner import select_cells
+from results.store import CELLS_DIR, has_files, scan_store
+from results.views import connect, records
 
 #: cluster.yaml's fixed GPU pool (ray.worker.gpu: min_workers = max_workers = 4, one GPU each)
 DEFAULT_WORKERS = 4
@@ -103,9 +109,6 @@ def device_class(label: str | None) -> str:
 
 def store_measurements(store: Path, origin: str, rank: int) -> list[Measurement]:
     """Pooled timings of the ok cells (and Tune trials: timings are timings) in a result store."""
-    from results.store import CELLS_DIR, has_files
-    from results.views import connect, records
-
     store = Path(store)
     if not has_files(store, CELLS_DIR):
         return []
@@ -194,8 +197,6 @@ def _pool(found: Sequence[Measurement]) -> tuple[float, float | None]:
 
 @functools.lru_cache(maxsize=None)
 def _size(model: str) -> float | None:
-    from kebench.core.models import model_facts
-
     try:
         facts = model_facts(model)
     except KebenchError:
@@ -338,9 +339,6 @@ def make_plan(grid: Any, cells: Sequence[Any], store: Path, workers: int = DEFAU
               from_stores: Sequence[Path] = (), edit_speed: Sequence[Path] = (),
               rerun_failed: bool = False) -> Plan:
     """The plan of ``cells`` (``expand(grid)``) against ``store`` and the other timing sources."""
-    from orchestrator.runner import select_cells
-    from results.store import scan_store
-
     if workers < 1:
         raise KebenchError(f"--workers must be a positive integer, got {workers}")
     store = Path(store)
@@ -480,10 +478,6 @@ def render_plan(plan: Plan, fmt: str = "md") -> str:
 
 def plan_command(args: Any) -> int:
     """``kebench plan``: expand the grid, price it, print the plan."""
-    import sys
-
-    from orchestrator.grid import expand, load_grid
-
     if args.fmt not in FORMATS:
         raise KebenchError(f"unknown format '{args.fmt}'; known: {', '.join(FORMATS)}")
     grid = load_grid(args.grid)

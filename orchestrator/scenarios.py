@@ -1,4 +1,7 @@
-"""Editing scenarios: single, continual(T) and batched(B, T), per the WISE/BaFT protocol.
+"""Editing scenarios: how a cell's cases become streams of edit calls, and the loop that runs them.
+
+The kinds are declared once in ``kebench.core.scenarios`` (single, continual(T), batched(B, T), and any a
+plug-in declares); this module holds the ``Scenario`` value a cell carries and each kind's stream logic:
 
 * single: edit one case, evaluate it, restore.
 * continual(T): streams of T cases; apply the T edits one after another with one editor, then evaluate
@@ -6,14 +9,16 @@
 * batched(B, T): streams of T batches of B cases; each batch is one edit call; evaluate all B·T cases
   after the stream, restore.
 
-After every stream the model's logits on a fixed probe batch must equal the unedited model's bit for
-bit; anything else is a bug in the method's ``restore`` and stops the run.
+A kind's logic is a function from the cases to ``Stream``s (``register_streams``, or the declaration's own
+``streams``); ``run_scenario`` runs any of them the same way.  After every stream the model's logits on a
+fixed probe batch must equal the unedited model's bit for bit; anything else is a bug in the method's
+``restore`` and stops the run.
 
-With ``downstream`` (continual and batched), a downstream check such as PIQA is scored on the edited
-model after each stream, before restore, and once on the unedited model (the paper's Table 8).
+With ``downstream`` (kinds that allow it), a downstream check such as PIQA is scored on the edited model
+after each stream, before restore, and once on the unedited model (the paper's Table 8).
 
-Every case is scored under each protocol in the editor's ``protocols`` (teacher-forced for all; GRACE
-adds EasyEdit's generation protocol), giving one ``CaseResult`` per case and protocol, each tagged.
+Every case is scored under each of the cell's protocols (``benchmarks.protocols``: teacher-forced by
+default; GRACE adds EasyEdit's generation protocol), giving one ``CaseResult`` per case and protocol.
 """
 
 from __future__ import annotations
@@ -24,19 +29,20 @@ import functools
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from benchmarks.case import EditCase
-from benchmarks.evaluate import CaseScores, PreEdit, check_protocols, compute_pre_edit, score_cases, with_protocols
+from benchmarks.evaluate import CaseScores, PreEdit, compute_pre_edit, score_cases, with_protocols
 from benchmarks.metrics import encode
-from benchmarks.registry import ExtraScorer
-from methods.base import Editor, get_method
+from benchmarks.protocols import cell_protocols, get_protocol
+from benchmarks.registry import ExtraScorer, get_downstream
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
+from kebench.core.scenarios import SHAPE_PARAMS, ScenarioKind, get_scenario_kind, scenario_kinds
+from methods.base import Editor, get_method
 
-SCENARIO_KINDS = ("single", "continual", "batched")
 #: rows per scoring batch when K cases are scored together: the full-vocabulary logits of a batch dominate
 #: a small model's scoring memory (SmolLM2: 4 rows x 40 tokens x 49,152 x 4 bytes = 31 MB), and with refill the
 #: scoring runs while the other cases' training batch is alive.  Measured before ``release_freed_memory`` between
@@ -50,10 +56,18 @@ PROBE_TEXTS = (
     "The quick brown fox jumps over the",
     "In 1969, the first person to walk on the moon was",
 )
+#: the scenario keys every kind takes besides its own parameters
+COMMON_KEYS = ("kind", *SHAPE_PARAMS, "downstream", "downstream_n", "parallel_cases")
 
 
 @dataclass(frozen=True)
 class Scenario:
+    """A scenario kind with its parameters: what a cell's cases go through.
+
+    ``T`` and ``B`` are every kind's stream shape (store columns; 1 unless the kind sets them); ``params``
+    holds the kind's own parameters as sorted (name, value) pairs with the defaults filled in.
+    """
+
     kind: str
     T: int = 1
     B: int = 1
@@ -66,69 +80,148 @@ class Scenario:
     #: (tests/test_parallel_equivalence.py, in float64), but a batch rounds differently from a single case and
     #: training can amplify the last bit, so K > 1 is part of the cell id for such methods (``Cell.identity``)
     parallel_cases: int = 1
+    params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in SCENARIO_KINDS:
-            raise KebenchError(f"unknown scenario '{self.kind}'; known: {', '.join(SCENARIO_KINDS)}")
-        if self.T <= 0:
-            raise KebenchError(f"scenario {self.kind}: T must be a positive integer, got {self.T}")
-        if self.B <= 0:
-            raise KebenchError(f"scenario {self.kind}: B must be a positive integer, got {self.B}")
-        if self.kind == "single" and (self.T != 1 or self.B != 1):
-            raise KebenchError("scenario single edits one case at a time: T and B must be 1")
-        if self.kind == "continual" and self.B != 1:
-            raise KebenchError("scenario continual edits one case per call: B must be 1 (use batched)")
+        kind = get_scenario_kind(self.kind)
+        for name in SHAPE_PARAMS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise KebenchError(f"scenario {self.kind}: {name} must be a positive integer, got {value}")
+        fixed = [name for name in SHAPE_PARAMS if name not in kind.sets and getattr(self, name) != 1]
+        if fixed:
+            note = kind.fixed_note or f"sets {' and '.join(kind.sets) or 'neither T nor B'}: {fixed[0]} must be 1"
+            raise KebenchError(f"scenario {self.kind} {note}")
+        object.__setattr__(self, "params", _kind_params(kind, dict(self.params)))
         if self.downstream is not None:
-            from benchmarks.registry import get_downstream
-
             get_downstream(self.downstream)
-            if self.kind == "single":
+            if not kind.downstream:
+                allowed = " or ".join(k.name for k in scenario_kinds() if k.downstream)
                 raise KebenchError(f"downstream '{self.downstream}' is scored after a stream of edits: "
-                                   "use a continual or batched scenario")
+                                   f"use a {allowed} scenario")
         if isinstance(self.parallel_cases, bool) or not isinstance(self.parallel_cases, int) or self.parallel_cases < 1:
             raise KebenchError(f"scenario {self.kind}: parallel_cases must be a positive integer, got {self.parallel_cases!r}")
-        if self.parallel_cases > 1 and self.kind != "single":
-            raise KebenchError(f"scenario {self.kind}: parallel_cases is a setting of the single scenario "
-                               "(a continual or batched stream edits one model in order)")
+        if self.parallel_cases > 1 and not kind.parallel_cases:
+            allowed = " or ".join(k.name for k in scenario_kinds() if k.parallel_cases)
+            raise KebenchError(f"scenario {self.kind}: parallel_cases is a setting of the {allowed} scenario "
+                               "(a stream of several edits edits one model in order)")
         if self.downstream_n is not None and (self.downstream is None or self.downstream_n <= 0):
             raise KebenchError("downstream_n must be a positive integer and needs downstream")
 
     @property
+    def declaration(self) -> ScenarioKind:
+        return get_scenario_kind(self.kind)
+
+    def param(self, name: str) -> Any:
+        """The value of one of the kind's own parameters."""
+        values = dict(self.params)
+        if name not in values:
+            self.declaration.param(name)  # raises, naming what the kind takes
+        return values[name]
+
+    @property
     def cases_per_stream(self) -> int:
-        return self.T * self.B
+        return self.declaration.cases_per_stream(self.T, self.B, dict(self.params))
 
     @property
     def label(self) -> str:
-        if self.kind == "single":
-            base = "single"
-        elif self.kind == "continual":
-            base = f"continual(T={self.T})"
-        else:
-            base = f"batched(B={self.B},T={self.T})"
+        base = self.declaration.format(self.declaration.label, self.T, self.B, dict(self.params))
         if self.downstream is None:
             return base
         return f"{base}+{self.downstream}(n={'all' if self.downstream_n is None else self.downstream_n})"
 
     def identity(self) -> dict:
-        """What a cell id hashes; the downstream keys only when set, so ids of older cells do not change."""
+        """What a cell id hashes: the kind, T, B and the kind's own parameters; the downstream keys only when
+        set, so ids of older cells do not change."""
         out: dict = {"kind": self.kind, "T": self.T, "B": self.B}
+        out.update((name, list(value) if isinstance(value, tuple) else value) for name, value in self.params)
         if self.downstream is not None:
             out.update(downstream=self.downstream, downstream_n=self.downstream_n)
         return out
 
 
-def make_streams(cases: Sequence[EditCase], scenario: Scenario) -> list[list[list[EditCase]]]:
-    """Streams of edit calls: each stream is a list of calls, each call a list of cases."""
+def _kind_params(kind: ScenarioKind, given: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The kind's own parameters, checked, with defaults filled in, sorted by name."""
+    unknown = sorted(set(given) - {param.name for param in kind.params})
+    if unknown:
+        kind.param(unknown[0])  # raises, naming what the kind takes
+    values = {}
+    for param in kind.params:
+        value = given.get(param.name, param.default)
+        if value is None:
+            raise KebenchError(f"scenario {kind.name}: missing required parameter '{param.name}'")
+        values[param.name] = param.check(value, kind.name)
+    return tuple(sorted(values.items()))
+
+
+# --------------------------------------------------------------------------- stream logic
+
+@dataclass(frozen=True)
+class Stream:
+    """Edit calls applied in order to one editor, then scored, then restored.
+
+    ``calls``: each call is a list of cases edited by one ``Editor.apply``.  ``checkpoints``: after how many
+    calls every case edited so far is scored (empty: once, after the last call).  Scoring a stream more than
+    once gives a case several rows per metric, which the store needs a column to tell apart.
+    """
+
+    calls: tuple[tuple[EditCase, ...], ...]
+    checkpoints: tuple[int, ...] = ()
+
+    @property
+    def cases(self) -> list[EditCase]:
+        """The stream's cases, each once, in the order they are first edited (a case edited twice is scored once)."""
+        return list({case.case_id: case for call in self.calls for case in call}.values())
+
+    def scored_after(self) -> tuple[int, ...]:
+        return self.checkpoints or (len(self.calls),)
+
+
+StreamsFn = Callable[[Sequence[EditCase], Scenario], list[Stream]]
+_STREAMS: dict[str, StreamsFn] = {}
+
+
+def register_streams(kind: str) -> Callable[[StreamsFn], StreamsFn]:
+    """Register the stream logic of a declared scenario kind (``kebench.core.scenarios``)."""
+    def decorate(fn: StreamsFn) -> StreamsFn:
+        if kind in _STREAMS and _STREAMS[kind] is not fn:
+            raise ValueError(f"stream logic for scenario {kind!r} registered twice")
+        _STREAMS[kind] = fn
+        return fn
+
+    return decorate
+
+
+def make_streams(cases: Sequence[EditCase], scenario: Scenario) -> list[Stream]:
+    """The streams of edit calls ``scenario`` makes of ``cases`` (a one-line error when they do not fit)."""
+    kind = scenario.declaration
+    logic = kind.streams or _STREAMS.get(kind.name)
+    if logic is None:
+        raise KebenchError(f"scenario {kind.name} has no stream logic: give its declaration streams= or "
+                           "register one with orchestrator.scenarios.register_streams")
     size = scenario.cases_per_stream
     if len(cases) % size:
         raise KebenchError(
             f"{len(cases)} cases do not split into streams of {size} for {scenario.label}; choose n as a multiple of {size}"
         )
+    return logic(cases, scenario)
+
+
+def chunked_streams(cases: Sequence[EditCase], size: int, call_size: int) -> list[Stream]:
+    """Streams of ``size`` consecutive cases, each edited in calls of ``call_size``."""
     streams = []
     for start in range(0, len(cases), size):
-        chunk = list(cases[start : start + size])
-        streams.append([chunk[i : i + scenario.B] for i in range(0, size, scenario.B)])
+        chunk = tuple(cases[start : start + size])
+        streams.append(Stream(tuple(chunk[i : i + call_size] for i in range(0, size, call_size))))
     return streams
+
+
+@register_streams("single")
+@register_streams("continual")
+@register_streams("batched")
+def _fixed_shape_streams(cases: Sequence[EditCase], scenario: Scenario) -> list[Stream]:
+    """single, continual(T), batched(B, T): streams of T calls of B cases (single: T = B = 1)."""
+    return chunked_streams(cases, scenario.T * scenario.B, scenario.B)
 
 
 @dataclass(frozen=True)
@@ -221,26 +314,28 @@ def run_scenario(
     data_dir: str | None = None,
     downstream_unedited: float | None = None,
     extra_scorer: ExtraScorer | None = None,
+    protocols: Sequence[str] | None = None,
+    on_stream: Callable[[int, "ScenarioResult"], None] | None = None,
 ) -> ScenarioResult:
-    """Run every stream of ``scenario`` over ``cases``; ``on_edit(n)`` is called after each edit call.
+    """Run every stream of ``scenario`` over ``cases``; ``on_edit(n)`` is called after each edit call and
+    ``on_stream(index, result so far)`` after each stream (a sweep reports running scores to Tune there).
 
+    ``protocols``: what the cases are scored under (None: the default set, ``benchmarks.protocols``);
+    the method's ``Editor.required_protocols`` are always added.
     ``downstream_unedited``: the unedited model's downstream score when the caller has it cached.
     ``extra_scorer``: the benchmark's own metrics (``Benchmark.extra_scorer``), scored under their own
     protocol: references on the unedited model before each stream, scores after its edits.
     """
     editor_class = get_method(method)
-    protocols = tuple(editor_class.protocols)
-    check_protocols(protocols)
+    protocols = cell_protocols(protocols, editor_class.required_protocols)
     streams = make_streams(cases, scenario)
     if pre is None:
         pre = compute_pre_edit(plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, cases, protocols=protocols)
-    else:  # a cached teacher-forced PreEdit lacks the generation protocol's references
+    else:  # a cached PreEdit may lack the references of a protocol this cell adds (GRACE's generation)
         pre = with_protocols(pre, plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, cases, protocols)
     reference = _probe_logits(lm) if verify_restore else None
     check = None
     if scenario.downstream is not None:
-        from benchmarks.registry import get_downstream
-
         check = get_downstream(scenario.downstream)
         if downstream_unedited is None:
             downstream_unedited, _ = check.score(plain_logits(lm), lm, scenario.downstream_n, data_dir)
@@ -248,7 +343,7 @@ def run_scenario(
     downstream_items = 0
     result = ScenarioResult(scenario)
     if scenario.parallel_cases > 1:
-        if protocols == ("teacher_forced",) and _run_case_parallel(
+        if all(get_protocol(p).groups_supported for p in protocols) and _run_case_parallel(
                 lm, editor_class, hparams, streams, scenario.parallel_cases, seed, metrics, pre, on_edit, reference,
                 extra_scorer, result):
             result.peak_rss_mb = peak_rss_mb()
@@ -256,29 +351,29 @@ def run_scenario(
         result.notes.append(f"parallel_cases={scenario.parallel_cases} not used: {method} has no case-parallel "
                             "path (for this model and precision); cases edited one by one")
     for stream_index, stream in enumerate(streams):
-        stream_cases = [case for call in stream for case in call]
+        stream_cases = stream.cases
         extra_state = extra_scorer.before(plain_logits(lm), lm, stream_cases) if extra_scorer is not None else None
         torch.manual_seed(seed)
         editor: Editor = editor_class(lm, hparams, seed)
+        scores: list[CaseScores] = []
         try:
             timings: dict[str, tuple[float, int]] = {}
-            for call in stream:
+            edited: dict[str, EditCase] = {}  # each case once, in the order first edited
+            checkpoints = set(stream.scored_after())
+            for done, call in enumerate(stream.calls, start=1):
                 started = time.perf_counter()
-                stats = editor.apply(call)
+                stats = editor.apply(list(call))
                 elapsed = time.perf_counter() - started
                 result.edit_seconds.append(elapsed)
+                edited.update((case.case_id, case) for case in call if case.case_id not in edited)
                 for case in call:
                     timings[case.case_id] = (elapsed, stats.steps)
                 if on_edit is not None:
                     on_edit(len(call))
-            release_freed_memory()
-            scores = [score for protocol in protocols
-                      for score in score_cases(editor.logits, lm.tokenizer, lm.pad_token_id, lm.device, stream_cases,
-                                               pre, metrics, protocol=protocol)]
-            if extra_scorer is not None:
-                extra = extra_scorer.after(editor.logits, lm, stream_cases, extra_state)
-                scores += [CaseScores(case.case_id, tuple(sorted(extra[case.case_id].items())), extra_scorer.protocol)
-                           for case in stream_cases]
+                if done in checkpoints:
+                    release_freed_memory()
+                    scores += _score(editor, lm, list(edited.values()), pre, metrics, protocols, extra_scorer,
+                                     extra_state)
             result.trainable_parameters = max(result.trainable_parameters, editor.trainable_parameters())
             result.paper_parameters = editor.paper_parameters()
             result.artifacts.append(editor.artifacts(stream_cases))
@@ -292,6 +387,8 @@ def run_scenario(
         for score in scores:
             seconds, steps = timings[score.case_id]
             result.cases.append(CaseResult(score.case_id, stream_index, score, seconds, steps))
+        if on_stream is not None:
+            on_stream(stream_index, result)
     if check is not None:
         result.downstream = DownstreamResult(check.name, downstream_items, float(downstream_unedited),
                                              tuple(downstream_edited))
@@ -299,14 +396,27 @@ def run_scenario(
     return result
 
 
-def _run_case_parallel(lm: LoadedModel, editor_class: type[Editor], hparams, streams: list[list[list[EditCase]]],
+def _score(editor: Editor, lm: LoadedModel, cases: Sequence[EditCase], pre: PreEdit, metrics: Sequence[str],
+           protocols: Sequence[str], extra_scorer: ExtraScorer | None, extra_state: Any) -> list[CaseScores]:
+    """The edited model's scores of ``cases`` under every protocol, then the benchmark's own (ConvSent's ES/DD)."""
+    scores = [score for protocol in protocols
+              for score in score_cases(editor.logits, lm.tokenizer, lm.pad_token_id, lm.device, cases, pre, metrics,
+                                       protocol=protocol)]
+    if extra_scorer is not None:
+        extra = extra_scorer.after(editor.logits, lm, cases, extra_state)
+        scores += [CaseScores(case.case_id, tuple(sorted(extra[case.case_id].items())), extra_scorer.protocol)
+                   for case in cases]
+    return scores
+
+
+def _run_case_parallel(lm: LoadedModel, editor_class: type[Editor], hparams, streams: list[Stream],
                        parallel: int, seed: int, metrics: Sequence[str], pre: PreEdit,
                        on_edit: Callable[[int], None] | None, reference: torch.Tensor | None,
                        extra_scorer: ExtraScorer | None, result: ScenarioResult) -> bool:
     """Single editing, ``parallel`` independent cases training at once (``Editor.edit_in_parallel``); each case
     is a stream of its own, as in the one-by-one run, and gets the same result.  A case's ``seconds`` is its
     share of the training time.  False, having done nothing, where the method has no case-parallel path."""
-    cases = [stream[0][0] for stream in streams]
+    cases = [stream.calls[0][0] for stream in streams]
     edited = editor_class.edit_in_parallel(lm, hparams, seed, cases, parallel)
     if edited is None:
         return False

@@ -24,11 +24,13 @@ import duckdb
 import numpy as np
 
 from kebench.core import metrics as metric_registry
+from kebench.core.scenarios import get_scenario_kind, is_scenario, scenario_kinds
 from kebench.core.errors import KebenchError
 from results import plots
 from results.bootstrap import AVG, Estimate, bootstrap_group, resample_indices
-from results.registry import REFERENCE_LABEL, table_names
-from results.render import RENDERERS, build_table
+from results.registry import REFERENCE_LABEL
+from results.render import RENDERERS
+from results.tables import build_table, table_names
 from results.store import CELLS_DIR, has_files, read_artifact
 from results.views import connect, records
 
@@ -74,8 +76,7 @@ class Group:
     @property
     def title(self) -> str:
         k = self.key
-        shape = {"single": "single", "continual": f"continual T={k['T']}", "batched": f"batched B={k['B']} T={k['T']}"}
-        return f"{k['model']} · {k['benchmark']}/{k['split']} · {shape.get(k['scenario'], k['scenario'])} · {k['protocol']}"
+        return f"{k['model']} · {k['benchmark']}/{k['split']} · {_shape(k['scenario'], k['T'], k['B'])} · {k['protocol']}"
 
     @property
     def metrics(self) -> list[str]:
@@ -117,12 +118,18 @@ def leaderboard_groups(con: duckdb.DuckDBPyConnection, resamples: int = 1000, se
     return groups
 
 
-_SCENARIO_ORDER = {"single": 0, "continual": 1, "batched": 2}
+def _shape(scenario: str, t: int, b: int) -> str:
+    """A group's scenario as its declaration words it (``ScenarioKind.shape``); an undeclared kind by name."""
+    if not is_scenario(scenario):
+        return str(scenario)
+    kind = get_scenario_kind(scenario)
+    return kind.format(kind.shape, t, b)
 
 
 def _group_order(key: tuple) -> tuple:
     model, benchmark, split, scenario, t, b, protocol = key
-    return (str(model), str(benchmark), str(split), _SCENARIO_ORDER.get(scenario, 9), str(scenario), b, t, str(protocol))
+    order = get_scenario_kind(scenario).order if is_scenario(scenario) else 1000
+    return (str(model), str(benchmark), str(split), order, str(scenario), b, t, str(protocol))
 
 
 def _rank(entries: list[Entry]) -> None:
@@ -173,7 +180,8 @@ def _figures(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]
         if points:
             name = _slug("tradeoff", group.key)
             figures.append(Figure(name, f"Rel. vs Loc.: {group.title}", plots.tradeoff(group.title, points)))
-    for scenario, x_name in (("continual", "T"), ("batched", "T")):
+    for kind in (kind for kind in scenario_kinds() if kind.curve):
+        scenario, x_name = kind.name, kind.curve
         curves: dict[tuple, dict[str, list[tuple[int, dict[str, Estimate]]]]] = defaultdict(lambda: defaultdict(list))
         for group in groups:
             k = group.key
@@ -181,11 +189,11 @@ def _figures(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]
                 continue
             for entry in group.entries:
                 by_metric = {m: e for m, e in entry.estimates.items() if m != AVG}
-                curves[(k["model"], k["benchmark"], k["split"], k["B"], k["protocol"])][entry.label].append((k["T"], by_metric))
+                curves[(k["model"], k["benchmark"], k["split"], k["B"], k["protocol"])][entry.label].append((k[x_name], by_metric))
         for (model, benchmark, split, b, protocol), series in sorted(curves.items(), key=lambda item: str(item[0])):
             if max(len(points) for points in series.values()) < 2:
                 continue  # a single T is a table row, not a curve
-            shape = f"batched B={b}" if scenario == "batched" else "continual"
+            shape = kind.format(kind.curve_title, 0, b)
             title = f"{model} · {benchmark}/{split} · {shape} · {protocol}: metrics against {x_name}"
             figures.append(Figure(_slug(f"{scenario}-curves", {"m": model, "b": benchmark, "s": split, "B": b, "p": protocol}),
                                   title, plots.metric_curves(title, x_name, series)))
@@ -209,7 +217,7 @@ def _gate_figures(artifacts: list[tuple[CellKey, dict[str, Any]]]) -> list[Figur
     for key in sorted(pooled, key=lambda k: tuple(str(part) for part in k)):
         model, benchmark, split, scenario, t, b, label = key
         weights = {kind: np.mean(np.asarray(rows), axis=0).tolist() for kind, rows in pooled[key].items()}
-        shape = {"single": "single", "continual": f"continual T={t}"}.get(scenario, f"batched B={b} T={t}")
+        shape = _shape(scenario, t, b)
         title = f"{label} gate weights per basis · {model} · {benchmark}/{split} · {shape}"
         figures.append(Figure(_slug("gates", {"m": model, "b": benchmark, "s": split, "x": scenario, "T": t, "B": b, "l": label}),
                               title, plots.gate_weights(title, weights)))

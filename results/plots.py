@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display here or on a cluster head
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter  # noqa: E402
 
 from kebench.core import metrics as metric_registry  # noqa: E402
 from results.bootstrap import Estimate  # noqa: E402
@@ -118,8 +119,6 @@ def sweep_objectives(title: str, params: Sequence[str], objectives: Sequence[str
                 axis.plot(x, scores[objective], marker="*" if front else "o", markersize=11 if front else 5,
                           color="tab:red" if front else "tab:blue", alpha=0.9 if front else 0.6, linestyle="none")
             if numeric and param in log_x and min(xs) > 0:
-                from matplotlib.ticker import LogLocator, NullFormatter
-
                 axis.set_xscale("log")
                 axis.xaxis.set_major_locator(LogLocator(base=10, numticks=4))
                 axis.xaxis.set_minor_formatter(NullFormatter())
@@ -151,7 +150,5 @@ def sweep_front(title: str, objectives: Sequence[str],
     axis.set_ylabel(labels.get(y_name, y_name))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    import textwrap
-
     axis.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=8)
     return _png(figure)

@@ -1,4 +1,4 @@
-"""The table registry and the format-independent table model every renderer draws.
+"""The table model every renderer draws, and ``register_table``.
 
 A table is one decorated function that builds blocks from the DuckDB views::
 
@@ -8,7 +8,9 @@ A table is one decorated function that builds blocks from the DuckDB views::
     def my_table(con):          # con: a DuckDB connection with cells_latest / cases_latest
         return [Block(...)]
 
-``kebench table --table my-table`` and the leaderboard then render it in every format.
+``kebench table --table my-table`` and the leaderboard then render it in every format.  This module
+holds only the decorator and the model; the catalog that knows the built-in tables is ``results.tables``
+(it imports them, so they can import this module without a circle).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any, Callable
 
 import duckdb
 
-from kebench.core.errors import KebenchError
 
 NOT_RUN = "–"
 FAILED = "×"
@@ -79,21 +80,10 @@ def register_table(name: str, title: str, scenario: str | None = None) -> Callab
     return decorate
 
 
-def _load_builtin() -> None:
-    import results.shapes  # noqa: F401  (registers the paper's tables)
-    import results.sweeps  # noqa: F401  (registers the sweep table: Ray Tune trials)
-
-
-def table_names() -> list[str]:
-    _load_builtin()
-    return list(_REGISTRY)
-
-
-def get_table(name: str) -> TableDef:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise KebenchError(f"unknown table '{name}'; known: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+def registered_tables() -> dict[str, TableDef]:
+    """The tables registered so far, by name, in registration order (the catalog, ``results.tables``,
+    imports the built-in ones first)."""
+    return dict(_REGISTRY)
 
 
 def row_order(label: str) -> tuple[int, str, str]:

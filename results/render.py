@@ -1,54 +1,16 @@
-"""Renderers: every registered table (``results.registry``) as Markdown, LaTeX, CSV or HTML."""
+"""The four formats a table (``results.registry.Table``) renders in: Markdown, LaTeX, CSV and HTML."""
 
 from __future__ import annotations
 
 import csv
 import html
 import io
-from pathlib import Path
 from typing import Callable
 
-import duckdb
 
-from kebench.core.errors import KebenchError
-from results.registry import FAILED, NOT_RUN, Block, Table, get_table
-from results.store import CELLS_DIR, has_files
-from results.views import connect, records
+from results.registry import FAILED, NOT_RUN, Block, Table
 
 FORMATS = ("md", "latex", "csv", "html")
-
-
-def render(store: Path, table: str, fmt: str) -> str:
-    """Render a registered table from the store as Markdown, LaTeX, CSV or HTML."""
-    definition = get_table(table)
-    if fmt not in FORMATS:
-        raise KebenchError(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}")
-    store = Path(store)
-    if not has_files(store, CELLS_DIR):
-        return f"no results in {store}"
-    with connect(store) as con:
-        built = build_table(con, definition.name)
-    if built is None:
-        return f"no {table} results in {store}"
-    return RENDERERS[fmt](built)
-
-
-_NOTES_SQL = """
-SELECT DISTINCT provenance FROM cells_latest
-WHERE ($scenario IS NULL OR scenario = $scenario) AND coalesce(provenance, '') <> ''
-ORDER BY provenance
-"""
-
-
-def build_table(con: duckdb.DuckDBPyConnection, table: str) -> Table | None:
-    """The format-independent table (None when the store has no cells for it)."""
-    definition = get_table(table)
-    blocks = definition.build(con)
-    if not blocks:
-        return None
-    notes = [row["provenance"] for row in records(con, _NOTES_SQL, {"scenario": definition.scenario})]
-    return Table(definition.title, blocks, notes)
-
 
 
 def _flat_header(block: Block) -> list[str]:

@@ -1,4 +1,4 @@
-"""The one place result rows are built: the grid runner, ``kebench edit`` and sweeps all call these.
+"""The one place result rows are built: grid cells, sweep trials and ``kebench edit`` all call these.
 
 Rows are plain dicts in the store's long format (one per case × metric; ``results.store`` validates
 them); ``per_case`` pivots them back to one mapping per case for JSON lines and summaries.  This
@@ -70,3 +70,14 @@ def cell_artifact(cases: Sequence[_Case], results: Iterable[_CaseResult], stream
                                                "details": {}})
         entry["details"][row_protocol(r.scores.protocol)] = dict(r.scores.details)
     return {"cases": entries, "streams": [dict(stream) for stream in streams]}
+
+
+def cell_row(key: Mapping[str, Any], *, attempt: int, status: str, error: str | None = None,
+             fields: Mapping[str, Any] | None = None, provenance: str = "") -> dict[str, Any]:
+    """The store's row for one cell attempt, ok or failed: ``key`` says which cell (``cell_id``, the identifying
+    columns, ``hparams``, ``code_version``, ``data_sha256``, and for a sweep trial ``kind``/``sweep``/``trial_id``);
+    ``fields`` what its computation measured and when (timings, parameter counts, device, dtype, downstream
+    scores, ``packages``, ``peak_rss_mb``, ``started_at``/``finished_at``); ``provenance`` the notes on what the
+    numbers depend on.  A failed cell leaves out what it never measured (device and dtype stay "")."""
+    return {**key, "attempt": attempt, "device": "", "dtype": "", **(fields or {}), "provenance": provenance,
+            "status": status, "error": error}

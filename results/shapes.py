@@ -19,6 +19,7 @@ from typing import Any
 import duckdb
 
 from kebench.core import metrics as metric_registry
+from kebench.core.scenarios import ScenarioKind, get_scenario_kind, is_scenario, scenario_kinds
 from results.registry import FAILED, NOT_RUN, REFERENCE_LABEL, Block, Cell, Group, register_table, row_order
 from results.views import records
 
@@ -31,9 +32,10 @@ class _Spec:
     default_metrics: tuple[str, ...]
 
 
-SINGLE = _Spec("single", ("model",), ("benchmark", "split"), ("rel", "loc"))
-CONTINUAL = _Spec("continual", ("model", "benchmark", "split"), ("T",), ("rel", "gen", "loc"))
-BATCHED = _Spec("batched", ("model", "benchmark", "split", "B"), ("T",), ("rel", "gen", "loc"))
+def scenario_spec(kind: ScenarioKind) -> _Spec:
+    """A scenario kind's metric table shape, from its declaration (``kebench.core.scenarios``)."""
+    assert kind.table is not None
+    return _Spec(kind.name, kind.table.block_keys, kind.table.group_keys, kind.table.metrics)
 
 _MEANS_SQL = """
 SELECT model, benchmark, split, "B", "T", label, protocol, metric, avg(value) AS mean
@@ -68,11 +70,6 @@ SELECT model, benchmark, split, scenario, "T", "B", downstream, label,
 FROM cells_latest
 WHERE downstream IS NOT NULL
 GROUP BY ALL
-"""
-_NOTES_SQL = """
-SELECT DISTINCT provenance FROM cells_latest
-WHERE ($scenario IS NULL OR scenario = $scenario) AND coalesce(provenance, '') <> ''
-ORDER BY provenance
 """
 
 
@@ -228,7 +225,8 @@ def _downstream_blocks(con: duckdb.DuckDBPyConnection) -> list[Block]:
         marked = _mark_best(texts, [row["label"] == REFERENCE_LABEL for row in rows])
         table_rows = [("Base (unedited)", [Cell(_accuracy(sum(base) / len(base)) if base else NOT_RUN)])]
         table_rows += [(row["label"], [cell]) for row, cell in zip(rows, marked)]
-        shape = f"T={t}" if scenario == "continual" else f"B={b}, T={t}"
+        sets = get_scenario_kind(scenario).sets if is_scenario(scenario) else ("B", "T")
+        shape = ", ".join(f"{name}={value}" for name, value in (("B", b), ("T", t)) if name in sets)
         title = f"{model} · {benchmark}/{split} · {scenario} {shape} · {check}" + (f" ({items} items)" if items else "")
         keys = {"model": model, "benchmark": benchmark, "split": split, "scenario": scenario, "T": t, "B": b,
                 "downstream": check, "items": items}
@@ -250,19 +248,22 @@ def _params_text(low: int | None, high: int | None) -> str:
     return f"{low:,}–{high:,}"
 
 
-@register_table("single", "Single editing", scenario="single")
-def single_table(con: duckdb.DuckDBPyConnection) -> list[Block]:
-    return _metric_blocks(con, SINGLE)
+def register_scenario_table(kind: ScenarioKind) -> None:
+    """Register the metric table a declared scenario kind asks for (``ScenarioKind.table``), named after it."""
+    if kind.table is None:
+        return
+    spec = scenario_spec(kind)
+
+    def build(con: duckdb.DuckDBPyConnection) -> list[Block]:
+        return _metric_blocks(con, spec)
+
+    register_table(kind.name, kind.table.title, scenario=kind.name)(build)
 
 
-@register_table("continual", "Continual editing (evaluated after T sequential edits)", scenario="continual")
-def continual_table(con: duckdb.DuckDBPyConnection) -> list[Block]:
-    return _metric_blocks(con, CONTINUAL)
-
-
-@register_table("batched", "Batched editing (T sequential edits of B cases each)", scenario="batched")
-def batched_table(con: duckdb.DuckDBPyConnection) -> list[Block]:
-    return _metric_blocks(con, BATCHED)
+# single (Table 1), continual (Table 2), batched (Tables 6-7): one table per kind declared so far; the
+# catalog (``results.tables``) registers those of kinds declared later (plug-ins).
+for _kind in scenario_kinds():
+    register_scenario_table(_kind)
 
 
 @register_table("params", "Trainable parameters, editing time and peak memory")

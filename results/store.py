@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -40,7 +41,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -48,6 +49,7 @@ import pyarrow.parquet as pq
 
 from kebench.core import metrics
 from kebench.core.errors import KebenchError
+from kebench.core.scenarios import scenario_names
 
 SCHEMA_VERSION = 1
 
@@ -60,7 +62,6 @@ TMP_SUFFIX = ".parquet.tmp"
 CORRUPT_SUFFIX = ".corrupt"
 LOCK_NAME = ".kebench.lock"
 
-SCENARIOS = ("single", "continual", "batched")
 STATUSES = ("ok", "failed")
 
 _UTC_US = pa.timestamp("us", tz="UTC")
@@ -138,7 +139,9 @@ INHERITED_CASE_COLUMNS = ("cell_id", "attempt", "model", "benchmark", "split", "
                           "method", "label", "seed")
 _JSON_COLUMNS = ("hparams", "packages")
 _TIMESTAMP_COLUMNS = ("started_at", "finished_at")
-_CHOICES = {"scenario": SCENARIOS, "status": STATUSES}
+#: columns whose values come from a fixed list; the scenario kinds are whatever is declared
+#: (``kebench.core.scenarios``), read at write time so a plug-in's kind is stored like a built-in one
+_CHOICES: dict[str, Callable[[], Sequence[str]]] = {"scenario": scenario_names, "status": lambda: STATUSES}
 _PACKAGES = ("torch", "transformers", "peft", "ray", "duckdb", "pyarrow", "kebench")
 
 
@@ -354,8 +357,6 @@ class StoreLock:
             return {}
 
     def acquire(self) -> None:
-        import fcntl
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -377,8 +378,6 @@ class StoreLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        import fcntl
-
         try:
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -418,15 +417,15 @@ def _complete_cell_row(row: Mapping[str, Any]) -> dict[str, Any]:
     names = set(CELLS_SCHEMA.names)
     _reject_unknown(row, names, "cell row")
     out: dict[str, Any] = {}
-    for field in CELLS_SCHEMA:
-        if field.name == "schema_version":
-            out[field.name] = SCHEMA_VERSION
-        elif field.name in row:
-            out[field.name] = row[field.name]
-        elif field.nullable:
-            out[field.name] = None
+    for column in CELLS_SCHEMA:
+        if column.name == "schema_version":
+            out[column.name] = SCHEMA_VERSION
+        elif column.name in row:
+            out[column.name] = row[column.name]
+        elif column.nullable:
+            out[column.name] = None
         else:
-            raise ValueError(f"cell row: missing column {field.name!r}")
+            raise ValueError(f"cell row: missing column {column.name!r}")
     for name in _JSON_COLUMNS:
         out[name] = _json_text(name, out[name])
     for name in _TIMESTAMP_COLUMNS:
@@ -440,16 +439,16 @@ def _complete_case_row(cell: Mapping[str, Any], row: Mapping[str, Any], index: i
     where = f"case row {index}"
     _reject_unknown(row, set(CASES_SCHEMA.names), where)
     out: dict[str, Any] = {}
-    for field in CASES_SCHEMA:
-        if field.name in INHERITED_CASE_COLUMNS:
-            if field.name in row and row[field.name] != cell[field.name]:
-                raise ValueError(f"{where}: column {field.name!r} is {row[field.name]!r} "
-                                 f"but the cell row says {cell[field.name]!r}")
-            out[field.name] = cell[field.name]
-        elif field.name in row:
-            out[field.name] = row[field.name]
+    for column in CASES_SCHEMA:
+        if column.name in INHERITED_CASE_COLUMNS:
+            if column.name in row and row[column.name] != cell[column.name]:
+                raise ValueError(f"{where}: column {column.name!r} is {row[column.name]!r} "
+                                 f"but the cell row says {cell[column.name]!r}")
+            out[column.name] = cell[column.name]
+        elif column.name in row:
+            out[column.name] = row[column.name]
         else:
-            raise ValueError(f"{where}: missing column {field.name!r}")
+            raise ValueError(f"{where}: missing column {column.name!r}")
     _check_values(CASES_SCHEMA, out, where)
     return out
 
@@ -462,21 +461,20 @@ def _reject_unknown(row: Mapping[str, Any], names: set[str], where: str) -> None
 
 
 def _check_values(schema: pa.Schema, row: Mapping[str, Any], where: str) -> None:
-    for field in schema:
-        value = row[field.name]
+    for column in schema:
+        value = row[column.name]
         if value is None:
-            if not field.nullable:
-                raise ValueError(f"{where}: column {field.name!r} must not be null")
+            if not column.nullable:
+                raise ValueError(f"{where}: column {column.name!r} must not be null")
             continue
-        if field.name in _CHOICES and value not in _CHOICES[field.name]:
-            raise ValueError(f"{where}: column {field.name!r} is {value!r}, expected one of "
-                             f"{', '.join(_CHOICES[field.name])}")
-        if field.name == "metric" and not metrics.is_metric(value):
+        if column.name in _CHOICES and value not in (choices := _CHOICES[column.name]()):
+            raise ValueError(f"{where}: column {column.name!r} is {value!r}, expected one of {', '.join(choices)}")
+        if column.name == "metric" and not metrics.is_metric(value):
             raise ValueError(f"{where}: column 'metric' is {value!r}, not a registered metric "
                              f"(kebench.register_metric); registered: {', '.join(metrics.metric_names())}")
-        if field.name in PARTITION_KEYS + ("cell_id",) and (not isinstance(value, str) or not value):
+        if column.name in PARTITION_KEYS + ("cell_id",) and (not isinstance(value, str) or not value):
             # Empty partition values become NULL in hive paths, and names must be strings.
-            raise ValueError(f"{where}: column {field.name!r} must be a non-empty string")
+            raise ValueError(f"{where}: column {column.name!r} must be a non-empty string")
 
 
 def _check_unique_cases(cases: Sequence[Mapping[str, Any]]) -> None:
@@ -516,11 +514,11 @@ def _utc_timestamp(name: str, value: Any) -> dt.datetime:
 def _to_table(schema: pa.Schema, rows: Sequence[Mapping[str, Any]], where: str) -> pa.Table:
     """Build the table column by column so a type error names its column."""
     arrays = []
-    for field in schema:
+    for column in schema:
         try:
-            arrays.append(pa.array([row[field.name] for row in rows], type=field.type))
+            arrays.append(pa.array([row[column.name] for row in rows], type=column.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:
-            raise ValueError(f"{where}: column {field.name!r} does not fit type {field.type}: {exc}") from None
+            raise ValueError(f"{where}: column {column.name!r} does not fit type {column.type}: {exc}") from None
     return pa.Table.from_arrays(arrays, schema=schema)
 
 

@@ -53,7 +53,8 @@ def toy_cases(n: int = 2, irrelevant: bool = True) -> list[EditCase]:
 import torch  # noqa: E402
 
 from benchmarks.metrics import encode  # noqa: E402
-from methods.base import get_method, load_hparams  # noqa: E402
+from methods.base import get_method  # noqa: E402
+from methods.hparams import load_hparams
 from orchestrator.scenarios import PROBE_TEXTS  # noqa: E402
 
 #: Two invented facts the tiny model cannot know, with everything every method and metric needs.

@@ -5,7 +5,6 @@ Nothing here needs the Hub: the ``hf:`` tests run with ``HF_HUB_OFFLINE=1`` and 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -21,7 +20,8 @@ from kebench.core.errors import KebenchError
 from kebench.core.models import (GPT2_STYLE, LLAMA_STYLE, Precision, PrecisionIsland, byte_tokenizer, load_model,
                                   model_facts, model_revision, parse_model_spec, projection_weight, resolve_precision,
                                   with_precision)
-from methods.base import (DEPTH_RULES, get_method, hparams_origin, hparams_path, load_hparams, method_names)
+from methods.base import get_method, method_names
+from methods.hparams import hparams_origin, hparams_path, load_hparams
 from orchestrator.scenarios import Scenario, run_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,17 @@ def test_hf_spec_resolves_from_an_offline_cache(tmp_path: Path, monkeypatch) -> 
 RULE_EXCEPTIONS = {("grace", "gemma-1.1-7b-it"), ("wise", "llama3-8b-instruct"), ("wise-light", "llama3-8b-instruct")}
 
 
-@pytest.mark.parametrize("method", sorted(DEPTH_RULES))
+#: the built-in methods whose class gives a depth rule (``Editor.layer_rule``)
+RULED_METHODS = ("baft", "ft-l", "ft-m", "grace", "melo", "memit", "reft", "rome", "wise", "wise-light")
+
+
+def test_every_depth_rule_is_checked() -> None:
+    ruled = {name for name in method_names() if get_method(name).__module__.startswith("methods.")
+             and get_method(name).layer_rule(30) is not None}
+    assert ruled == set(RULED_METHODS)
+
+
+@pytest.mark.parametrize("method", RULED_METHODS)
 def test_depth_rules_reproduce_the_shipped_yamls(method: str) -> None:
     """Each rule is the relative-depth rule of the method's YAMLs for the real models (not the 2-layer test model)."""
     checked = 0
@@ -200,7 +210,7 @@ CHEAP = {"baft": {"max_steps": 8}, "reft": {"max_steps": 8}, "ft-l": {"max_steps
 def test_grid_runs_every_method_on_both_folders(checkpoints, tmp_path: Path) -> None:
     """The issue's acceptance test: every method, single editing, 2 cases, rows carry the content hash."""
     from orchestrator.grid import expand, parse_grid
-    from orchestrator.runner import ModelCache, execute_cell
+    from orchestrator.cell import ModelCache, execute_cell
 
     models = [f"path:{checkpoints['qwen2']}", f"path:{checkpoints['gpt2']}"]
     shipped = [m for m in method_names() if get_method(m).__module__.startswith("methods.")]  # not test plug-ins
@@ -287,7 +297,7 @@ def _has_data() -> bool:
 
 
 def test_stats_key_carries_the_model_dtype(tmp_path: Path) -> None:
-    from methods._stats import StatsKey
+    from methods.stats import StatsKey
 
     assert StatsKey("m", "r", 3, "c", 10).path(tmp_path).name == "layer3_n10_float32.safetensors"  # as before
     assert StatsKey("m", "r", 3, "c", 10, "float32", "bfloat16").path(tmp_path).name == \

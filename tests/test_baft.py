@@ -11,7 +11,8 @@ from benchmarks.case import EditCase, PromptAnswer
 from benchmarks.evaluate import compute_pre_edit, score_cases
 from benchmarks.metrics import encode
 from methods._representation import BasisIntervention
-from methods.base import get_method, load_hparams
+from methods.base import get_method
+from methods.hparams import load_hparams
 from orchestrator.scenarios import PROBE_TEXTS, plain_logits
 
 CASES = (
@@ -339,7 +340,7 @@ def test_gate_weights_are_the_mean_basis_weights_of_each_pair(tiny_lm):
 
 
 def test_provenance_names_the_settings(tiny_lm):
-    from methods.base import HPARAMS_DIR
+    from methods.hparams import HPARAMS_DIR
 
     for scenario in ("single", "continual", "batched"):
         for path in sorted((HPARAMS_DIR / "baft").glob("*.yaml")):

@@ -9,7 +9,7 @@ from benchmarks.data import resolve_data_dir
 from benchmarks.knowedit import PROTOCOL_CONVSENT, convsent_scores
 from benchmarks.registry import get_benchmark, select_cases
 from kebench.core.metrics import get_metric
-from methods.base import load_hparams
+from methods.hparams import load_hparams
 from orchestrator.scenarios import Scenario, plain_logits, run_scenario
 
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_manifest_lists_exactly_the_files_each_benchmark_reads():
     from benchmarks.piqa import PIQA_ITEMS, PIQA_LABELS
-    from methods._stats import COUNTERFACT_FILE, WIKIBIO_FILE, ZSRE_FILE
+    from methods.stats import COUNTERFACT_FILE, WIKIBIO_FILE, ZSRE_FILE
 
     read: dict[str, set[str]] = {"piqa": {PIQA_ITEMS, PIQA_LABELS}, STATS_CORPUS: {WIKIBIO_FILE, COUNTERFACT_FILE, ZSRE_FILE}}
     for name in benchmark_names():

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from benchmarks.metrics import encode
 from kebench.core.models import model_names
-from methods.base import SCENARIO_BLOCKS, get_method, hparams_path, load_hparams, method_names
+from methods.base import get_method, method_names
+from kebench.core.scenarios import scenario_names
+from methods.hparams import hparams_path, load_hparams
 from helpers import probe_logits
 
 # Every method kebench ships or an installed plug-in brings; not the throw-away editors other test modules register.
@@ -80,5 +82,5 @@ def test_every_shipped_hparams_yaml_validates(method: str) -> None:
     if editor_class.needs_hparams_file:
         assert {"tiny-random-llama", "smollm2-135m"} <= set(shipped), f"{method}: YAMLs for the embedded models"
     for model in shipped:
-        for scenario in SCENARIO_BLOCKS:
+        for scenario in scenario_names():
             assert isinstance(load_hparams(method, model, scenario), editor_class.hparams_class)

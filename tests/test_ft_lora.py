@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from benchmarks.evaluate import compute_pre_edit, score_cases
 from benchmarks.metrics import encode
-from methods.base import load_hparams
+from methods.hparams import load_hparams
 from methods.ft import edit_loss
 from kebench.core.errors import KebenchError
 from orchestrator.scenarios import plain_logits

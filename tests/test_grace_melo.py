@@ -7,9 +7,10 @@ import torch
 
 from benchmarks.case import EditCase, PromptAnswer
 from benchmarks.evaluate import compute_pre_edit, score_cases
+from benchmarks.protocols import cell_protocols
 from benchmarks.generation import PROTOCOL_GENERATION, generate, greedy_continuations
 from benchmarks.metrics import PROTOCOL_TEACHER_FORCED, encode
-from methods.base import load_hparams
+from methods.hparams import load_hparams
 from methods.grace import Codebook
 from methods.melo import NO_BLOCK, VectorDatabase
 from orchestrator.scenarios import Scenario, plain_logits, run_scenario
@@ -124,7 +125,7 @@ def test_grace_reports_both_protocols_tagged(tiny_lm):
     assert result.trainable_parameters == 2 * 64  # two keys, far apart
     # The grid runner hands over a cached teacher-forced PreEdit: the generation references are topped up.
     cached = compute_pre_edit(plain_logits(tiny_lm), tiny_lm.tokenizer, 0, CPU, CASES)
-    assert cached.locality_generated == {}
+    assert set(cached.references) == {PROTOCOL_TEACHER_FORCED}
     again = run_scenario(tiny_lm, "grace", hp, CASES, Scenario("continual", T=2), seed=0, pre=cached)
     assert [c.scores for c in again.cases] == [c.scores for c in result.cases]
 
@@ -185,7 +186,7 @@ def test_grace_and_melo_route_on_smollm2(smol_lm):
         with torch.no_grad():
             logits = editor.logits(batch)
         assert torch.equal(logits[0], unedited[0]) and not torch.equal(logits[1], unedited[1]), method
-        for protocol in editor.protocols:
+        for protocol in cell_protocols(None, editor.required_protocols):
             scores = score_cases(editor.logits, smol_lm.tokenizer, smol_lm.pad_token_id, CPU, [case], pre,
                                  ("rel", "loc"), protocol=protocol)[0]
             assert scores.loc == 1.0, (method, protocol, scores)

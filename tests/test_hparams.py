@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from methods.base import HPARAMS_DIR, get_method, load_hparams
+from methods.base import get_method
+from methods.hparams import HPARAMS_DIR, load_hparams
 from kebench.core.errors import KebenchError
 
 

@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.metrics import encode
 from benchmarks.registry import select_cases
-from methods.base import load_hparams
+from methods.hparams import load_hparams
 from kebench.core.errors import KebenchError
 from orchestrator.scenarios import PROBE_TEXTS, Scenario, run_scenario
 

@@ -1,6 +1,6 @@
 """A local grid's Ray instance listens on the loopback interface only (issue 18).
 
-``kebench grid`` starts Ray with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in effect (``runner.local_ray_loopback``),
+``kebench grid`` starts Ray with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in effect (``ray_session.local_ray_loopback``),
 which makes 127.0.0.1 the node address that the GCS, raylet, workers, dashboard agent, runtime-env agent and
 the metrics exporters bind to.  The test lists the listening TCP sockets of the driver and every process it
 started (psutil), while cells run, and fails on any address that is not loopback.

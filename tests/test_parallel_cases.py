@@ -16,7 +16,8 @@ import torch
 
 from benchmarks.evaluate import compute_pre_edit
 from helpers import toy_cases
-from methods.base import get_method, load_hparams
+from methods.base import get_method
+from methods.hparams import load_hparams
 from orchestrator.grid import expand, parse_grid
 from orchestrator.scenarios import Scenario, plain_logits, run_scenario
 from kebench.core.errors import KebenchError
@@ -194,7 +195,7 @@ def test_each_case_keeps_its_own_parameters(tiny_lm, method):
 @pytest.mark.parametrize("method", ["ft-l", "ft-m"])
 def test_each_fine_tuning_case_trains_its_own_copy(tiny_lm, method):
     """Each case's trained projection equals the one-by-one edit's; the model's own weights never move."""
-    from methods._stats import down_proj
+    from methods.stats import down_proj
 
     cases = _cases(3)
     hparams = load_hparams(method, tiny_lm.name, "single", STAGGERED_BY_METHOD.get(method, STAGGERED))

@@ -9,7 +9,7 @@ Float32 cannot promise that.  A case-parallel batch rounds differently from a si
 and stacked interventions reduce over other lengths; even the matrix products of one row and of forty differ
 in their last bit), and BaFT's training on the tiny model at its YAML's lr = 0.1 is chaotic: a 1e-7 gap grows
 to 0.5 in the loss within 40 steps (1e-16 grows to 0.3 in float64).  So ``parallel_cases`` is part of a cell's
-identity (``test_parallel_cases_enters_the_cell_id``), and a store never holds one-by-one and case-parallel
+identity (``test_parallel_cases.py::test_parallel_cases_enters_the_cell_id_where_a_method_trains_cases_together``), and a store never holds one-by-one and case-parallel
 numbers under one id.
 """
 
@@ -23,7 +23,8 @@ import torch
 
 from benchmarks.evaluate import compute_pre_edit
 from helpers import toy_cases
-from methods.base import Editor, get_method, load_hparams
+from methods.base import Editor, get_method
+from methods.hparams import load_hparams
 from orchestrator.scenarios import Scenario, plain_logits, run_scenario
 
 TOLERANCE = 1e-6

@@ -7,7 +7,7 @@ import torch
 
 import methods.memit as memit_module
 from benchmarks.metrics import encode
-from methods._stats import second_moment
+from methods.stats import second_moment
 from methods.base import NonFiniteError, get_method
 from methods.rome import ValueSettings, capture, context_templates, encode_rows, optimize_value
 from helpers import TOY_CASES, changed_keys, make_editor, state_snapshot

@@ -145,7 +145,8 @@ def test_gpu_cells_are_scheduled_on_a_cpu_machine(tmp_path):
     import ray
 
     from orchestrator.grid import load_grid
-    from orchestrator.runner import local_ray_loopback, run_grid
+    from orchestrator.ray_session import local_ray_loopback
+    from orchestrator.runner import run_grid
 
     grid = load_grid(_grid(tmp_path, "gpu", resources={"num_cpus": 1, "num_gpus": 1}, scenarios=[{"kind": "single"}],
                            methods=["reft"]))

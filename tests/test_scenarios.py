@@ -18,11 +18,11 @@ CASES = [EditCase(f"c{i}", f"Question number {i} is", f"answer {i}") for i in ra
 
 def test_streams_follow_the_protocol():
     single = make_streams(CASES, Scenario("single"))
-    assert [[[c.case_id for c in call] for call in stream] for stream in single] == [[["c0"]], [["c1"]], [["c2"]], [["c3"]], [["c4"]], [["c5"]]]
+    assert [[[c.case_id for c in call] for call in stream.calls] for stream in single] == [[["c0"]], [["c1"]], [["c2"]], [["c3"]], [["c4"]], [["c5"]]]
     continual = make_streams(CASES, Scenario("continual", T=3))
-    assert [[[c.case_id for c in call] for call in s] for s in continual] == [[["c0"], ["c1"], ["c2"]], [["c3"], ["c4"], ["c5"]]]
+    assert [[[c.case_id for c in call] for call in s.calls] for s in continual] == [[["c0"], ["c1"], ["c2"]], [["c3"], ["c4"], ["c5"]]]
     batched = make_streams(CASES, Scenario("batched", B=3, T=2))
-    assert [[[c.case_id for c in call] for call in s] for s in batched] == [[["c0", "c1", "c2"], ["c3", "c4", "c5"]]]
+    assert [[[c.case_id for c in call] for call in s.calls] for s in batched] == [[["c0", "c1", "c2"], ["c3", "c4", "c5"]]]
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_a_restore_that_is_not_exact_stops_the_run(tiny_lm):
 
 
 def test_continual_run_reports_every_case_once(tiny_lm):
-    from methods.base import load_hparams
+    from methods.hparams import load_hparams
 
     hp = load_hparams("reft", "tiny-random-llama", "continual", {"max_steps": 2})
     result = run_scenario(tiny_lm, "reft", hp, CASES, Scenario("continual", T=3), seed=0, metrics=("rel", "gen", "loc"))
@@ -100,7 +100,7 @@ def test_downstream_is_scored_on_the_edited_model_and_the_unedited_one(tiny_lm):
     """PIQA after each stream uses the editor's logits (before restore); the unedited score is the plain model's."""
     from benchmarks.piqa import load_piqa, piqa_accuracy
     from benchmarks.registry import _DOWNSTREAM, register_downstream
-    from methods.base import load_hparams
+    from methods.hparams import load_hparams
     from orchestrator.scenarios import plain_logits
 
     seen: list[float] = []

