@@ -33,6 +33,15 @@ def _positive_int(text: str) -> int:
 MAX_SEED = 2**63 - 1  # seeds are stored in an int64 column (results/store.py)
 
 
+def _resamples(text: str) -> int:
+    from results.bootstrap import MAX_RESAMPLES
+
+    value = _positive_int(text)
+    if value > MAX_RESAMPLES:  # 10**7 took 1.9 GB on four cases (issue 31)
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_RESAMPLES:,}, got {value:,}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -132,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", help="write leaderboard.md and a self-contained leaderboard.html from a store")
     board.add_argument("--store", type=Path, required=True)
     board.add_argument("--out", type=Path, default=None, help="output folder (default: <store>/leaderboard)")
-    board.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    board.add_argument("--resamples", type=_resamples, default=1000,
+                       help="bootstrap resamples for the 95%% intervals (1..100,000)")
     board.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
     plan = sub.add_parser("plan", help="what a grid will cost: edits, seconds per edit, GPU-hours, wall time on N workers")
@@ -302,28 +312,13 @@ def _table(args: argparse.Namespace) -> int:
 
 def _render_readable(store: Path, table: str, fmt: str) -> str:
     """Render ``table``; unreadable Parquet files are named on stderr and left out (the rest renders)."""
-    import shutil
-    import tempfile
-
     from results.store import scan_store
     from results.tables import render
 
-    scan = scan_store(store)
-    if not scan.unreadable:
-        return render(store, table, fmt)
-    for path, reason in scan.unreadable:
+    unreadable = scan_store(store).unreadable
+    for path, reason in unreadable:
         print(f"kebench: warning: skipped unreadable {path} ({reason})", file=sys.stderr)
-    bad = {path.resolve() for path, _ in scan.unreadable}
-    shadow = Path(tempfile.mkdtemp(prefix="kebench-table-"))
-    try:  # a view of the store without the bad files: links to every other file
-        for file in store.rglob("*"):
-            if file.is_file() and file.resolve() not in bad:
-                target = shadow / file.relative_to(store)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to(file.resolve())
-        return render(shadow, table, fmt).replace(str(shadow), str(store))
-    finally:
-        shutil.rmtree(shadow, ignore_errors=True)
+    return render(store, table, fmt, skip=[path for path, _ in unreadable])
 
 
 def run_grid_command(args: argparse.Namespace) -> int:
@@ -393,7 +388,8 @@ def _leaderboard(args: argparse.Namespace) -> int:
     if not args.store.is_dir():
         raise KebenchError(f"store {args.store} does not exist")
     out = args.out or args.store / "leaderboard"
-    written = write_leaderboard(args.store, out, resamples=args.resamples, seed=args.seed)
+    written = write_leaderboard(args.store, out, resamples=args.resamples, seed=args.seed,
+                                on_warning=lambda text: print(f"kebench: warning: {text}", file=sys.stderr))
     for path in written:
         print(path)
     return 0

@@ -223,11 +223,22 @@ def artifact_path(store: Path, cell_row: Mapping[str, Any]) -> Path:
 
 def read_artifact(store: Path, cell_row: Mapping[str, Any]) -> dict[str, Any] | None:
     """The cell attempt's artifact, or None when it has none (failed cells, older stores) or it is unreadable."""
+    return load_artifact(store, cell_row)[0]
+
+
+def load_artifact(store: Path, cell_row: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """``(artifact, None)``, or ``(None, why)``: "missing", or "unreadable (<reason>)" for a truncated or junk
+    file, so that a reader can say what it left out instead of showing empty values."""
     path = artifact_path(store, cell_row)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable ({' '.join(str(exc).split())[:120] or type(exc).__name__})"
+    if not isinstance(data, dict):
+        return None, f"unreadable (a JSON {type(data).__name__}, not an object)"
+    return data, None
 
 
 def latest_attempts(store: Path) -> dict[str, tuple[int, str]]:
