@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from kebench.core.errors import KebenchError
+from kebench.core.errors import KebenchError, RunError
 from kebench.core.scenarios import is_scenario, scenario_names
 
 
@@ -78,6 +78,8 @@ def _override(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kebench", description="Benchmark knowledge-editing methods for LLMs.")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback behind a one-line error (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     edit = sub.add_parser("edit", help="run one method on one benchmark and scenario, print Rel/Gen/Loc/Por")
@@ -213,8 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return plan_command(args)
     except KebenchError as exc:
+        _debug_traceback(args)
         print(f"kebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except RunError as exc:  # found only while working (an inexact restore): one line, like a failed cell
+        _debug_traceback(args)
+        print(f"kebench: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kebench: interrupted", file=sys.stderr)
         return 130
@@ -224,6 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     return 0
+
+
+def _debug_traceback(args: argparse.Namespace) -> None:
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
 
 
 def check_output_path(path: Path, flag: str = "--out") -> None:
