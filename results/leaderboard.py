@@ -431,7 +431,7 @@ def _markdown(meta, groups: list[Group], tables, figures: list[Figure], failures
 
 def _md_cell(text: str) -> str:
     """Store text inside a Markdown table cell or image title: escaped, one line, no column breaks."""
-    return md_text(" ".join(str(text).split())).replace("|", "/").replace("[", "(").replace("]", ")")
+    return md_text(" ".join(str(text).split())).replace("|", "\\|").replace("[", "\\[").replace("]", "\\]")
 
 
 ARTIFACTS_SHOWN = 20  # missing artifacts named on the page (all of them go to stderr)

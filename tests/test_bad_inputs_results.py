@@ -512,3 +512,9 @@ def test_broken_plugins_are_one_line(plugin_runs, name, code, fragment):
     else:
         line = _one_line(got, out, err, expected=code)
         assert fragment in line, line
+
+
+def test_debug_shows_the_traceback_behind_the_one_line(tmp_path, capsys):
+    code, out, err = _run(["--debug", "edit", "--model", f"path:{tmp_path / 'nowhere'}", "--method", "reft"], capsys)
+    assert code == 2 and "Traceback" in err
+    assert err.rstrip().splitlines()[-1].startswith("kebench: error: model 'path:")
