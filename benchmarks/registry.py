@@ -82,7 +82,7 @@ B = TypeVar("B", bound=type[Benchmark])
 def register_benchmark(name: str) -> Callable[[B], B]:
     def decorate(cls: B) -> B:
         if name in _REGISTRY:
-            raise ValueError(f"benchmark {name!r} registered twice")
+            raise plugins.NameTaken("benchmark", name, _REGISTRY[name].__module__)
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -109,6 +109,7 @@ def get_benchmark(name: str) -> Benchmark:
         broken = plugins.failures(ENTRY_POINT_GROUP)
         hint = f"; {len(broken)} plug-in(s) failed to load (kebench list shows why)" if broken else ""
         raise KebenchError(f"unknown benchmark '{name}'; known: {', '.join(sorted(_REGISTRY))}{hint}")
+    plugins.check_unclaimed("benchmark", name)
     return _REGISTRY[name]()
 
 

@@ -22,7 +22,7 @@ import torch
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch
 from kebench.core import plugins
-from kebench.core.errors import KebenchError
+from kebench.core.errors import KebenchError, RunError
 from kebench.core.models import LoadedModel
 
 ENTRY_POINT_GROUP = "kebench.methods"
@@ -34,6 +34,10 @@ class EditStats:
 
     steps: int
     loss: float
+
+
+class RestoreError(RunError):
+    """``restore()`` did not return the model to its original outputs (checked after every stream)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -246,7 +250,7 @@ _REGISTRY: dict[str, type[Editor]] = {}
 def register_method(name: str) -> Callable[[E], E]:
     def decorate(cls: E) -> E:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"method {name!r} registered twice")
+            raise plugins.NameTaken("method", name, _REGISTRY[name].__module__)
         if not dataclasses.is_dataclass(getattr(cls, "hparams_class", None)):
             raise TypeError(f"method {name!r}: hparams_class must be a dataclass")
         cls.name = name
@@ -284,7 +288,8 @@ def method_names() -> list[str]:
 
 def method_source(name: str) -> str:
     """Where a method comes from: "kebench", the plug-in distribution that registered it, or its module."""
-    module = get_method(name).__module__
+    _load_methods()
+    module = _REGISTRY[name].__module__  # not get_method: kebench list shows a name a plug-in also claims
     if module.startswith("methods."):
         return "kebench"
     return plugins.distribution_of_module(module) or module
@@ -299,4 +304,5 @@ def get_method(name: str) -> type[Editor]:
         broken = plugins.failures(ENTRY_POINT_GROUP)
         hint = f"; {len(broken)} plug-in(s) failed to load (kebench list shows why)" if broken else ""
         raise KebenchError(f"unknown method '{name}'; known: {known}{hint}")
+    plugins.check_unclaimed("method", name)
     return _REGISTRY[name]

@@ -12,10 +12,8 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +23,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from kebench.core.errors import KebenchError
+from kebench.core.errors import KebenchError, RunError
 from kebench.core.scenarios import is_scenario, scenario_names
 from orchestrator._config import MAX_SEED
 
@@ -47,6 +45,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+
+
+def _resamples(text: str) -> int:
+    from results.bootstrap import MAX_RESAMPLES
+
+    value = _positive_int(text)
+    if value > MAX_RESAMPLES:  # 10**7 took 1.9 GB on four cases (issue 31)
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_RESAMPLES:,}, got {value:,}")
+    return value
 
 
 def _seed(text: str) -> int:
@@ -81,6 +88,8 @@ def _override(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kebench", description="Benchmark knowledge-editing methods for LLMs.")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback behind a one-line error (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     edit = sub.add_parser("edit", help="run one method on one benchmark and scenario, print Rel/Gen/Loc/Por")
@@ -148,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", help="write leaderboard.md and a self-contained leaderboard.html from a store")
     board.add_argument("--store", type=Path, required=True)
     board.add_argument("--out", type=Path, default=None, help="output folder (default: <store>/leaderboard)")
-    board.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    board.add_argument("--resamples", type=_resamples, default=1000,
+                       help="bootstrap resamples for the 95%% intervals (1..100,000)")
     board.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
     plan = sub.add_parser("plan", help="what a grid will cost: edits, seconds per edit, GPU-hours, wall time on N workers")
@@ -249,8 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "data":
             return _data(args)
     except KebenchError as exc:
+        _debug_traceback(args)
         print(f"kebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except RunError as exc:  # found only while working (an inexact restore): one line, like a failed cell
+        _debug_traceback(args)
+        print(f"kebench: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kebench: interrupted", file=sys.stderr)
         return 130
@@ -260,6 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     return 0
+
+
+def _debug_traceback(args: argparse.Namespace) -> None:
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
 
 
 def check_output_path(path: Path, flag: str = "--out") -> None:
@@ -352,22 +374,10 @@ def _render_readable(store: Path, table: str, fmt: str) -> str:
     from results.store import scan_store
     from results.tables import render
 
-    scan = scan_store(store)
-    if not scan.unreadable:
-        return render(store, table, fmt)
-    for path, reason in scan.unreadable:
+    unreadable = scan_store(store).unreadable
+    for path, reason in unreadable:
         print(f"kebench: warning: skipped unreadable {path} ({reason})", file=sys.stderr)
-    bad = {path.resolve() for path, _ in scan.unreadable}
-    shadow = Path(tempfile.mkdtemp(prefix="kebench-table-"))
-    try:  # a view of the store without the bad files: links to every other file
-        for file in store.rglob("*"):
-            if file.is_file() and file.resolve() not in bad:
-                target = shadow / file.relative_to(store)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to(file.resolve())
-        return render(shadow, table, fmt).replace(str(shadow), str(store))
-    finally:
-        shutil.rmtree(shadow, ignore_errors=True)
+    return render(store, table, fmt, skip=[path for path, _ in unreadable])
 
 
 def run_grid_command(args: argparse.Namespace) -> int:
@@ -434,7 +444,8 @@ def _leaderboard(args: argparse.Namespace) -> int:
     if not args.store.is_dir():
         raise KebenchError(f"store {args.store} does not exist")
     out = args.out or args.store / "leaderboard"
-    written = write_leaderboard(args.store, out, resamples=args.resamples, seed=args.seed)
+    written = write_leaderboard(args.store, out, resamples=args.resamples, seed=args.seed,
+                                on_warning=lambda text: print(f"kebench: warning: {text}", file=sys.stderr))
     for path in written:
         print(path)
     return 0

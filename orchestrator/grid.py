@@ -14,6 +14,7 @@ result store can skip cells it already holds when a grid is resumed or extended.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import itertools
@@ -234,8 +235,9 @@ class Cell:
         one whatever K says, and keep the one-by-one id."""
         return self.scenario.parallel_cases > 1 and get_method(self.method).has_case_parallel_path()
 
-    @property
+    @functools.cached_property
     def cell_id(self) -> str:
+        # cached: a plan or a resume asks for it several times per cell, and hashing is most of their time
         return hashlib.sha256(canonical_json(self.identity()).encode("utf-8")).hexdigest()[:_CELL_ID_CHARS]
 
     def row_key(self) -> dict[str, Any]:
@@ -653,9 +655,11 @@ def _resolve_all(methods: Sequence[MethodSpec], models: Sequence[str], scenarios
 def _seeds(value: Any, source: str) -> tuple[int, ...]:
     items = cfg.nonempty_list(value, source, "seeds")
     seeds: list[int] = []
+    seen: set[int] = set()  # a set, not the list: 200,000 seeds would take minutes to check (issue 31)
     for index, item in enumerate(items):
         where = f"seeds[{index}]"
         seed = cfg.integer(item, source, where, minimum=0, maximum=cfg.MAX_SEED)
-        cfg.no_duplicate(seed, seeds, source, where, "seed")
+        cfg.no_duplicate(seed, seen, source, where, "seed")
+        seen.add(seed)
         seeds.append(seed)
     return tuple(seeds)

@@ -472,8 +472,7 @@ def render_plan(plan: Plan, fmt: str = "md") -> str:
               f"wall time on {plan.workers} worker{'s' if plan.workers != 1 else ''}, one cell each at a time, longest "
               f"first: {_duration(plan.wall_hours)}; total/{plan.workers}: {_duration(plan.even_split_hours)}; "
               f"longest cell: {_duration(plan.longest_cell_hours)}"]
-    lines += [f"warning: {text}" for text in plan.warnings]
-    return "\n".join(lines)
+    return "\n".join(lines)  # warnings are not part of the plan: plan_command prints them on stderr
 
 
 def plan_command(args: Any) -> int:
@@ -487,7 +486,6 @@ def plan_command(args: Any) -> int:
     plan = make_plan(grid, cells, args.store or Path(grid.store), args.workers, args.from_store, args.edit_speed,
                      rerun_failed=args.rerun_failed)
     print(render_plan(plan, args.fmt))
-    if args.fmt != "md":
-        for text in plan.warnings:
-            print(f"kebench: warning: {text}", file=sys.stderr)
+    for text in plan.warnings:  # stderr in every format, so ``kebench plan > plan.md`` holds the plan only
+        print(f"kebench: warning: {text}", file=sys.stderr)
     return 0

@@ -41,7 +41,7 @@ from benchmarks.registry import ExtraScorer, get_downstream
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
 from kebench.core.scenarios import SHAPE_PARAMS, ScenarioKind, get_scenario_kind, scenario_kinds
-from methods.base import Editor, get_method
+from methods.base import Editor, RestoreError, get_method
 
 #: rows per scoring batch when K cases are scored together: the full-vocabulary logits of a batch dominate
 #: a small model's scoring memory (SmolLM2: 4 rows x 40 tokens x 49,152 x 4 bytes = 31 MB), and with refill the
@@ -383,7 +383,7 @@ def run_scenario(
         finally:
             editor.restore()
         if reference is not None and not torch.equal(_probe_logits(lm), reference):
-            raise RuntimeError(f"{method}: restore() did not return the model to its original outputs (stream {stream_index})")
+            raise RestoreError(f"{method}: restore() did not return the model to its original outputs (stream {stream_index})")
         for score in scores:
             seconds, steps = timings[score.case_id]
             result.cases.append(CaseResult(score.case_id, stream_index, score, seconds, steps))
@@ -451,7 +451,7 @@ def _run_case_parallel(lm: LoadedModel, editor_class: type[Editor], hparams, str
             finally:
                 group.restore()
             if reference is not None and not torch.equal(_probe_logits(lm), reference):
-                raise RuntimeError(f"{editor_class.name}: restore() did not return the model to its original outputs "
+                raise RestoreError(f"{editor_class.name}: restore() did not return the model to its original outputs "
                                    f"(cases {', '.join(case.case_id for case in done.cases)})")
             steps = {case.case_id: stats.steps for case, stats in zip(done.cases, done.stats)}
             for score in scores:

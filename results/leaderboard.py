@@ -7,6 +7,11 @@ Writes ``leaderboard.md`` (figures as files under ``plots/``) and one self-conta
 Per (model, benchmark, split, scenario, T, B, protocol) group the reference row ``unedited`` comes
 first, then the methods ranked by Avg.; each metric carries a 95% paired bootstrap interval
 (``results.bootstrap``) and a method whose Avg. interval overlaps the leader's is marked as tied.
+
+Faults (issue 31): unreadable store files are left out and named (``results.views.connect_readable``, as
+``kebench table`` does); every failed cell is listed with its reason, also when no cell of its group
+succeeded; an ok cell whose artifact is missing or unreadable is named, and its drill-down rows say so
+instead of showing empty prompts; text from the store is escaped in the Markdown as in the HTML.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import duckdb
 import numpy as np
@@ -27,11 +32,11 @@ from kebench.core import metrics as metric_registry
 from kebench.core.scenarios import get_scenario_kind, is_scenario, scenario_kinds
 from kebench.core.errors import KebenchError
 from results import plots
-from results.bootstrap import AVG, Estimate, bootstrap_group, resample_indices
+from results.bootstrap import AVG, Estimate, bootstrap_group, check_resamples, resample_indices
 from results.registry import REFERENCE_LABEL
-from results.render import RENDERERS
+from results.render import RENDERERS, md_text
 from results.tables import build_table, table_names
-from results.store import CELLS_DIR, has_files, read_artifact
+from results.store import CELLS_DIR, artifact_path, has_files, load_artifact, scan_store
 from results.views import connect, records
 
 GROUP_KEYS = ("model", "benchmark", "split", "scenario", "T", "B", "protocol")
@@ -46,6 +51,10 @@ WHERE c.status = 'ok'
 _FAILED_SQL = """
 SELECT model, benchmark, split, scenario, "T", "B", label, any_value(error) AS error
 FROM cells_latest WHERE status = 'failed' GROUP BY ALL
+"""
+_FAILED_CELLS_SQL = """
+SELECT model, benchmark, split, scenario, "T", "B", label, coalesce(error, 'failed') AS error, count(*) AS cells
+FROM cells_latest WHERE status = 'failed' GROUP BY ALL ORDER BY ALL
 """
 _OK_CELLS_SQL = """
 SELECT cell_id, attempt, model, benchmark, split, scenario, "T", "B", label, method
@@ -103,6 +112,7 @@ def leaderboard_groups(con: duckdb.DuckDBPyConnection, resamples: int = 1000, se
     for key in sorted(values, key=_group_order):
         by_label = values[key]
         cases = sorted({case for per_case in by_label.values() for case in per_case})
+        check_resamples(resamples, len(cases))
         metrics = sorted({m for per_case in by_label.values() for scores in per_case.values() for m in scores})
         indices = resample_indices(len(cases), resamples, seed)
         laid_out = {label: {m: [float(np.mean(per_case[c][m])) if per_case.get(c, {}).get(m) else np.nan for c in cases]
@@ -161,15 +171,30 @@ class Figure:
 CellKey = tuple  # (model, benchmark, split, scenario, T, B, label): a group key without the protocol, and the label
 
 
-def _artifacts(store: Path, con: duckdb.DuckDBPyConnection) -> list[tuple[CellKey, dict[str, Any]]]:
-    """Every ok cell's artifact (drill-down details, BaFT's gate weights), read once for both uses."""
-    out = []
+@dataclass(frozen=True)
+class ArtifactProblem:
+    """An ok cell whose artifact (drill-down details, gate weights) cannot be had."""
+
+    key: CellKey
+    path: Path
+    why: str  # "missing" or "unreadable (...)"
+
+    def describe(self) -> str:
+        return f"artifact {self.path} is {self.why}"
+
+
+def _artifacts(store: Path, con: duckdb.DuckDBPyConnection) -> tuple[list[tuple[CellKey, dict[str, Any]]], list[ArtifactProblem]]:
+    """Every ok cell's artifact (drill-down details, BaFT's gate weights), read once for both uses, and the
+    cells whose artifact is missing or unreadable (every ok cell is stored with one)."""
+    out, problems = [], []
     for cell in records(con, _OK_CELLS_SQL):
-        artifact = read_artifact(store, cell)
-        if artifact:
-            out.append(((cell["model"], cell["benchmark"], cell["split"], cell["scenario"], cell["T"], cell["B"],
-                         cell["label"]), artifact))
-    return out
+        key = (cell["model"], cell["benchmark"], cell["split"], cell["scenario"], cell["T"], cell["B"], cell["label"])
+        artifact, why = load_artifact(store, cell)
+        if artifact is not None:
+            out.append((key, artifact))
+        elif why is not None:
+            problems.append(ArtifactProblem(key, artifact_path(store, cell), why))
+    return out, problems
 
 
 def _figures(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]]) -> list[Figure]:
@@ -239,24 +264,36 @@ class Failure:
     target: str
     scores: dict[str, float]
     details: dict[str, str]
+    #: why the prompt, target and argmax are not known ("" when they are): the artifact that held them
+    unknown: str = ""
 
 
-def _drilldown(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]]) -> dict[tuple[str, str], list[Failure]]:
+def _drilldown(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]],
+               problems: list[ArtifactProblem] = ()) -> dict[tuple[str, str], list[Failure]]:
     """(group title, label) -> the cases the method fails (Rel < 1 or Loc < 1), with the model's argmax."""
     cases_of: dict[CellKey, dict[str, Any]] = defaultdict(dict)  # -> case id -> prompt, target, details
     for key, artifact in artifacts:
         cases_of[key].update(artifact.get("cases", {}))
+    lost: dict[CellKey, list[ArtifactProblem]] = defaultdict(list)
+    for problem in problems:
+        lost[problem.key].append(problem)
     out: dict[tuple[str, str], list[Failure]] = {}
     for group in groups:
         k = group.key
         for entry in group.entries:
             if entry.reference:
                 continue
-            cases = cases_of.get((k["model"], k["benchmark"], k["split"], k["scenario"], k["T"], k["B"], entry.label), {})
+            key = (k["model"], k["benchmark"], k["split"], k["scenario"], k["T"], k["B"], entry.label)
+            cases = cases_of.get(key, {})
+            missing = "; ".join(problem.describe() for problem in lost.get(key, []))
             failing = []
             for case_id, scores in sorted(group.per_case.get(entry.label, {}).items()):
                 if scores.get("rel", 1.0) < 1.0 or scores.get("loc", 1.0) < 1.0:
-                    info = cases.get(case_id, {})
+                    info = cases.get(case_id)
+                    if info is None:  # say why instead of showing '' → target ''
+                        failing.append(Failure(case_id, "", "", scores, {},
+                                               missing or "no artifact of this cell describes the case"))
+                        continue
                     details = (info.get("details") or {}).get(k["protocol"], {})
                     failing.append(Failure(case_id, info.get("prompt", ""), info.get("target", ""), scores, details))
             if failing:
@@ -281,33 +318,68 @@ def _provenance(con: duckdb.DuckDBPyConnection) -> dict[str, list[dict[str, Any]
     }
 
 
+@dataclass
+class Omissions:
+    """What the page could not show, and why: it is written anyway, and says so."""
+
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # store files left out
+    artifacts: list[ArtifactProblem] = field(default_factory=list)
+    #: every failed cell (latest attempt): model, benchmark, split, scenario, T, B, label, error, cells
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    def warnings(self) -> list[str]:
+        """One line per thing left out, for stderr."""
+        lines = [f"skipped unreadable {path} ({reason})" for path, reason in self.unreadable]
+        lines += [f"{problem.describe()}: its drill-down details and figures are left out" for problem in self.artifacts]
+        return lines
+
+
+def _failed_title(row: dict[str, Any]) -> str:
+    return (f"{row['model']} · {row['benchmark']}/{row['split']} · {_shape(row['scenario'], row['T'], row['B'])} · "
+            f"{row['label']}")
+
+
 # --------------------------------------------------------------------------- writing
 
-def write_leaderboard(store: Path, out: Path, resamples: int = 1000, seed: int = 0) -> list[Path]:
-    """Write ``leaderboard.md``, ``leaderboard.html`` and ``plots/*.png`` under ``out``; returns the two pages."""
+def write_leaderboard(store: Path, out: Path, resamples: int = 1000, seed: int = 0,
+                      on_warning: Callable[[str], None] | None = None) -> list[Path]:
+    """Write ``leaderboard.md``, ``leaderboard.html`` and ``plots/*.png`` under ``out``; returns the two pages.
+
+    ``on_warning`` gets one line per thing left out (an unreadable store file, a missing artifact); the
+    pages name them too."""
     store, out = Path(store), Path(out)
     if not has_files(store, CELLS_DIR):
         raise KebenchError(f"no results in {store}: run a grid into it first")
+    check_resamples(resamples)
+    omitted = Omissions(unreadable=scan_store(store).unreadable)
+    skip = [path for path, _ in omitted.unreadable]
+    if not any(path for path in (store / CELLS_DIR).rglob("*.parquet") if path not in skip):
+        first, reason = omitted.unreadable[0]
+        raise KebenchError(f"no readable results in {store}: every cells file is unreadable, e.g. {first} ({reason})")
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "plots").mkdir(exist_ok=True)
     except OSError as exc:
         raise KebenchError(f"--out {out}: cannot create: {exc.strerror or exc}") from None
-    with connect(store) as con:
+    with connect(store, skip) as con:
         groups = leaderboard_groups(con, resamples, seed)
         tables = [(name, built) for name in table_names() if (built := build_table(con, name)) is not None]
-        artifacts = _artifacts(store, con)
+        artifacts, omitted.artifacts = _artifacts(store, con)
         figures = _figures(groups, artifacts)
-        failures = _drilldown(groups, artifacts)
+        failures = _drilldown(groups, artifacts, omitted.artifacts)
         provenance = _provenance(con)
+        omitted.failed = records(con, _FAILED_CELLS_SQL)
+    for line in omitted.warnings():
+        if on_warning is not None:
+            on_warning(line)
     for figure in figures:
         (out / "plots" / figure.name).write_bytes(figure.png)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = {"store": str(store), "generated": stamp, "resamples": resamples, "seed": seed}
     markdown = out / "leaderboard.md"
-    markdown.write_text(_markdown(meta, groups, tables, figures, failures, provenance), encoding="utf-8")
+    markdown.write_text(_markdown(meta, groups, tables, figures, failures, provenance, omitted), encoding="utf-8")
     page = out / "leaderboard.html"
-    page.write_text(_html(meta, groups, tables, figures, failures, provenance), encoding="utf-8")
+    page.write_text(_html(meta, groups, tables, figures, failures, provenance, omitted), encoding="utf-8")
     return [markdown, page]
 
 
@@ -323,31 +395,69 @@ def _intro(meta: dict[str, Any]) -> str:
             "overlaps the leader's is tied with it.")
 
 
-def _markdown(meta, groups: list[Group], tables, figures: list[Figure], failures, provenance) -> str:
-    out = ["# kebench leaderboard", "", _intro(meta), ""]
+def _markdown(meta, groups: list[Group], tables, figures: list[Figure], failures, provenance,
+              omitted: Omissions | None = None) -> str:
+    omitted = omitted or Omissions()
+    out = ["# kebench leaderboard", "", md_text(_intro(meta)), ""]
+    out += _markdown_left_out(omitted)
+    if not groups:
+        out += ["No cell of this store has results; the failed cells and their reasons are listed below.", ""]
     for group in groups:
         metrics = group.metrics
-        out += [f"## {group.title}", ""]
+        out += [f"## {md_text(group.title)}", ""]
         header = ["Rank", "Method"] + [metric_registry.label(m) for m in metrics] + ["Avg.", "Cases", ""]
         out += ["| " + " | ".join(header) + " |", "| ---: | --- |" + " ---: |" * (len(metrics) + 2) + " --- |"]
         rank = 0
         for entry in group.entries:
             rank_text = "ref." if entry.reference else str(rank := rank + 1)
             cells = [_fmt(entry.estimates.get(m)) for m in metrics + [AVG]]
-            label = f"**{entry.label}**" if entry.status == "leader" else entry.label
+            label = f"**{md_text(entry.label)}**" if entry.status == "leader" else md_text(entry.label)
             out.append("| " + " | ".join([rank_text, label, *cells, str(entry.cases), entry.status]) + " |")
         for label, error in sorted(group.failed.items()):
-            out.append(f"| × | {label} |" + " × |" * (len(metrics) + 1) + f" – | failed: {error.replace('|', '/')} |")
+            out.append(f"| × | {md_text(label)} |" + " × |" * (len(metrics) + 1)
+                       + f" – | failed: {_md_cell(error)} |")
         out.append("")
     out += ["# The paper's tables", ""]
     for _, built in tables:
         out += [RENDERERS["md"](built), ""]
     if figures:
         out += ["# Figures", ""]
-        out += [f"![{figure.title}](plots/{figure.name})\n" for figure in figures]
+        out += [f"![{_md_cell(figure.title)}](plots/{figure.name})\n" for figure in figures]
+    out += _markdown_failed_cells(omitted.failed)
     out += _markdown_drilldown(failures)
     out += _markdown_provenance(provenance)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _md_cell(text: str) -> str:
+    """Store text inside a Markdown table cell or image title: escaped, one line, no column breaks."""
+    return md_text(" ".join(str(text).split())).replace("|", "\\|").replace("[", "\\[").replace("]", "\\]")
+
+
+ARTIFACTS_SHOWN = 20  # missing artifacts named on the page (all of them go to stderr)
+
+
+def _markdown_left_out(omitted: Omissions) -> list[str]:
+    if not omitted.unreadable and not omitted.artifacts:
+        return []
+    out = ["## Left out of this page", ""]
+    out += [f"- unreadable store file `{path}` ({md_text(reason)}): its rows are not shown"
+            for path, reason in omitted.unreadable]
+    out += [f"- {md_text(problem.describe())}: drill-down details and figures of "
+            f"{md_text(problem.key[-1])} on {md_text(problem.key[0])} · {md_text(problem.key[1])}/{md_text(problem.key[2])} "
+            "are left out" for problem in omitted.artifacts[:ARTIFACTS_SHOWN]]
+    if len(omitted.artifacts) > ARTIFACTS_SHOWN:
+        out.append(f"- … and {len(omitted.artifacts) - ARTIFACTS_SHOWN} more missing or unreadable artifacts "
+                   "(kebench leaderboard names every one on stderr)")
+    return out + [""]
+
+
+def _markdown_failed_cells(failed: list[dict[str, Any]]) -> list[str]:
+    if not failed:
+        return []
+    out = ["# Failed cells (latest attempt)", "", "| Cell | Seeds | Reason |", "| --- | ---: | --- |"]
+    out += [f"| {_md_cell(_failed_title(row))} | {row['cells']} | {_md_cell(row['error'])} |" for row in failed]
+    return out + [""]
 
 
 def _markdown_drilldown(failures) -> list[str]:
@@ -355,13 +465,16 @@ def _markdown_drilldown(failures) -> list[str]:
         return []
     out = ["# Failed cases (Rel. < 1 or Loc. < 1)", ""]
     for (title, label), cases in failures.items():
-        out += [f"## {label} · {title} ({len(cases)} cases)", ""]
+        out += [f"## {md_text(label)} · {md_text(title)} ({len(cases)} cases)", ""]
         for failure in cases[:DRILLDOWN_LIMIT]:
             scores = ", ".join(f"{metric_registry.label(m)} {v:.2f}" for m, v in failure.scores.items())
-            out.append(f"- `{failure.case_id}` ({scores}): {failure.prompt!r} → target {failure.target!r}; "
-                       f"model's argmax: {failure.details.get('rel_output', '?')!r}"
-                       + (f"; locality {failure.details['loc_prompt']!r}: {failure.details.get('loc_output')!r} "
-                          f"(unedited {failure.details.get('loc_unedited')!r})" if "loc_prompt" in failure.details else ""))
+            if failure.unknown:
+                out.append(md_text(f"- `{failure.case_id}` ({scores}): prompt, target and argmax unknown: {failure.unknown}"))
+                continue
+            out.append(md_text(f"- `{failure.case_id}` ({scores}): {failure.prompt!r} → target {failure.target!r}; "
+                               f"model's argmax: {failure.details.get('rel_output', '?')!r}"
+                               + (f"; locality {failure.details['loc_prompt']!r}: {failure.details.get('loc_output')!r} "
+                                  f"(unedited {failure.details.get('loc_unedited')!r})" if "loc_prompt" in failure.details else "")))
         if len(cases) > DRILLDOWN_LIMIT:
             out.append(f"- … and {len(cases) - DRILLDOWN_LIMIT} more (leaderboard.html lists all)")
         out.append("")
@@ -370,14 +483,14 @@ def _markdown_drilldown(failures) -> list[str]:
 
 def _markdown_provenance(provenance) -> list[str]:
     out = ["# Provenance", "", "| Model | Method | Cells | Code | Device | Dtype |", "| --- | --- | ---: | --- | --- | --- |"]
-    out += [f"| {r['model']} | {r['label']} | {r['cells']} | {r['code_version']} | {r['device'] or '–'} | {r['dtype'] or '–'} |"
-            for r in provenance["cells"]]
+    out += [f"| {_md_cell(r['model'])} | {_md_cell(r['label'])} | {r['cells']} | {_md_cell(r['code_version'])} | "
+            f"{_md_cell(r['device'] or '–')} | {_md_cell(r['dtype'] or '–')} |" for r in provenance["cells"]]
     out += ["", "Data files (sha256 of the files each split reads):", ""]
-    out += [f"- {r['benchmark']}/{r['split']}: `{r['data_sha256']}`" for r in provenance["data"]]
+    out += [f"- {md_text(r['benchmark'])}/{md_text(r['split'])}: `{md_text(r['data_sha256'])}`" for r in provenance["data"]]
     out += ["", "Notes recorded with the results (statistics corpora, substituted splits, hyperparameter files):", ""]
-    out += [f"- {note}" for note in provenance["notes"]]
+    out += [f"- {md_text(note)}" for note in provenance["notes"]]
     packages = {r["packages"] for r in provenance["cells"] if r["packages"]}
-    out += ["", "Packages: " + "; ".join(sorted(_packages_text(p) for p in packages))]
+    out += ["", "Packages: " + md_text("; ".join(sorted(_packages_text(p) for p in packages)))]
     return out
 
 
@@ -403,7 +516,9 @@ td.text{text-align:left;white-space:normal;max-width:28rem}.note{font-size:.85re
 """
 
 
-def _html(meta, groups: list[Group], tables, figures: list[Figure], failures, provenance) -> str:
+def _html(meta, groups: list[Group], tables, figures: list[Figure], failures, provenance,
+          omitted: Omissions | None = None) -> str:
+    omitted = omitted or Omissions()
     esc = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -411,7 +526,21 @@ def _html(meta, groups: list[Group], tables, figures: list[Figure], failures, pr
            "<h1>kebench leaderboard</h1>", f"<p>{esc(_intro(meta)).replace('`', '')}</p>"]
     out.append('<nav><ul>' + "".join(f'<li><a href="#group-{i}">{esc(g.title)}</a></li>' for i, g in enumerate(groups))
                + '<li><a href="#tables">The paper\'s tables</a></li><li><a href="#figures">Figures</a></li>'
-                 '<li><a href="#failures">Failed cases</a></li><li><a href="#provenance">Provenance</a></li></ul></nav>')
+                 '<li><a href="#failed-cells">Failed cells</a></li><li><a href="#failures">Failed cases</a></li>'
+                 '<li><a href="#provenance">Provenance</a></li></ul></nav>')
+    if omitted.unreadable or omitted.artifacts:
+        out.append('<section id="left-out"><h2>Left out of this page</h2><ul>')
+        out += [f"<li>unreadable store file <code>{esc(str(path))}</code> ({esc(reason)}): its rows are not shown</li>"
+                for path, reason in omitted.unreadable]
+        out += [f"<li>{esc(problem.describe())}: drill-down details and figures of {esc(str(problem.key[-1]))} on "
+                f"{esc(str(problem.key[0]))} · {esc(str(problem.key[1]))}/{esc(str(problem.key[2]))} are left out</li>"
+                for problem in omitted.artifacts[:ARTIFACTS_SHOWN]]
+        if len(omitted.artifacts) > ARTIFACTS_SHOWN:
+            out.append(f"<li>… and {len(omitted.artifacts) - ARTIFACTS_SHOWN} more missing or unreadable artifacts "
+                       "(kebench leaderboard names every one on stderr)</li>")
+        out.append("</ul></section>")
+    if not groups:
+        out.append("<p>No cell of this store has results; the failed cells and their reasons are listed below.</p>")
     for index, group in enumerate(groups):
         metrics = group.metrics
         out.append(f'<section class="group" id="group-{index}"><h2>{esc(group.title)}</h2>')
@@ -437,6 +566,14 @@ def _html(meta, groups: list[Group], tables, figures: list[Figure], failures, pr
         data = base64.b64encode(figure.png).decode("ascii")
         out.append(f'<figure><img alt="{esc(figure.title)}" src="data:image/png;base64,{data}">'
                    f"<figcaption>{esc(figure.title)}</figcaption></figure>")
+    out.append('</section><section id="failed-cells"><h1>Failed cells (latest attempt)</h1>')
+    if omitted.failed:
+        out.append("<table class=\"failed-cells\"><thead><tr><th>Cell</th><th>Seeds</th><th>Reason</th></tr></thead><tbody>")
+        out += [f'<tr><td class="text">{esc(_failed_title(row))}</td><td>{row["cells"]}</td>'
+                f'<td class="text">{esc(str(row["error"]))}</td></tr>' for row in omitted.failed]
+        out.append("</tbody></table>")
+    else:
+        out.append("<p>None.</p>")
     out.append('</section><section id="failures"><h1>Failed cases (Rel. &lt; 1 or Loc. &lt; 1)</h1>')
     for (title, label), cases in failures.items():
         out.append(f"<details><summary>{esc(label)} · {esc(title)} ({len(cases)} cases)</summary>"
@@ -444,6 +581,10 @@ def _html(meta, groups: list[Group], tables, figures: list[Figure], failures, pr
                    "<th>Model's argmax</th><th>Locality (edited / unedited argmax)</th></tr></thead><tbody>")
         for failure in cases:
             scores = ", ".join(f"{metric_registry.label(m)} {v:.2f}" for m, v in failure.scores.items())
+            if failure.unknown:
+                out.append(f"<tr><td>{esc(failure.case_id)}</td><td>{esc(scores)}</td>"
+                           f"<td class=\"text\" colspan=\"4\">prompt, target and argmax unknown: {esc(failure.unknown)}</td></tr>")
+                continue
             loc = ""
             if "loc_prompt" in failure.details:
                 loc = (f"{esc(failure.details['loc_prompt'])} → <code>{esc(failure.details.get('loc_output', ''))}</code> / "

@@ -13,6 +13,13 @@ from results.registry import FAILED, NOT_RUN, Block, Table
 FORMATS = ("md", "latex", "csv", "html")
 
 
+def md_text(text: object) -> str:
+    """Text from the store (prompts, labels, errors, notes, model paths) made inert in Markdown: Markdown
+    passes raw HTML through, so ``<script>`` in a prompt would run where the page is rendered; ``&<>``
+    become entities, as the HTML page escapes them (quotes are left alone: they are harmless here)."""
+    return html.escape(str(text), quote=False)
+
+
 def _flat_header(block: Block) -> list[str]:
     return [f"{group.name} {column}" for group in block.groups for column in group.columns]
 
@@ -32,16 +39,17 @@ def _markdown(table: Table) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
     marks = {"best": "**{}**", "second": "<u>{}</u>", "": "{}"}
-    out = [f"## {table.title}", ""]
+    out = [f"## {md_text(table.title)}", ""]
     for block in table.blocks:
         if block.title:
-            out += [f"### {block.title}", ""]
-        header = ["Method"] + _flat_header(block)
+            out += [f"### {md_text(block.title)}", ""]
+        header = ["Method"] + [md_text(text) for text in _flat_header(block)]
         out += [line(header), "| --- |" + " ---: |" * (len(header) - 1)]
-        out += [line([label] + [marks[cell.mark].format(cell.text) for cell in cells]) for label, cells in block.rows]
+        out += [line([md_text(label)] + [marks[cell.mark].format(md_text(cell.text)) for cell in cells])
+                for label, cells in block.rows]
         out.append("")
     notes = table.notes + _legend(table)
-    out += ["Notes:", ""] + [f"- {note}" for note in notes] if notes else []
+    out += ["Notes:", ""] + [f"- {md_text(note)}" for note in notes] if notes else []
     return "\n".join(out).rstrip()
 
 

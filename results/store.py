@@ -26,11 +26,17 @@ globs it) and re-runs its cell as a new attempt.  An ``ok`` cell whose cases fil
 partition) counts as missing too.  One driver at a time: ``StoreLock`` holds ``<store>/.kebench.lock``
 (``flock``, with the holder's PID and host written inside) for the whole run; a second driver gets a
 one-line error naming the holder; the kernel releases the lock when its holder dies, so a stale lock
-file is simply taken over.
+file is simply taken over.  Taking the lock also removes temporary files that killed writers left
+(``.tmp-*`` not touched for ``STALE_TMP_SECONDS``): every writer holds the lock, so none of them is live.
+
+A full disk (issue 31): ``check_store_writable`` checks the free space and writes a real probe of
+``PROBE_BYTES`` (an empty file is created on a full file system), and a write that runs out of space
+mid-grid is a ``StoreFullError`` (a ``KebenchError``: one line, exit 2) naming the store and the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import fcntl
@@ -38,6 +44,7 @@ import importlib.metadata
 import json
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +68,14 @@ TMP_PREFIX = ".tmp-"
 TMP_SUFFIX = ".parquet.tmp"
 CORRUPT_SUFFIX = ".corrupt"
 LOCK_NAME = ".kebench.lock"
+#: the probe ``check_store_writable`` writes: a cell attempt's files are well under this
+PROBE_BYTES = 1 << 20
+#: a cell attempt creates up to three files and nine partition folders
+MIN_FREE_INODES = 64
+#: a temporary file untouched this long is a killed writer's (a live write rewrites it continuously; a probe
+#: lives for milliseconds), so the lock holder may remove it
+STALE_TMP_SECONDS = 60.0
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 STATUSES = ("ok", "failed")
 
@@ -224,11 +239,22 @@ def artifact_path(store: Path, cell_row: Mapping[str, Any]) -> Path:
 
 def read_artifact(store: Path, cell_row: Mapping[str, Any]) -> dict[str, Any] | None:
     """The cell attempt's artifact, or None when it has none (failed cells, older stores) or it is unreadable."""
+    return load_artifact(store, cell_row)[0]
+
+
+def load_artifact(store: Path, cell_row: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """``(artifact, None)``, or ``(None, why)``: "missing", or "unreadable (<reason>)" for a truncated or junk
+    file, so that a reader can say what it left out instead of showing empty values."""
     path = artifact_path(store, cell_row)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable ({' '.join(str(exc).split())[:120] or type(exc).__name__})"
+    if not isinstance(data, dict):
+        return None, f"unreadable (a JSON {type(data).__name__}, not an object)"
+    return data, None
 
 
 def latest_attempts(store: Path) -> dict[str, tuple[int, str]]:
@@ -316,9 +342,50 @@ def quarantine(path: Path) -> Path:
     return target
 
 
+class StoreFullError(KebenchError):
+    """The store's file system ran out of space (or quota) during a write."""
+
+
+def _no_space(exc: OSError) -> bool:
+    # pyarrow's write errors are OSErrors that carry the text, not always the errno
+    return exc.errno in _NO_SPACE or "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
+
+
+@dataclass(frozen=True)
+class Room:
+    """Free space of a file system: bytes, and inodes where it counts them (None: no inode limit)."""
+
+    bytes: int
+    inodes: int | None
+
+    @property
+    def enough(self) -> bool:
+        return self.bytes >= PROBE_BYTES and (self.inodes is None or self.inodes >= MIN_FREE_INODES)
+
+    def __str__(self) -> str:
+        return f"{self.bytes:,} bytes" + ("" if self.inodes is None else f" and {self.inodes:,} inodes") + " free"
+
+
+def _room(path: Path) -> Room | None:
+    try:
+        info = os.statvfs(path)
+    except (OSError, AttributeError):  # not POSIX, or the call is refused: the probe write still decides
+        return None
+    # f_files == 0: the file system has no inode limit (btrfs, some network file systems)
+    return Room(info.f_bavail * info.f_frsize, info.f_favail if info.f_files else None)
+
+
+def _full_message(store: Path, room: Room | None) -> str:
+    return (f"store {store} is on a full file system ({room or 'no space left'}; a run needs at least "
+            f"{PROBE_BYTES:,} bytes and {MIN_FREE_INODES} inodes); free some space or choose another --store")
+
+
 def check_store_writable(store: Path) -> Path:
     """Create the store directory if needed and prove a file can be written there; a one-line error if not
-    (a path that is a file or lies under one, a read-only directory or file system)."""
+    (a path that is a file or lies under one, a read-only directory or file system, a full one).
+
+    The probe is ``PROBE_BYTES`` of real data, synced: on a full file system an empty file can still be
+    created, and every write after the cells were computed would fail."""
     store = Path(store)
     for parent in [store, *store.parents]:
         if parent.exists():
@@ -326,16 +393,46 @@ def check_store_writable(store: Path) -> Path:
                 what = "is a file" if parent == store else f"lies under {parent}, which is a file"
                 raise KebenchError(f"store {store} {what}; choose a directory")
             break
+    probe = store / f"{TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
         store.mkdir(parents=True, exist_ok=True)
-        probe = store / f"{TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
+        room = _room(store)
+        if room is not None and not room.enough:
+            raise KebenchError(_full_message(store, room))
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * PROBE_BYTES)
+            handle.flush()
+            os.fsync(handle.fileno())  # a network or delayed-allocation file system reports ENOSPC here
     except OSError as exc:
+        if _no_space(exc):
+            raise KebenchError(_full_message(store, _room(store))) from None
         reason = exc.strerror or str(exc)
         raise KebenchError(f"store {store} is not writable ({reason}); choose another --store or fix its "
                            "permissions") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
     return store
+
+
+def clean_stale_temporaries(store: Path, older_than: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Remove ``.tmp-*`` files (of killed writes and probes) not modified for ``older_than`` seconds; only
+    the holder of the store's lock may call this (``StoreLock.acquire`` does), as every writer holds it."""
+    store = Path(store)
+    cutoff = time.time() - older_than
+    removed: list[Path] = []
+    candidates = list(store.glob(f"{TMP_PREFIX}*"))
+    for dataset in (CASES_DIR, CELLS_DIR, ARTIFACTS_DIR):
+        if (store / dataset).is_dir():
+            candidates += (store / dataset).rglob(f"{TMP_PREFIX}*")
+    for path in candidates:
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # gone already, or not ours to remove: leave it
+            continue
+    return removed
 
 
 class StoreLock:
@@ -349,6 +446,8 @@ class StoreLock:
     def __init__(self, store: Path) -> None:
         self.path = Path(store) / LOCK_NAME
         self._fd: int | None = None
+        #: stale temporary files removed when the lock was taken
+        self.cleaned: list[Path] = []
 
     def holder(self) -> dict[str, Any]:
         try:
@@ -374,6 +473,8 @@ class StoreLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode("utf-8"))
         self._fd = fd
+        # No other writer is live now: what killed writes left behind can go.
+        self.cleaned = clean_stale_temporaries(self.path.parent)
 
     def release(self) -> None:
         if self._fd is None:
@@ -523,23 +624,39 @@ def _to_table(schema: pa.Schema, rows: Sequence[Mapping[str, Any]], where: str) 
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.stem}-{uuid.uuid4().hex[:8]}.json.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _atomic(path, tmp, lambda: tmp.write_bytes(data))
 
 
 def _atomic_write(path: Path, table: pa.Table) -> None:
     """Write to a temporary file in the target directory, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.stem}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    _atomic(path, tmp, lambda: pq.write_table(table, tmp))
+
+
+def _atomic(path: Path, tmp: Path, write: Callable[[], Any]) -> None:
+    """``write`` the temporary file, rename it to ``path``; a full disk is one ``StoreFullError`` naming the
+    store and the file, and the temporary file never stays behind."""
     try:
-        pq.write_table(table, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write()
         os.replace(tmp, path)
+    except OSError as exc:
+        if not _no_space(exc):
+            raise
+        store = _store_of(path)
+        raise StoreFullError(f"store {store} ran out of space writing {path.relative_to(store)} "
+                             f"({_room(store) or 'no space left'}): this cell was computed but not stored; the cells "
+                             "stored before it are kept; free some space and run the same command again to "
+                             "resume") from None
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _store_of(path: Path) -> Path:
+    """The store directory a data file lies in: the parent of its cells/, cases/ or artifacts/ folder."""
+    for parent in path.parents:
+        if parent.name in (CASES_DIR, CELLS_DIR, ARTIFACTS_DIR):
+            return parent.parent
+    return path.parent

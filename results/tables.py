@@ -9,6 +9,7 @@ side imports the other back.  A plug-in's table is one ``@register_table`` funct
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
 
 import duckdb
 
@@ -59,15 +60,16 @@ def build_table(con: duckdb.DuckDBPyConnection, table: str) -> Table | None:
     return Table(definition.title, blocks, notes)
 
 
-def render(store: Path, table: str, fmt: str) -> str:
-    """Render a registered table from the store as Markdown, LaTeX, CSV or HTML."""
+def render(store: Path, table: str, fmt: str, skip: Collection[Path] = ()) -> str:
+    """Render a registered table from the store as Markdown, LaTeX, CSV or HTML; ``skip``: unreadable
+    files to leave out (``results.views.connect_readable`` finds them)."""
     definition = get_table(table)
     if fmt not in FORMATS:
         raise KebenchError(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}")
     store = Path(store)
     if not has_files(store, CELLS_DIR):
         return f"no results in {store}"
-    with connect(store) as con:
+    with connect(store, skip) as con:
         built = build_table(con, definition.name)
     if built is None:
         return f"no {table} results in {store}"
