@@ -390,15 +390,11 @@ def _check_streams(source: str, index: int, bench: BenchmarkSpec, n: int, scenar
     """The scenario splits the cases into streams of T·B (``make_streams``); a remainder would be dropped
     silently or fail hours into a run, so it is an error up front."""
     size = scenario.cases_per_stream
-    if n < size:
-        raise KebenchError(
-            f"{source}: benchmarks[{index}].n: {bench.name}/{bench.split} selects {n} cases, fewer than the {size} one "
-            f"stream of scenario {scenario.label} edits; choose n as a multiple of {size}"
-        )
     if n % size:
         raise KebenchError(
             f"{source}: benchmarks[{index}] ({bench.name}/{bench.split}, n={n}) does not split into streams of "
-            f"{size} for scenario {scenario.label}; choose n as a multiple of {size}"
+            f"{size} for scenario {scenario.label}{' (fewer cases than one stream)' if n < size else ''}; choose n as a "
+            f"multiple of {size}"
         )
 
 

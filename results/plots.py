@@ -1,7 +1,8 @@
 """The leaderboard's figures, drawn with matplotlib (Agg backend) and returned as PNG bytes.
 
 - ``tradeoff``: Rel. against Loc. per method with 95% intervals (the editing-locality trade-off);
-- ``metric_curves``: each metric against T (continual editing, paper Fig. 3; batched editing per B);
+- ``metric_curves``: each metric against T (continual editing, paper Fig. 3; batched editing per B) or
+  against the edits made so far (lifelong editing's checkpoints), 95% bootstrap bands;
 - ``gate_weights``: BaFT's mean per-basis gate weight on edited, rephrased and unrelated inputs
   (paper Fig. 2), from the per-cell artifacts.
 """
