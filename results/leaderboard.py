@@ -215,7 +215,7 @@ def _figures(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]
             if max(len(points) for points in series.values()) < 2:
                 continue  # a single T is a table row, not a curve
             shape = kind.format(kind.curve_title, 0, b)
-            x_label = "edits made (checkpoint)" if x_name == "checkpoint" else x_name
+            x_label = "edits made so far" if x_name == "checkpoint" else x_name
             title = f"{model} · {benchmark}/{split} · {shape} · {protocol}: metrics against {x_label}"
             figures.append(Figure(_slug(f"{scenario}-curves", {"m": model, "b": benchmark, "s": split, "B": b, "p": protocol}),
                                   title, plots.metric_curves(title, x_label, series)))
