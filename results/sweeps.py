@@ -37,10 +37,12 @@ FROM trials_latest
 WHERE ($sweep IS NULL OR sweep = $sweep)
 ORDER BY sweep, finished_at, trial_id
 """
+#: a trial scored at checkpoints (lifelong) counts at its last one, as the leaderboard ranks it
 _MEANS_SQL = """
 SELECT cell_id, metric, avg(value) AS mean
-FROM trial_cases
-WHERE protocol = $protocol
+FROM (SELECT * FROM trial_cases
+      WHERE protocol = $protocol
+      QUALIFY checkpoint IS NOT DISTINCT FROM max(checkpoint) OVER (PARTITION BY cell_id))
 GROUP BY ALL
 """
 

@@ -255,17 +255,20 @@ def test_table_shape_and_the_leaderboard_ranks_at_the_last_checkpoint(tmp_path):
     _put(tmp_path, "a", {2: [1.0, 1.0], 4: [0.2] * 4})
     _put(tmp_path, "b", {2: [0.0, 0.0], 4: [0.4] * 4})
     _put(tmp_path, "c", {}, status="failed")
+    _put(tmp_path, "d", {2: [1.0, 0.0]})  # a shorter stream (N = 2): ranked in a group of its own
     table = render(tmp_path, "lifelong", "md")
     assert "### tiny-random-llama · zsre · B=1" in table
     assert "| Method | 2 edits Rel. | 2 edits Avg. | 4 edits Rel. | 4 edits Avg. |" in table
     assert "| a | 1.00 | **1.00** | 0.20 | <u>0.20</u> |" in table
-    assert "| b | 0.00 | <u>0.00</u> | 0.40 | **0.40** |" in table
+    assert "| b | 0.00 | 0.00 | 0.40 | **0.40** |" in table
     assert "| c | × | × | × | × |" in table
+    assert "| d | 0.50 | <u>0.50</u> | – | – |" in table
 
     with connect(tmp_path) as con:
         groups = leaderboard_groups(con, resamples=50)
         curves = leaderboard_groups(con, resamples=50, every_checkpoint=True)
-    (group,) = groups
+    short, group = groups
+    assert short.key["checkpoint"] == 2 and [e.label for e in short.entries] == ["d"]
     assert group.key["checkpoint"] == 4 and "lifelong B=1 after 4 edits" in group.title
     assert [(e.label, e.status, e.cases) for e in group.entries] == [("b", "leader", 4), ("a", "", 4)]
     assert group.entries[0].estimates["rel"].mean == pytest.approx(0.4) and "c" in group.failed
