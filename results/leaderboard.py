@@ -22,7 +22,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import duckdb
 import numpy as np
@@ -191,7 +191,7 @@ def _artifacts(store: Path, con: duckdb.DuckDBPyConnection) -> list[tuple[CellKe
 
 
 def _figures(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]],
-             checkpoint_groups: list[Group] = ()) -> list[Figure]:
+             checkpoint_groups: Sequence[Group] = ()) -> list[Figure]:
     """Rel. against Loc. per group; each metric against a kind's ``curve`` parameter (a group key: T, or the
     checkpoint of every group in ``checkpoint_groups``); BaFT's gate weights."""
     figures: list[Figure] = []
@@ -199,7 +199,7 @@ def _figures(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]
         points = [(e.label, e.estimates["rel"], e.estimates["loc"]) for e in group.entries
                   if "rel" in e.estimates and "loc" in e.estimates]
         if points:
-            name = _slug("tradeoff", group.key)
+            name = _slug("tradeoff", {k: v for k, v in group.key.items() if v is not None})  # no checkpoint: as before
             figures.append(Figure(name, f"Rel. vs Loc.: {group.title}", plots.tradeoff(group.title, points)))
     for kind in (kind for kind in scenario_kinds() if kind.curve):
         scenario, x_name = kind.name, kind.curve
