@@ -67,6 +67,10 @@ class Editor(ABC):
     #: True for methods that change the model's own weights (ROME, MEMIT, FT-L/FT-M): under ``dtype: auto``
     #: on a half-precision model they run with the modules they change in float32 (``lm.edit_dtype``)
     edits_weights: ClassVar[bool] = False
+    #: True where one ``apply`` of several cases is one joint edit (MEMIT's batch update, the fine-tuning and
+    #: representation methods' joint training); False where it applies them one after another (ROME, GRACE,
+    #: MELO), which a scenario that means B > 1 as one joint call refuses (lifelong: ``ScenarioKind.joint_calls``)
+    batch_edits: ClassVar[bool] = True
 
     def __init__(self, lm: LoadedModel, hparams: Any, seed: int) -> None:
         self.lm = lm

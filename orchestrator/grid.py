@@ -412,7 +412,8 @@ def _check_streams(source: str, index: int, bench: BenchmarkSpec, n: int, scenar
     if n % size:
         raise KebenchError(
             f"{source}: benchmarks[{index}] ({bench.name}/{bench.split}, n={n}) does not split into streams of "
-            f"{size} for scenario {scenario.label}; choose n as a multiple of {size}"
+            f"{size} for scenario {scenario.label}{' (fewer cases than one stream)' if n < size else ''}; choose n as a "
+            f"multiple of {size}"
         )
 
 
@@ -452,6 +453,7 @@ def parse_grid(mapping: Any, source: str) -> GridSpec:
         if bench.n is not None:
             for scenario in scenarios:
                 _check_streams(source, index, bench, bench.n, scenario)
+    _check_methods_take(methods, scenarios, source)
     resolved = _resolve_all(methods, models, scenarios, source)
     return GridSpec(name, store, resources, models, benchmarks, scenarios, methods, seeds, max_retries, data_dir,
                     source, dtype, protocols, resolved)
@@ -622,6 +624,17 @@ def _overrides(value: Any, hparams_class: type, method: str, source: str, where:
                                f"{cfg.did_you_mean(key, known)}; known: {', '.join(known)}")
         pairs.append((key, cfg.freeze(item, source, f"{where}.{key}")))
     return tuple(sorted(pairs))
+
+
+def _check_methods_take(methods: Sequence[MethodSpec], scenarios: Sequence[Scenario], source: str) -> None:
+    """Every method entry can run every scenario (lifelong refuses B > 1 for a method that edits a call's cases one
+    after another): refused here, naming the entry, rather than in a worker hours later."""
+    for scenario in scenarios:
+        for index, method in enumerate(methods):
+            try:
+                scenario.check_method(method.name)
+            except KebenchError as exc:
+                raise KebenchError(f"{source}: methods[{index}] ('{method.label}'): {cfg.one_line(exc)}") from None
 
 
 def _resolve_all(methods: Sequence[MethodSpec], models: Sequence[str], scenarios: Sequence[Scenario],

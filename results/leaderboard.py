@@ -4,14 +4,18 @@ tables, figures, a per-case drill-down and the provenance of every number.
 Writes ``leaderboard.md`` (figures as files under ``plots/``) and one self-contained
 ``leaderboard.html`` (CSS, data and figures inline: it opens from disk with no network).
 
-Per (model, benchmark, split, scenario, T, B, protocol) group the reference row ``unedited`` comes
-first, then the methods ranked by Avg.; each metric carries a 95% paired bootstrap interval
+Per (model, benchmark, split, scenario, T, B, checkpoint, protocol) group the reference row ``unedited``
+comes first, then the methods ranked by Avg.; each metric carries a 95% paired bootstrap interval
 (``results.bootstrap``) and a method whose Avg. interval overlaps the leader's is marked as tied.
 
 Faults (issue 31): unreadable store files are left out and named (``results.views.connect_readable``, as
 ``kebench table`` does); every failed cell is listed with its reason, also when no cell of its group
 succeeded; an ok cell whose artifact is missing or unreadable is named, and its drill-down rows say so
 instead of showing empty prompts; text from the store is escaped in the Markdown as in the HTML.
+
+A scenario scored at checkpoints (lifelong) is ranked at each cell's last checkpoint, never averaged over
+checkpoints: its groups hold the rows of that checkpoint only (so cells of N = 100 and N = 200 rank in
+groups of their own), and its curve figure draws every checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import duckdb
 import numpy as np
@@ -39,14 +43,18 @@ from results.tables import build_table, table_names
 from results.store import CELLS_DIR, artifact_path, has_files, load_artifact, scan_store
 from results.views import connect, records
 
-GROUP_KEYS = ("model", "benchmark", "split", "scenario", "T", "B", "protocol")
+GROUP_KEYS = ("model", "benchmark", "split", "scenario", "T", "B", "checkpoint", "protocol")
 DRILLDOWN_LIMIT = 12  # failing cases shown per method and group
 
+#: the rows of ok cells: a cell's last checkpoint only (NULL: scored once), or with ``$every_checkpoint`` every
+#: checkpoint of the cells scored at checkpoints
 _VALUES_SQL = """
-SELECT c.model, c.benchmark, c.split, c.scenario, c."T", c."B", k.protocol, c.label, c.method, c.seed,
-       k.case_id, k.metric, k.value
+SELECT c.model, c.benchmark, c.split, c.scenario, c."T", c."B", k.checkpoint, k.protocol, c.label, c.method,
+       c.seed, k.case_id, k.metric, k.value
 FROM cases_latest k JOIN cells_latest c USING (cell_id, attempt)
 WHERE c.status = 'ok'
+QUALIFY CASE WHEN $every_checkpoint THEN k.checkpoint IS NOT NULL
+             ELSE k.checkpoint IS NOT DISTINCT FROM max(k.checkpoint) OVER (PARTITION BY k.cell_id) END
 """
 _FAILED_SQL = """
 SELECT model, benchmark, split, scenario, "T", "B", label, any_value(error) AS error
@@ -85,7 +93,9 @@ class Group:
     @property
     def title(self) -> str:
         k = self.key
-        return f"{k['model']} · {k['benchmark']}/{k['split']} · {_shape(k['scenario'], k['T'], k['B'])} · {k['protocol']}"
+        at = "" if k.get("checkpoint") is None else f" after {k['checkpoint']} edits"
+        return (f"{k['model']} · {k['benchmark']}/{k['split']} · {_shape(k['scenario'], k['T'], k['B'])}{at} · "
+                f"{k['protocol']}")
 
     @property
     def metrics(self) -> list[str]:
@@ -95,18 +105,21 @@ class Group:
 
 # --------------------------------------------------------------------------- numbers
 
-def leaderboard_groups(con: duckdb.DuckDBPyConnection, resamples: int = 1000, seed: int = 0) -> list[Group]:
-    """Every group's entries with bootstrap intervals, reference first, then ranked by Avg."""
+def leaderboard_groups(con: duckdb.DuckDBPyConnection, resamples: int = 1000, seed: int = 0,
+                       every_checkpoint: bool = False) -> list[Group]:
+    """Every group's entries with bootstrap intervals, reference first, then ranked by Avg.  A cell scored at
+    checkpoints enters at its last one; ``every_checkpoint``: only such cells, at each of their checkpoints (one
+    group per checkpoint, for the curves)."""
     values: dict[tuple, dict[str, dict[str, dict[str, list[float]]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
     methods: dict[str, str] = {}
-    for row in records(con, _VALUES_SQL):
+    for row in records(con, _VALUES_SQL, {"every_checkpoint": every_checkpoint}):
         key = tuple(row[name] for name in GROUP_KEYS)
         values[key][row["label"]][row["case_id"]][row["metric"]].append(row["value"])
         methods[row["label"]] = row["method"]
-    failed: dict[tuple, dict[str, str]] = defaultdict(dict)
+    failed: dict[tuple, dict[str, str]] = defaultdict(dict)  # a cell row has no checkpoint: keyed without it
     for row in records(con, _FAILED_SQL):
-        failed[tuple(row[name] for name in GROUP_KEYS[:-1])][row["label"]] = row["error"] or "failed"
+        failed[tuple(row[name] for name in _CELL_KEYS)][row["label"]] = row["error"] or "failed"
 
     groups = []
     for key in sorted(values, key=_group_order):
@@ -124,8 +137,13 @@ def leaderboard_groups(con: duckdb.DuckDBPyConnection, resamples: int = 1000, se
         per_case = {label: {case: {m: float(np.mean(v)) for m, v in scores.items()} for case, scores in pc.items()}
                     for label, pc in by_label.items()}
         group_key = dict(zip(GROUP_KEYS, key))
-        groups.append(Group(group_key, entries, failed.get(key[:-1], {}), per_case))
+        groups.append(Group(group_key, entries, failed.get(tuple(group_key[name] for name in _CELL_KEYS), {}),
+                            per_case))
     return groups
+
+
+#: the group keys a cell row has (a failed cell has no case rows, so no checkpoint)
+_CELL_KEYS = tuple(name for name in GROUP_KEYS if name not in ("checkpoint", "protocol"))
 
 
 def _shape(scenario: str, t: int, b: int) -> str:
@@ -137,9 +155,9 @@ def _shape(scenario: str, t: int, b: int) -> str:
 
 
 def _group_order(key: tuple) -> tuple:
-    model, benchmark, split, scenario, t, b, protocol = key
+    model, benchmark, split, scenario, t, b, checkpoint, protocol = key
     order = get_scenario_kind(scenario).order if is_scenario(scenario) else 1000
-    return (str(model), str(benchmark), str(split), order, str(scenario), b, t, str(protocol))
+    return (str(model), str(benchmark), str(split), order, str(scenario), b, t, checkpoint or 0, str(protocol))
 
 
 def _rank(entries: list[Entry]) -> None:
@@ -197,18 +215,21 @@ def _artifacts(store: Path, con: duckdb.DuckDBPyConnection) -> tuple[list[tuple[
     return out, problems
 
 
-def _figures(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]]) -> list[Figure]:
+def _figures(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]],
+             checkpoint_groups: Sequence[Group] = ()) -> list[Figure]:
+    """Rel. against Loc. per group; each metric against a kind's ``curve`` parameter (a group key: T, or the
+    checkpoint of every group in ``checkpoint_groups``); BaFT's gate weights."""
     figures: list[Figure] = []
     for group in groups:
         points = [(e.label, e.estimates["rel"], e.estimates["loc"]) for e in group.entries
                   if "rel" in e.estimates and "loc" in e.estimates]
         if points:
-            name = _slug("tradeoff", group.key)
+            name = _slug("tradeoff", {k: v for k, v in group.key.items() if v is not None})  # no checkpoint: as before
             figures.append(Figure(name, f"Rel. vs Loc.: {group.title}", plots.tradeoff(group.title, points)))
     for kind in (kind for kind in scenario_kinds() if kind.curve):
         scenario, x_name = kind.name, kind.curve
         curves: dict[tuple, dict[str, list[tuple[int, dict[str, Estimate]]]]] = defaultdict(lambda: defaultdict(list))
-        for group in groups:
+        for group in (checkpoint_groups if x_name == "checkpoint" else groups):
             k = group.key
             if k["scenario"] != scenario:
                 continue
@@ -219,9 +240,10 @@ def _figures(groups: list[Group], artifacts: list[tuple[CellKey, dict[str, Any]]
             if max(len(points) for points in series.values()) < 2:
                 continue  # a single T is a table row, not a curve
             shape = kind.format(kind.curve_title, 0, b)
-            title = f"{model} · {benchmark}/{split} · {shape} · {protocol}: metrics against {x_name}"
+            x_label = "edits made so far" if x_name == "checkpoint" else x_name
+            title = f"{model} · {benchmark}/{split} · {shape} · {protocol}: metrics against {x_label}"
             figures.append(Figure(_slug(f"{scenario}-curves", {"m": model, "b": benchmark, "s": split, "B": b, "p": protocol}),
-                                  title, plots.metric_curves(title, x_name, series)))
+                                  title, plots.metric_curves(title, x_label, series)))
     figures += _gate_figures(artifacts)
     return figures
 
@@ -365,7 +387,7 @@ def write_leaderboard(store: Path, out: Path, resamples: int = 1000, seed: int =
         groups = leaderboard_groups(con, resamples, seed)
         tables = [(name, built) for name in table_names() if (built := build_table(con, name)) is not None]
         artifacts, omitted.artifacts = _artifacts(store, con)
-        figures = _figures(groups, artifacts)
+        figures = _figures(groups, artifacts, leaderboard_groups(con, resamples, seed, every_checkpoint=True))
         failures = _drilldown(groups, artifacts, omitted.artifacts)
         provenance = _provenance(con)
         omitted.failed = records(con, _FAILED_CELLS_SQL)

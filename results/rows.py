@@ -25,6 +25,7 @@ class _CaseResult(Protocol):
     scores: _Scores
     seconds: float
     steps: int
+    checkpoint: int | None  # edits made in the stream when scored (lifelong); None: scored once
 
 
 class _Case(Protocol):
@@ -35,10 +36,11 @@ class _Case(Protocol):
 
 
 def case_rows(results: Iterable[_CaseResult], row_protocol: Callable[[str], str] = lambda p: p) -> list[dict[str, Any]]:
-    """One row per case × metric; ``row_protocol`` maps the scored protocol to the stored tag (ConvSent's proxy)."""
+    """One row per case × metric (× checkpoint); ``row_protocol`` maps the scored protocol to the stored tag
+    (ConvSent's proxy)."""
     return [
         {"stream": r.stream, "case_id": r.case_id, "metric": metric, "value": float(value),
-         "protocol": row_protocol(r.scores.protocol)}
+         "protocol": row_protocol(r.scores.protocol), "checkpoint": getattr(r, "checkpoint", None)}
         for r in results
         for metric, value in r.scores.as_dict().items()
         if value is not None
@@ -46,19 +48,23 @@ def case_rows(results: Iterable[_CaseResult], row_protocol: Callable[[str], str]
 
 
 def per_case(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Long rows → one dict per (case, stream, protocol) with a key per metric, in first-seen order."""
+    """Long rows → one dict per (case, stream, protocol, checkpoint) with a key per metric, in first-seen order
+    (``checkpoint`` only where the rows have one)."""
     out: dict[tuple, dict[str, Any]] = {}
     for row in rows:
-        key = (row["case_id"], row["stream"], row["protocol"])
-        entry = out.setdefault(key, {"case_id": row["case_id"], "stream": row["stream"], "protocol": row["protocol"]})
+        checkpoint = row.get("checkpoint")
+        key = (row["case_id"], row["stream"], row["protocol"], checkpoint)
+        entry = out.setdefault(key, {"case_id": row["case_id"], "stream": row["stream"], "protocol": row["protocol"],
+                                     **({} if checkpoint is None else {"checkpoint": checkpoint})})
         entry[row["metric"]] = row["value"]
     return list(out.values())
 
 
 def cell_artifact(cases: Sequence[_Case], results: Iterable[_CaseResult], streams: Sequence[Mapping[str, Any]],
                   row_protocol: Callable[[str], str] = lambda p: p) -> dict[str, Any]:
-    """The per-cell JSON artifact: each case's prompt, target and drill-down details per protocol, and
-    what the editor reported per stream (BaFT's gate weights)."""
+    """The per-cell JSON artifact: each case's prompt, target and drill-down details per protocol (a case scored
+    at several checkpoints: at its last, as the leaderboard ranks it), and what the editor reported per stream
+    (BaFT's gate weights; lifelong's downstream score at each checkpoint)."""
     by_id = {case.case_id: case for case in cases}
     entries: dict[str, dict[str, Any]] = {}
     for r in results:

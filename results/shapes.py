@@ -1,8 +1,8 @@
 """The BaFT paper's tables, each one registered function over the DuckDB views (``results.views``).
 
-``single`` (Table 1), ``continual`` (Table 2), ``batched`` (Tables 6-7), ``params`` (Table 3, with
-peak memory) and ``downstream`` (Table 8: e.g. PIQA accuracy after a stream, beside the unedited
-model). Values are means over all case rows of the latest ok attempts (so over cases and seeds) of
+``single`` (Table 1), ``continual`` (Table 2), ``batched`` (Tables 6-7), ``lifelong`` (each metric after
+each checkpoint of a never-restored stream, AlphaEdit's protocol), ``params`` (Table 3, with peak memory)
+and ``downstream`` (Table 8: e.g. PIQA accuracy after a stream, beside the unedited model). Values are means over all case rows of the latest ok attempts (so over cases and seeds) of
 the cells that share a method label; Avg. is the mean of the metric means a row has. Rows never pool
 different ``protocol`` values: a label measured under several protocols gets one row per protocol.
 "–" marks a (method, group) that was never run (or a metric it lacks), "×" one with a cell whose
@@ -37,8 +37,12 @@ def scenario_spec(kind: ScenarioKind) -> _Spec:
     assert kind.table is not None
     return _Spec(kind.name, kind.table.block_keys, kind.table.group_keys, kind.table.metrics)
 
+#: group keys that a case row has and a cell row does not: their column groups come from the scored rows, and
+#: a failed cell (which has no rows) marks its label in every group of its block
+CASE_KEYS = frozenset({"checkpoint"})
+
 _MEANS_SQL = """
-SELECT model, benchmark, split, "B", "T", label, protocol, metric, avg(value) AS mean
+SELECT model, benchmark, split, "B", "T", checkpoint, label, protocol, metric, avg(value) AS mean
 FROM cases_latest
 WHERE cell_id IN (SELECT cell_id FROM cells_latest WHERE scenario = $scenario AND status = 'ok')
 GROUP BY ALL
@@ -96,8 +100,10 @@ def _metric_blocks(con: duckdb.DuckDBPyConnection, spec: _Spec) -> list[Block]:
 
 def _metric_block(spec: _Spec, keys: dict[str, Any], status: list[dict[str, Any]], means: list[dict[str, Any]],
                   multi_split: set[str]) -> Block:
-    """One block: a row per (label, protocol), a column group per group key (benchmark or T)."""
-    failed = {(_key(row, spec.group_keys), row["label"]) for row in status if row["failed"]}
+    """One block: a row per (label, protocol), a column group per group key (benchmark, T or checkpoint)."""
+    by_case = bool(CASE_KEYS & set(spec.group_keys))
+    failed_labels = {row["label"] for row in status if row["failed"]}
+    failed = {(_key(row, spec.group_keys), row["label"]) for row in status if row["failed"]} if not by_case else set()
     values: dict[tuple, dict[str, float]] = defaultdict(dict)  # (group, label, protocol) -> metric -> mean
     protocols: dict[str, set[str]] = {row["label"]: set() for row in status}
     for row in means:
@@ -109,9 +115,10 @@ def _metric_block(spec: _Spec, keys: dict[str, Any], status: list[dict[str, Any]
 
     groups: list[Group] = []
     row_cells: list[list[Cell]] = [[] for _ in row_keys]
-    for group in sorted({_key(row, spec.group_keys) for row in status}):
+    for group in sorted({_key(row, spec.group_keys) for row in (means if by_case else status)}):
         metrics = _present_metrics(v for (g, _, _), v in values.items() if g == group) or block_metrics
-        texts = [_group_texts(values.get((group, label, protocol)), (group, label) in failed, metrics)
+        texts = [_group_texts(values.get((group, label, protocol)),
+                              label in failed_labels if by_case else (group, label) in failed, metrics)
                  for label, protocol in row_keys]
         ranked = _mark_best([t[-1] for t in texts], [label == REFERENCE_LABEL for label, _ in row_keys])
         for cells, row_texts, avg in zip(row_cells, texts, ranked):
@@ -169,6 +176,8 @@ def _bench_name(benchmark: str, split: str, multi_split: set[str]) -> str:
 def _group_name(keys: dict[str, Any], multi_split: set[str]) -> str:
     if "benchmark" in keys:
         return _bench_name(keys["benchmark"], keys["split"], multi_split)
+    if "checkpoint" in keys:
+        return f"{keys['checkpoint']} edits"
     return f"T={keys['T']}"
 
 

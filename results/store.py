@@ -99,6 +99,9 @@ CASES_SCHEMA = pa.schema(
         pa.field("metric", pa.string(), nullable=False),
         pa.field("value", pa.float64(), nullable=False),
         pa.field("protocol", pa.string(), nullable=False),
+        # The edits made in the stream when the row was scored, for a scenario that scores a stream at several
+        # checkpoints (lifelong); NULL where a stream is scored once (and in stores written before the column).
+        pa.field("checkpoint", pa.int32(), nullable=True),
     ]
 )
 
@@ -548,6 +551,8 @@ def _complete_case_row(cell: Mapping[str, Any], row: Mapping[str, Any], index: i
             out[column.name] = cell[column.name]
         elif column.name in row:
             out[column.name] = row[column.name]
+        elif column.nullable:
+            out[column.name] = None
         else:
             raise ValueError(f"{where}: missing column {column.name!r}")
     _check_values(CASES_SCHEMA, out, where)
@@ -580,12 +585,13 @@ def _check_values(schema: pa.Schema, row: Mapping[str, Any], where: str) -> None
 
 def _check_unique_cases(cases: Sequence[Mapping[str, Any]]) -> None:
     # Duplicates would double-count a case in every mean.  A case may be scored under several protocols
-    # (GRACE: teacher-forced and generation); the tables never average across them.
-    seen: set[tuple[str, str, str]] = set()
+    # (GRACE: teacher-forced and generation) and at several checkpoints (lifelong); the tables never average
+    # across either.
+    seen: set[tuple[str, str, str, int | None]] = set()
     for row in cases:
-        key = (row["case_id"], row["metric"], row["protocol"])
+        key = (row["case_id"], row["metric"], row["protocol"], row["checkpoint"])
         if key in seen:
-            raise ValueError(f"case rows: duplicate (case_id, metric, protocol) {key!r}")
+            raise ValueError(f"case rows: duplicate (case_id, metric, protocol, checkpoint) {key!r}")
         seen.add(key)
 
 

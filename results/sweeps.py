@@ -37,9 +37,11 @@ FROM trials_latest
 WHERE ($sweep IS NULL OR sweep = $sweep)
 ORDER BY sweep, finished_at, trial_id
 """
+#: a trial scored at checkpoints (lifelong) counts at its last one, as the leaderboard ranks it
 _MEANS_SQL = """
 SELECT cell_id, metric, protocol, avg(value) AS mean
-FROM trial_cases
+FROM (SELECT * FROM trial_cases
+      QUALIFY checkpoint IS NOT DISTINCT FROM max(checkpoint) OVER (PARTITION BY cell_id))
 GROUP BY ALL
 """
 

@@ -55,7 +55,7 @@ def test_edit_prints_one_row_per_protocol_and_the_downstream_check(capsys):
         (["edit", "--method", "baft", "--model", "tiny-random-llama", "--scenario", "continual", "--T", "2",
           "--downstream", "hellaswag"], "unknown downstream check 'hellaswag'"),
         (["edit", "--method", "baft", "--model", "tiny-random-llama", "--downstream", "piqa"],
-         "use a continual or batched scenario"),
+         "use a continual, batched or lifelong scenario"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
