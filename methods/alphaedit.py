@@ -130,7 +130,8 @@ def _write_projector(path: Path, projector: Projector, threshold: float, source:
     from safetensors.torch import save_file
 
     metadata = {"threshold": f"{threshold:.6g}", "dims": str(projector.dims), "energy": f"{projector.energy:.8g}",
-                "source": source, "statistic": "AlphaEdit null-space projector U U^T, eigenvalues of E[k k^T] < threshold"}
+                "source": source,
+                "statistic": "AlphaEdit null-space projector U U^T, eigenvalues of E[k k^T] < threshold"}
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     save_file({"projector": projector.matrix}, str(partial), metadata=metadata)
     os.replace(partial, path)  # atomic, as the statistics: concurrent writers leave one whole file
@@ -158,15 +159,23 @@ class AlphaEdit(MEMIT):
     def __init__(self, lm: LoadedModel, hparams: AlphaEditHParams, seed: int) -> None:
         super().__init__(lm, hparams, seed)  # MEMIT's templates; it also loads C, which P replaces
         self.moments = {}  # the update never reads C (no λC term); P is all AlphaEdit keeps of it
-        self.projectors = {layer: null_space_projector(lm, layer, hparams.mom2_corpus, hparams.mom2_n_samples,
-                                                       hparams.mom2_dtype, hparams.nullspace_threshold)
-                           for layer in hparams.layers}
-        for layer, projector in self.projectors.items():
-            if projector.dims == 0:  # P = 0 would write ΔW = 0 and every edit would silently do nothing
-                raise KebenchError(f"alphaedit: no eigenvalue of layer {layer}'s C is below nullspace_threshold "
-                                   f"{hparams.nullspace_threshold:g} on {lm.name}; raise the threshold")
+        try:
+            self.projectors = {layer: self._projector(layer) for layer in hparams.layers}
+        except BaseException:
+            super().restore()  # undo what WeightEditor set up (the float32 island under dtype: auto)
+            raise
         width = self.projectors[hparams.layers[0]].matrix.shape[0]
-        self.preserved = {layer: torch.zeros(width, width, dtype=torch.float32) for layer in hparams.layers}  # K_p K_pᵀ
+        # K_p K_pᵀ per layer: the keys of this stream's earlier calls (CPU, float32, as the original's cache_c)
+        self.preserved = {layer: torch.zeros(width, width, dtype=torch.float32) for layer in hparams.layers}
+
+    def _projector(self, layer: int) -> Projector:
+        hp = self.hparams
+        projector = null_space_projector(self.lm, layer, hp.mom2_corpus, hp.mom2_n_samples, hp.mom2_dtype,
+                                         hp.nullspace_threshold)
+        if projector.dims == 0:  # P = 0 would write ΔW = 0 and every edit would silently do nothing
+            raise KebenchError(f"alphaedit: no eigenvalue of layer {layer}'s C is below nullspace_threshold "
+                               f"{hp.nullspace_threshold:g} on {self.lm.name}; raise the threshold")
+        return projector
 
     @classmethod
     def layer_rule(cls, num_layers: int) -> dict[str, Any] | None:
