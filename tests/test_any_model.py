@@ -138,7 +138,7 @@ RULE_EXCEPTIONS = {("grace", "gemma-1.1-7b-it"), ("wise", "llama3-8b-instruct"),
 
 
 #: the built-in methods whose class gives a depth rule (``Editor.layer_rule``)
-RULED_METHODS = ("baft", "ft-l", "ft-m", "grace", "melo", "memit", "reft", "rome", "wise", "wise-light")
+RULED_METHODS = ("alphaedit", "baft", "ft-l", "ft-m", "grace", "melo", "memit", "reft", "rome", "wise", "wise-light")
 
 
 def test_every_depth_rule_is_checked() -> None:
@@ -199,9 +199,10 @@ def test_rome_maps_the_key_to_the_value(loaded, kind: str) -> None:
         editor.restore()
 
 
-#: fewer optimisation steps than the derived (test-model) values, so 26 cells stay within the test timeout
+#: fewer optimisation steps than the derived (test-model) values, so 28 cells stay within the test timeout
 CHEAP = {"baft": {"max_steps": 8}, "reft": {"max_steps": 8}, "ft-l": {"max_steps": 5}, "ft-m": {"max_steps": 5},
          "grace": {"n_iter": 5}, "lora": {"max_steps": 5}, "melo": {"num_iter": 5}, "memit": {"v_num_grad_steps": 5},
+         "alphaedit": {"v_num_grad_steps": 5},
          "rome": {"v_num_grad_steps": 5}, "wise": {"n_iter": 5, "context_lengths": []},
          "wise-light": {"n_iter": 5, "context_lengths": []}}
 
