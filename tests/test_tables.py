@@ -88,16 +88,16 @@ def test_single_table_groups_by_benchmark(tmp_path: Path) -> None:
             "| wikibio Rel. | wikibio Loc. | wikibio Avg. |") in lines
     assert "| BaFT | 1.00 | 0.60 | 0.50 | **0.70** | 1.00 | 0.90 | **0.95** |" in lines
     assert "| ROME | – | – | – | – | 0.80 | 0.50 | <u>0.65</u> |" in lines
-    assert "- wiki_recent: train split stands in for test" in lines
+    assert "- [1] wiki_recent: train split stands in for test (BaFT)" in lines  # each note once, with its rows
 
 
 def test_protocols_are_never_pooled(tmp_path: Path) -> None:
     put(tmp_path, "GRACE", 1, {"rel": [1.0], "loc": [1.0]}, seed=0)
     put(tmp_path, "GRACE", 1, {"rel": [0.0], "loc": [1.0]}, seed=1, protocol="generation")
     put(tmp_path, "BaFT", 1, {"rel": [0.4, 0.6], "loc": [1.0, 1.0]}, seed=0)
-    put(tmp_path, "BaFT", 1, {"rel": [0.8, 1.0], "loc": [1.0, 1.0]}, seed=1)  # seeds pool: rel 0.70
+    put(tmp_path, "BaFT", 1, {"rel": [0.8, 1.0], "loc": [1.0, 1.0]}, seed=1)  # seeds: rel 0.50, 0.90
     lines = render(tmp_path, "continual", "md").splitlines()
-    assert "| BaFT | 0.70 | 1.00 | <u>0.85</u> |" in lines
+    assert "| BaFT | 0.70 ± 0.28 | 1.00 ± 0.00 | <u>0.85</u> ± 0.14 |" in lines  # mean over seeds ± their sd
     assert "| GRACE [generation] | 0.00 | 1.00 | 0.50 |" in lines
     assert "| GRACE [teacher_forced] | 1.00 | 1.00 | **1.00** |" in lines
 
