@@ -610,7 +610,8 @@ def _markdown_provenance(provenance) -> list[str]:
            "for bit (the full record of each is below).", "",
            "| Hardware | Cells | Methods |", "| --- | ---: | --- |"]
     out += [f"| {_md_cell(m.label)} | {m.cells} | {_md_cell(', '.join(m.methods))} |" for m in provenance["machines"]]
-    out += [""] + [f"- Warning: the {md_text(title)} mixes hardware configurations" for title in provenance["mixed"]]
+    warnings = [f"- Warning: the {md_text(title)} mixes hardware configurations" for title in provenance["mixed"]]
+    out += ([""] + warnings if warnings else [])
     out += ["", "<details><summary>Hardware records</summary>", ""]
     out += [f"- {md_text(m.label)}: `{md_text(json.dumps(m.record, sort_keys=True))}`" for m in provenance["machines"]]
     out += ["", "</details>", "", "## Cells", ""]

@@ -77,8 +77,10 @@ def footnotes(cells: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]
         if cell["status"] == "ok" and cell["hardware"]:
             record = _json(cell["hardware"])
             machines.setdefault(hardware_label(record if isinstance(record, dict) else None), set()).add(cell["label"])
+    everywhere = [(note, rows) for note, rows in holds.items() if rows == set(labels)]  # the notes of all rows first
+    elsewhere = [(note, rows) for note, rows in holds.items() if rows != set(labels)]
     out = []
-    for text, rows in [*((f"computed on {label}", rows) for label, rows in machines.items()), *holds.items()]:
+    for text, rows in [*((f"computed on {label}", rows) for label, rows in machines.items()), *everywhere, *elsewhere]:
         where = "all rows" if len(labels) > 1 and rows == set(labels) else ", ".join(sorted(rows, key=str.lower))
         out.append(f"[{len(out) + 1}] {text} ({where})")
     if len(machines) > 1:
