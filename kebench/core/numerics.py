@@ -12,10 +12,11 @@ vendor), oneDNN its ISA.  Rounding differences flip early-stopping decisions and
 
 Why MKL ``COMPATIBLE`` and not ``AVX2``: MKL honours its per-ISA branches on Intel processors only.  On this
 machine's AMD EPYC, ``MKL_CBWR=AVX2`` (with or without ``,STRICT``) is reported by MKL itself as
-``CNR:AUTO`` and leaves every SGEMM bit unchanged, so an Intel AVX2 machine would take another branch;
-``COMPATIBLE`` is the one branch MKL gives on Intel and non-Intel processors alike (SGEMM about 2-3 times
-slower; ``bench/numerics_cost.py`` measures what that costs per edit).  ``STRICT`` adds nothing at an equal
-thread count and is left out.  What ``portable`` cannot promise: the same numbers under another torch
+``CNR:AUTO`` (MKL still picks the branch for the CPU it finds; SGEMM results of the shapes tried were bit for
+bit those of no setting), so an Intel AVX2 machine would run another branch; ``COMPATIBLE`` is the one branch
+MKL gives on Intel and non-Intel processors alike (SGEMM 2-3 times slower here; ``bench/numerics_cost.py``
+measures what that costs per edit).  ``COMPATIBLE,STRICT`` was tried too: MKL accepts it and the tiny-model
+continual cell (T = 4, n = 8, one thread) gives the very rows of ``COMPATIBLE``, so ``STRICT`` is left out.  What ``portable`` cannot promise: the same numbers under another torch
 thread count (sums are ordered by thread), another torch/MKL version, another torch build, or a GPU.
 
 Every setting is an environment variable, read by ATen, MKL and oneDNN once, when they first run; so they
