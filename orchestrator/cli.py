@@ -24,7 +24,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from kebench.core.errors import KebenchError, RunError
-from kebench.core.numerics import DEFAULT_NUMERICS, NUMERICS_CHOICES, PORTABLE, apply_numerics
+from kebench.core.numerics import DEFAULT_NUMERICS, NUMERICS_CHOICES, PORTABLE, apply_numerics, numerics_env
 from kebench.core.scenarios import is_scenario, scenario_names
 from orchestrator._config import MAX_SEED
 
@@ -257,10 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "edit":
-            # before anything imports torch: ATen, MKL and oneDNN read their settings when they first run
-            args.torch_was_loaded = apply_numerics(args.numerics)
-            args.own_process = argv is None
-            return _edit(args)
+            with _numerics_environment(args, own_process=argv is None):
+                return _edit(args)
         if args.command == "noise":
             from orchestrator.noise import noise_command  # subprocesses only: no torch here
 
@@ -312,6 +310,25 @@ def _edit_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 #: set in a ``kebench edit`` process that re-executed itself for its numerics (it must not do so twice)
 _REEXEC_ENV = "KEBENCH_NUMERICS_REEXEC"
+
+
+@contextlib.contextmanager
+def _numerics_environment(args: argparse.Namespace, own_process: bool):
+    """``--numerics``'s environment, set before anything imports torch (ATen, MKL and oneDNN read it when they
+    first run).  Called in another program's process (``main(argv)``), the environment is put back afterwards:
+    that process's later work must not claim numerics it was not started under."""
+    saved = {name: os.environ.get(name) for name in numerics_env(args.numerics)}
+    args.torch_was_loaded = apply_numerics(args.numerics)
+    args.own_process = own_process
+    try:
+        yield
+    finally:
+        if not own_process:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def _enter_numerics(args: argparse.Namespace) -> None:

@@ -69,9 +69,9 @@ def test_numerics_key_of_a_grid_and_the_cell_id() -> None:
     (default,) = expand(parse_grid(grid, "n.yaml"))
     (native,) = expand(parse_grid({**grid, "numerics": "native"}, "n.yaml"))
     (portable,) = expand(parse_grid({**grid, "numerics": "portable"}, "n.yaml"))
-    assert numerics.DEFAULT_NUMERICS == "native" and default.cell_id == native.cell_id  # no stored id moves
+    assert default.cell_id == {"native": native, "portable": portable}[numerics.DEFAULT_NUMERICS].cell_id
     assert portable.cell_id != native.cell_id and portable.identity()["numerics"] == "portable"
-    assert "numerics" not in native.identity() and portable.numerics == "portable"
+    assert "numerics" not in native.identity() and portable.numerics == "portable"  # no stored (native) id moves
     assert parse_grid({**grid, "numerics": "portable"}, "n.yaml").to_dict()["numerics"] == "portable"
     with pytest.raises(KebenchError, match=r"^n\.yaml: numerics must be one of native, portable, got 'fast'$"):
         parse_grid({**grid, "numerics": "fast"}, "n.yaml")
@@ -121,6 +121,25 @@ def test_hardware_record_and_label_with_a_gpu(monkeypatch: pytest.MonkeyPatch) -
     assert {"driver", "cuda", "cudnn", "float32_matmul_precision", "deterministic_algorithms",
             "cublas_workspace_config"} <= set(gpu)
     assert "GPU NVIDIA H100 80GB HBM3 (driver " in numerics.hardware_label({**record, "gpu": gpu})
+
+
+def test_portable_too_late_is_one_line_and_leaves_the_callers_environment(capsys: pytest.CaptureFixture,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main(argv)`` inside a process whose torch already dispatched natively cannot make it portable: one line,
+    exit 2, and the calling process's environment as it was."""
+    import torch
+
+    from orchestrator.cli import main
+
+    monkeypatch.delenv("KEBENCH_NUMERICS", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    torch.ones(3).exp()  # ATen has dispatched: its level is fixed for this process
+    if torch.backends.cpu.get_cpu_capability() == "AVX2" and numerics.mkl_branch() in (None, "COMPATIBLE"):
+        pytest.skip("this process already runs the portable path")
+    assert main(["edit", *CELL, "--numerics", "portable"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kebench: error: numerics portable did not take effect: ") and err.count("\n") == 1
+    assert "KEBENCH_NUMERICS" not in os.environ and "ATEN_CPU_CAPABILITY" not in os.environ
 
 
 def test_edit_refuses_an_unknown_numerics_value(capsys: pytest.CaptureFixture) -> None:
