@@ -292,21 +292,24 @@ def mkl_branch() -> str | None:
         return None
     import torch
 
-    sys.stdout.flush()
-    with tempfile.TemporaryFile() as captured:
-        saved = os.dup(1)
-        try:
-            os.dup2(captured.fileno(), 1)
-            previous = lib.MKL_Verbose(1)
+    try:
+        sys.stdout.flush()
+        with tempfile.TemporaryFile() as captured:
+            saved = os.dup(1)
             try:
-                torch.mm(torch.ones(2, 2), torch.ones(2, 2))
+                os.dup2(captured.fileno(), 1)
+                previous = lib.MKL_Verbose(1)
+                try:
+                    torch.mm(torch.ones(2, 2), torch.ones(2, 2))
+                finally:
+                    lib.MKL_Verbose(previous if previous in (0, 1, 2) else 0)
             finally:
-                lib.MKL_Verbose(previous if previous in (0, 1, 2) else 0)
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        captured.seek(0)
-        text = captured.read().decode("ascii", errors="replace")
+                os.dup2(saved, 1)
+                os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("ascii", errors="replace")
+    except (OSError, ValueError):  # no stdout to borrow (a closed descriptor): the branch stays unknown
+        return None
     match = re.search(r"CNR:(\S+)", text)
     return match.group(1) if match else None
 
