@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kebench leaderboard --store runs/smoke --out runs/smoke/leaderboard
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 

@@ -78,7 +78,7 @@ def _resolve_address(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> int:
     _drop_own_directory_from_path()
     argv = _resolve_address(argv)
-    from orchestrator.cli import main as kebench
+    from orchestrator.cli import main as kebench  # only once this script's own folder is off sys.path
 
     return kebench(["grid", *argv])
 

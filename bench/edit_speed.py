@@ -210,7 +210,7 @@ def main() -> None:
             if "naive" in results:
                 row["speedup_vs_naive"] = results["naive"]["median_s_per_edit"] / row["median_s_per_edit"]
             rows.append(row)
-    print(f"| method | variant | median s/edit | mean steps | peak RSS (MB) | speed-up vs naive |")
+    print("| method | variant | median s/edit | mean steps | peak RSS (MB) | speed-up vs naive |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:
         speedup = f"{row['speedup_vs_naive']:.2f}×" if "speedup_vs_naive" in row else "–"

@@ -55,13 +55,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.case import EditCase, PromptAnswer
-from benchmarks.data import data_file, read_json, require, require_text
+from benchmarks.data import data_file, locate, read_json, require, require_text
 from benchmarks.metrics import LogitsFn, encode
 from benchmarks.registry import Benchmark, register_benchmark, split_of
 from kebench.core.metrics import register_metric
 from kebench.core.errors import KebenchError
 
-KNOWEDIT_SOURCE = "the KnowEdit release (huggingface.co/datasets/zjunlp/KnowEdit; see shared/data/PROVENANCE.md)"
+KNOWEDIT_SOURCE = "the KnowEdit release (huggingface.co/datasets/zjunlp/KnowEdit; benchmarks/manifest.py pins it)"
 PORTABILITY_KEYS = ("Reasoning", "Subject_Aliasing", "Logical_Generalization")
 LOCALITY_KEYS = ("Relation_Specificity", "Forgetfulness")
 PROTOCOL_CONVSENT_PROXY = "teacher_forced_target_response"
@@ -241,7 +241,7 @@ class WikiDataCounterfact(_TestDevFiles):
     """KnowEdit WikiData_counterfact (RippleEdits): test_cf (885) for reporting, train_cf (1,428) as dev."""
 
     metrics = ("rel", "loc", "por")
-    test_file = "knowedit/wiki_counterfact_test_cf.json.gz"
+    test_file = "knowedit/wiki_counterfact_test_cf.json"  # shared/data holds it gzipped (.json.gz): both are read
     dev_file = "knowedit/wiki_counterfact_train_cf.json"
     provenance_note = "KnowEdit WikiData_counterfact; no irrelevant texts (BaFT trains without R_loc, as in the paper)"
 
@@ -249,15 +249,52 @@ class WikiDataCounterfact(_TestDevFiles):
         return _wikidata_case(record, where, case_id, with_ground_truth=True)
 
 
+RECENT_TEST = "knowedit/wiki_recent_test.json"
+RECENT_TRAIN = "knowedit/wiki_recent_train.json"
+
+
 @register_benchmark("wikidata-recent")
 class WikiDataRecent(_HashSplitFile):
-    """KnowEdit WikiData_recent (knowledge insertion: no ground truth for the edit itself)."""
+    """KnowEdit WikiData_recent (knowledge insertion: no ground truth for the edit itself).
+
+    ``test`` is the official test split ``recent_test.json`` (1,266) wherever it can be read (``kebench
+    data fetch --benchmark wikidata-recent`` fetches it; case ids ``wikidata-recent-test-<index>``).  Where
+    it cannot, the 570-record train file stands in as test, as before.  ``dev`` (a fixed ~10% hash slice
+    of the train file) and ``all`` (the train file) read the train file either way.  Every row's
+    provenance names the file its split scored."""
 
     metrics = ("rel", "loc", "por")
-    file = "knowedit/wiki_recent_train.json"
+    file = RECENT_TRAIN
     provenance_note = ("WikiData_recent's official test split (recent_test.json, 1,266 records) is unavailable: its "
                        "570-record train file stands in as test, with a fixed ~10% hash slice of it held out as dev; "
                        "no irrelevant texts")
+
+    def files(self, split: str) -> tuple[str, ...]:
+        return (RECENT_TEST, RECENT_TRAIN) if split == "test" else (RECENT_TRAIN,)
+
+    def files_read(self, split: str, data_dir: Path) -> tuple[str, ...]:
+        return (RECENT_TEST,) if split == "test" and self.official_test(data_dir) else (RECENT_TRAIN,)
+
+    def provenance(self, split: str, data_dir: Path) -> str:
+        if not self.official_test(data_dir):
+            return self.provenance_note
+        if split == "test":
+            return f"WikiData_recent test = the official test split {RECENT_TEST}; no irrelevant texts"
+        return (f"WikiData_recent {split} = {'a fixed ~10% hash slice of ' if split == 'dev' else ''}the train file "
+                f"{RECENT_TRAIN} (test is the official {RECENT_TEST}); no irrelevant texts")
+
+    @staticmethod
+    def official_test(data_dir: Path) -> bool:
+        return locate(data_dir, RECENT_TEST) is not None
+
+    def load_with_drops(self, split: str, data_dir: Path) -> tuple[list[EditCase], dict[str, int]]:
+        if split != "test" or not self.official_test(data_dir):
+            return super().load_with_drops(split, data_dir)
+        path, records = read_records(data_dir, RECENT_TEST)
+        cases = [self.parse(record, f"{path}: record {index}", f"{self.name}-test-{index}")
+                 for index, record in enumerate(records)]
+        drops = {case.case_id: answerless_prompts(record) for case, record in zip(cases, records)}
+        return _check_unique(cases, path), drops
 
     def parse(self, record: object, where: str, case_id: str) -> EditCase:
         return _wikidata_case(record, where, case_id, with_ground_truth=False)

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from benchmarks.data import data_file, read_json, require_text, resolve_data_dir
+from benchmarks.data import data_file, read_json, read_text, require_text, resolve_data_dir
 from benchmarks.metrics import LogitsFn, encode
 from benchmarks.registry import register_downstream
 from kebench.core.errors import KebenchError
@@ -53,7 +53,7 @@ def load_piqa(data_dir: str | os.PathLike[str] | None = None, n: int | None = No
     items_path = data_file(root, PIQA_ITEMS, PIQA_SOURCE)
     labels_path = data_file(root, PIQA_LABELS, PIQA_SOURCE)
     records = read_json(items_path)
-    labels = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = [line.strip() for line in read_text(labels_path).splitlines() if line.strip()]
     if len(labels) != len(records):
         raise KebenchError(f"{labels_path}: {len(labels)} labels for the {len(records)} items of {items_path}")
     if n is not None and not 0 < n <= len(records):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol, Sequence, TypeVar
 
 from benchmarks.case import EditCase
-from benchmarks.data import file_sha256, resolve_data_dir
+from benchmarks.data import data_file, file_sha256, resolve_data_dir
 from kebench.core import plugins
 from kebench.core.errors import KebenchError
 
@@ -37,7 +37,16 @@ class Benchmark(ABC):
 
     @abstractmethod
     def files(self, split: str) -> tuple[str, ...]:
-        """The data files (relative to the data directory) that ``split`` reads."""
+        """The data files (relative to the data directory) that ``split`` reads (or may read: see ``files_read``)."""
+
+    def files_read(self, split: str, data_dir: Path) -> tuple[str, ...]:
+        """The files ``split`` reads given what ``data_dir`` holds (they make the data hash); ``files`` unless a
+        benchmark chooses between files by what is present (WikiData_recent's official test split)."""
+        return self.files(split)
+
+    def provenance(self, split: str, data_dir: Path) -> str:
+        """The note every row of ``split`` carries: ``provenance_note`` unless it depends on the files read."""
+        return self.provenance_note
 
     @abstractmethod
     def load(self, split: str, data_dir: Path) -> list[EditCase]:
@@ -73,7 +82,7 @@ B = TypeVar("B", bound=type[Benchmark])
 def register_benchmark(name: str) -> Callable[[B], B]:
     def decorate(cls: B) -> B:
         if name in _REGISTRY:
-            raise ValueError(f"benchmark {name!r} registered twice")
+            raise plugins.NameTaken("benchmark", name, _REGISTRY[name].__module__)
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -100,6 +109,7 @@ def get_benchmark(name: str) -> Benchmark:
         broken = plugins.failures(ENTRY_POINT_GROUP)
         hint = f"; {len(broken)} plug-in(s) failed to load (kebench list shows why)" if broken else ""
         raise KebenchError(f"unknown benchmark '{name}'; known: {', '.join(sorted(_REGISTRY))}{hint}")
+    plugins.check_unclaimed("benchmark", name)
     return _REGISTRY[name]()
 
 
@@ -140,7 +150,7 @@ def get_downstream(name: str) -> DownstreamCheck:
     return _DOWNSTREAM[name]
 
 
-_NOT_LOADERS = {"case", "data", "registry", "metrics", "evaluate", "generation", "protocols"}
+_NOT_LOADERS = {"case", "data", "registry", "metrics", "evaluate", "generation", "manifest", "fetch", "protocols"}
 
 
 _imported = False
@@ -198,10 +208,11 @@ def select_cases(
             f"n={n} with offset={offset} exceeds the {len(cases)} cases of {benchmark}/{split}"
         )
     digest = hashlib.sha256()
-    for relative in bench.files(split):
-        digest.update(file_sha256(root / relative).encode())
+    for relative in bench.files_read(split, root):
+        # The content's hash, wherever it was read from (a gzipped copy hashes as its content).
+        digest.update(file_sha256(data_file(root, relative)).encode())
     chosen = tuple(cases[offset:end])
-    note = bench.provenance_note
+    note = bench.provenance(split, root)
     dropped = sum(drops.get(case.case_id, 0) for case in chosen)
     if dropped:
         records = sum(1 for case in chosen if drops.get(case.case_id, 0))

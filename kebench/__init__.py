@@ -1,6 +1,8 @@
 """kebench's public API: the one name plug-in authors import.
 
     from kebench import Editor, EditStats, EditCase, register_method, register_benchmark, register_model
+    from kebench import ScenarioKind, Stream, register_scenario        # a scenario kind
+    from kebench import ScoringProtocol, register_protocol             # a scoring protocol
 
 Names are resolved on first use (PEP 562), so ``import kebench.core.errors`` from inside kebench's own
 layers never drags the method or benchmark registries in with it.
@@ -22,6 +24,10 @@ _EXPORTS: dict[str, str] = {
     "load_model": "kebench.core.models",
     "Metric": "kebench.core.metrics",
     "register_metric": "kebench.core.metrics",
+    "ScenarioKind": "kebench.core.scenarios",
+    "ScenarioParam": "kebench.core.scenarios",
+    "TableShape": "kebench.core.scenarios",
+    "register_scenario": "kebench.core.scenarios",
     # benchmarks
     "EditCase": "benchmarks.case",
     "PromptAnswer": "benchmarks.case",
@@ -36,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     "EditStats": "methods.base",
     "NonFiniteError": "methods.base",
     "register_method": "methods.base",
+    # orchestrator: what a scenario kind's stream logic returns
+    "Stream": "orchestrator.scenarios",
     # results
     "register_table": "results.registry",
 }

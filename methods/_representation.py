@@ -62,6 +62,12 @@ BASIS_WEIGHT_ROWS = 32
 EARLY_STOP_RULES = ("mean_ce", "sum_ce", "total")
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What interventions train and run in: float32 for a float32 or half-precision model (small steps are not
+    rounded away), float64 for a float64 model (the equivalence tests run there, below float32's rounding)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class OrthonormalRows(nn.Module):
     """Parametrize a wide r×d matrix by the orthonormal factor of its QR decomposition: R Rᵀ = I exactly.
 
@@ -72,7 +78,7 @@ class OrthonormalRows(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """[..., r, d] -> the orthonormal rows of each r×d matrix (a leading dimension stacks cases)."""
-        q, r = torch.linalg.qr(weight.transpose(-2, -1).float())
+        q, r = torch.linalg.qr(weight.transpose(-2, -1).to(compute_dtype(weight.dtype)))
         signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
         signs = torch.where(signs == 0, torch.ones_like(signs), signs)
         return (q * signs[..., None, :]).transpose(-2, -1)
@@ -108,8 +114,8 @@ class BasisIntervention(nn.Module):
         return torch.sigmoid(self.gate(h))
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Φ(h), w(h)) computed in float32."""
-        h32 = h.float()
+        """(Φ(h), w(h)) computed in the intervention's dtype (``compute_dtype``)."""
+        h32 = h.to(self.source.weight.dtype)
         r = self.rotation.weight  # [r, d], orthonormal rows
         weights = self.basis_weights(h32)
         delta = weights * (self.source(h32) - h32 @ r.T)
@@ -122,7 +128,7 @@ class BasisIntervention(nn.Module):
         The same arithmetic as ``forward`` (each case's R from the QR of its own raw matrix, A h + b and R h as
         separate products), batched over the case dimension, so K cases cost one set of kernels instead of K.
         """
-        h32, first = h.float(), interventions[0]
+        h32, first = h.to(interventions[0].source.weight.dtype), interventions[0]
         raw = torch.stack([iv.rotation.parametrizations.weight.original for iv in interventions])  # [K, r, d]
         rotation = first.rotation.parametrizations.weight[0](raw)  # OrthonormalRows of each case's own matrix
         source_weight = torch.stack([iv.source.weight for iv in interventions])
@@ -477,7 +483,7 @@ class RepresentationEditor(Editor):
             torch.manual_seed(seed)
             self.interventions = nn.ModuleDict(
                 {str(layer): BasisIntervention(lm.hidden_size, hparams.rank, self.gated) for layer in self.layer_ids}
-            ).to(lm.device)
+            ).to(device=lm.device, dtype=compute_dtype(lm.dtype))
         self._optimizer: torch.optim.Optimizer | None = None
         self._router: _Router | None = _Router(lm, self.layer_ids)
         self.split_forward_supported = getattr(lm.model.config, "model_type", "") in SPLIT_FORWARD_MODEL_TYPES
@@ -840,11 +846,12 @@ def _train_stream(router: _Router, pending: Iterator[_Job], window: int, packed:
                 logits = head(hidden)[layout.targets.rows, layout.targets.columns]
             # several jobs: one cross-entropy over every target token, then each job's mean over its own (a job's
             # slice of the [targets, vocab] logits would cost a vocab-wide zero gradient per job in the backward)
-            token_ce = F.cross_entropy(logits.float(), layout.targets.labels, reduction="none") if len(active) > 1 else None
+            logits = logits.to(compute_dtype(logits.dtype))
+            token_ce = F.cross_entropy(logits, layout.targets.labels, reduction="none") if len(active) > 1 else None
             for position, job in enumerate(active):
                 part = layout.parts[position]
                 if token_ce is None:
-                    ce = F.cross_entropy(logits[part.targets].float(), layout.targets.labels[part.targets])
+                    ce = F.cross_entropy(logits[part.targets], layout.targets.labels[part.targets])
                 else:
                     ce = token_ce[part.targets].mean()
                 edit_mask = layout.live_edit_mask[part.rows]

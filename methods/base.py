@@ -22,7 +22,7 @@ import torch
 from benchmarks.case import EditCase
 from benchmarks.metrics import TFBatch, forward_logits, prefix_causal
 from kebench.core import plugins
-from kebench.core.errors import KebenchError
+from kebench.core.errors import KebenchError, RunError
 from kebench.core.models import LoadedModel
 
 ENTRY_POINT_GROUP = "kebench.methods"
@@ -34,6 +34,10 @@ class EditStats:
 
     steps: int
     loss: float
+
+
+class RestoreError(RunError):
+    """``restore()`` did not return the model to its original outputs (checked after every stream)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -69,6 +73,10 @@ class Editor(ABC):
     #: True for methods that change the model's own weights (ROME, MEMIT, FT-L/FT-M): under ``dtype: auto``
     #: on a half-precision model they run with the modules they change in float32 (``lm.edit_dtype``)
     edits_weights: ClassVar[bool] = False
+    #: True where one ``apply`` of several cases is one joint edit (MEMIT's batch update, the fine-tuning and
+    #: representation methods' joint training); False where it applies them one after another (ROME, GRACE,
+    #: MELO), which a scenario that means B > 1 as one joint call refuses (lifelong: ``ScenarioKind.joint_calls``)
+    batch_edits: ClassVar[bool] = True
 
     def __init__(self, lm: LoadedModel, hparams: Any, seed: int) -> None:
         self.lm = lm
@@ -152,11 +160,18 @@ class Editor(ABC):
         return {}
 
     @classmethod
+    def has_case_parallel_path(cls) -> bool:
+        """Whether the single scenario's ``parallel_cases`` can train this method's cases in one batch (it overrides
+        ``independent`` or ``edit_in_parallel``); a given model or precision may still decline at run time."""
+        return cls.independent.__func__ is not Editor.independent.__func__ or \
+            cls.edit_in_parallel.__func__ is not Editor.edit_in_parallel.__func__
+
+    @classmethod
     def independent(cls, lm: LoadedModel, hparams: Any, seed: int, copies: int) -> "IndependentEdits | None":
         """``copies`` editors of this method that train that many *independent* single edits in one batch
         (the single scenario's ``parallel_cases``), or None where the method cannot (then the scenario
-        edits its cases one by one).  Each case's result must equal a one-by-one run's: same seed, same
-        initial state, same steps."""
+        edits its cases one by one).  Each case must train exactly as in a one-by-one run: same seed, same
+        initial state, its own loss, optimizer state and stopping rule (equal to rounding; tested in float64)."""
         return None
 
     @classmethod
@@ -246,7 +261,7 @@ _REGISTRY: dict[str, type[Editor]] = {}
 def register_method(name: str) -> Callable[[E], E]:
     def decorate(cls: E) -> E:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"method {name!r} registered twice")
+            raise plugins.NameTaken("method", name, _REGISTRY[name].__module__)
         if not dataclasses.is_dataclass(getattr(cls, "hparams_class", None)):
             raise TypeError(f"method {name!r}: hparams_class must be a dataclass")
         cls.name = name
@@ -284,7 +299,8 @@ def method_names() -> list[str]:
 
 def method_source(name: str) -> str:
     """Where a method comes from: "kebench", the plug-in distribution that registered it, or its module."""
-    module = get_method(name).__module__
+    _load_methods()
+    module = _REGISTRY[name].__module__  # not get_method: kebench list shows a name a plug-in also claims
     if module.startswith("methods."):
         return "kebench"
     return plugins.distribution_of_module(module) or module
@@ -299,4 +315,5 @@ def get_method(name: str) -> type[Editor]:
         broken = plugins.failures(ENTRY_POINT_GROUP)
         hint = f"; {len(broken)} plug-in(s) failed to load (kebench list shows why)" if broken else ""
         raise KebenchError(f"unknown method '{name}'; known: {known}{hint}")
+    plugins.check_unclaimed("method", name)
     return _REGISTRY[name]

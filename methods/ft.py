@@ -102,10 +102,12 @@ def case_losses(lm: LoadedModel, batch: TFBatch, objective: str) -> torch.Tensor
     hidden = lm.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     if objective == "prompt_last":
         last = batch.prompt_lengths - 1
-        log_probs = torch.log_softmax(lm.lm_head(hidden[torch.arange(batch.size), last]).float(), dim=-1)
+        last_logits = lm.lm_head(hidden[torch.arange(batch.size), last])
+        log_probs = torch.log_softmax(last_logits.to(torch.promote_types(last_logits.dtype, torch.float32)), dim=-1)
         token_nll = -log_probs[rows, labels]
     else:
-        logits = lm.lm_head(hidden[rows, columns]).float()
+        logits = lm.lm_head(hidden[rows, columns])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
         token_nll = F.cross_entropy(logits, labels, reduction="none")
     sums = torch.zeros(batch.size, dtype=token_nll.dtype, device=token_nll.device).index_add(0, rows, token_nll)
     return sums / torch.bincount(rows, minlength=batch.size).to(token_nll.dtype)

@@ -264,6 +264,7 @@ class GraceAdapter(nn.Module):
 @register_method("grace")
 class GRACE(Editor):
     hparams_class = GraceHParams
+    batch_edits = False  # a call of several cases edits them one after another
     required_protocols = ("generation",)
 
     @classmethod

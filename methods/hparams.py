@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import yaml
 
 from kebench.core.errors import KebenchError
+from kebench.core.models import architecture_for_type, model_facts, model_names, parse_model_spec
 from kebench.core.scenarios import scenario_names
 from methods.base import Editor, get_method
 
@@ -139,8 +140,6 @@ def _module_field(name: str) -> bool:
 
 def _derive(editor: type[Editor], values: dict[str, Any], origin: HparamsOrigin) -> dict[str, Any]:
     """Another model's values re-fitted: the method's layers for this depth, module names in its naming."""
-    from kebench.core.models import architecture_for_type
-
     target, source = origin.derived_for, origin.source_facts
     out = dict(values)
     out.update(editor.layer_rule(target.num_layers) or {})
@@ -173,8 +172,6 @@ def hparams_file_name(model: str) -> str:
 def hparams_origin(method: str, model: str) -> HparamsOrigin:
     """Where ``load_hparams(method, model)`` takes its values from: the method's YAML for the model, else
     (for a model whose depth is known) the nearest shipped YAML with derived layers, else an error."""
-    from kebench.core.models import model_facts, parse_model_spec
-
     editor = get_method(method)
     stem = hparams_file_name(model)
     own = hparams_root(method) / method / f"{stem}.yaml" if stem else None
@@ -199,8 +196,6 @@ def hparams_origin(method: str, model: str) -> HparamsOrigin:
 def nearest_hparams_file(method: str, facts: Any, exclude: str = "") -> tuple[Path, Any] | None:
     """The method's shipped ``<registered model>.yaml`` whose model is nearest in width and depth
     (|log2 hidden ratio| + |log2 layer ratio|; ties: by name), with that model's facts."""
-    from kebench.core.models import model_facts, model_names
-
     folder = hparams_root(method) / method
     best: tuple[float, str, Path, Any] | None = None
     for name in model_names():

@@ -104,6 +104,7 @@ class PeftEditor(Editor):
 
     def __init__(self, lm: LoadedModel, hparams: Any, seed: int) -> None:
         super().__init__(lm, hparams, seed)
+        # peft imports transformers (seconds): off `kebench list`'s start-up path
         from peft import get_peft_model
 
         bad = [layer for layer in hparams.layers if not 0 <= layer < lm.num_layers]
@@ -197,6 +198,7 @@ class LoRA(PeftEditor):
     hparams_class = LoRAHParams
 
     def config(self):
+        # peft imports transformers (seconds): off `kebench list`'s start-up path
         from peft import LoraConfig
 
         hp = self.hparams
@@ -210,6 +212,7 @@ class AdaLoRA(PeftEditor):
     adaptive = True
 
     def config(self):
+        # peft imports transformers (seconds): off `kebench list`'s start-up path
         from peft import AdaLoraConfig
 
         hp = self.hparams

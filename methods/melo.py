@@ -230,6 +230,7 @@ class BlockLoRA(nn.Module):
 @register_method("melo")
 class MELO(Editor):
     hparams_class = MeloHParams
+    batch_edits = False  # a call of several cases edits them one after another
 
     @classmethod
     def layer_rule(cls, num_layers: int) -> dict[str, Any]:

@@ -123,14 +123,21 @@ class MEMIT(WeightEditor):
             keys = self._keys(cases, layer).to(torch.float64).T  # [d_mlp, n]
             residual = (targets_z - self._current_z(cases, z_layer)).to(torch.float64).T  # [d, n]
             if not (torch.isfinite(keys).all() and torch.isfinite(residual).all()):
-                raise NonFiniteError(f"memit: non-finite keys or residuals at layer {layer}")
-            moment = self.moments[layer].to(device=keys.device, dtype=torch.float64)
-            try:
-                adjusted = torch.linalg.solve(hp.mom2_update_weight * moment + keys @ keys.T, keys)  # [d_mlp, n]
-            except torch.linalg.LinAlgError as exc:  # a singular system is a numeric failure of the cell
-                raise NonFiniteError(f"memit: singular λC + KKᵀ at layer {layer}: {exc}") from None
+                raise NonFiniteError(f"{self.name}: non-finite keys or residuals at layer {layer}")
             share = residual / (len(layers) - index)  # spread what is left over the remaining layers
-            self._add(layer, share @ adjusted.T)  # [d, d_mlp]
+            self._add(layer, self._layer_update(layer, keys, share))
         steps = sum(v.steps for v in values)
         loss = sum(v.loss for v in values) / len(values) if values else math.nan
         return EditStats(steps=steps, loss=loss)
+
+    def _layer_update(self, layer: int, keys: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+        """ΔW_l [d, d_mlp] from the keys K [d_mlp, n] and this layer's share of the residual R [d, n], float64.
+
+        MEMIT: ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹ (AlphaEdit overrides this with its projected solve).
+        """
+        moment = self.moments[layer].to(device=keys.device, dtype=torch.float64)
+        try:
+            adjusted = torch.linalg.solve(self.hparams.mom2_update_weight * moment + keys @ keys.T, keys)  # [d_mlp, n]
+        except torch.linalg.LinAlgError as exc:  # a singular system is a numeric failure of the cell
+            raise NonFiniteError(f"memit: singular λC + KKᵀ at layer {layer}: {exc}") from None
+        return share @ adjusted.T

@@ -494,6 +494,7 @@ class WeightEditor(Editor):
 @register_method("rome")
 class ROME(WeightEditor):
     hparams_class = ROMEHParams
+    batch_edits = False  # a call of several cases edits them one after another
 
     @classmethod
     def layer_rule(cls, num_layers: int) -> dict[str, Any]:

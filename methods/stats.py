@@ -52,10 +52,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from benchmarks.data import data_file, read_json, resolve_data_dir
 from benchmarks.metrics import right_pad
+from benchmarks.registry import split_of
 from kebench.core.errors import KebenchError
-from kebench.core.models import LoadedModel, cache_root, projection_shape
+from kebench.core.models import DTYPES, LoadedModel, Precision, cache_root, configure_threads, load_model, projection_shape
 from methods.base import get_method
 
 OFFLINE_CORPUS = "shared-offline"
@@ -143,9 +147,6 @@ def corpus_texts(corpus: str, n: int, data_dir: str | os.PathLike[str] | None = 
 
 def offline_pool(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """Every text of ``shared-offline``, in order (see the module docstring)."""
-    from benchmarks.data import data_file, read_json, resolve_data_dir
-    from benchmarks.registry import split_of
-
     root = resolve_data_dir(data_dir)
     hint = "the shared benchmark data (see data/PROVENANCE.md)"
     wikibio = [f"{r['text']} {r['labels']}".strip() for r in _records(read_json(data_file(root, WIKIBIO_FILE, hint)), WIKIBIO_FILE)
@@ -191,7 +192,7 @@ def _interleave(sources: Sequence[list[str]]) -> list[str]:
 
 def _hf_texts(name: str, n: int) -> list[str]:
     try:
-        import datasets  # optional: only users with a network need it
+        import datasets  # an optional dependency: only users with a network have it
     except ImportError:
         raise KebenchError(
             f"statistics corpus '{name}' is read through the datasets package, which is not installed: "
@@ -367,8 +368,6 @@ def ensure_stats(lm: LoadedModel, layers: Sequence[int], corpus: str, n: int, dt
 
 
 def _write(path: Path, moment: torch.Tensor, key: StatsKey, lm: LoadedModel, collected: Collected) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "model": key.model, "revision": key.revision, "layer": str(key.layer), "corpus": key.corpus, "n": str(key.n),
@@ -382,16 +381,12 @@ def _write(path: Path, moment: torch.Tensor, key: StatsKey, lm: LoadedModel, col
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 
 
 @lru_cache(maxsize=16)
 def _load(path: str, mtime_ns: int) -> torch.Tensor:
-    from safetensors.torch import load_file
-
     return load_file(path)["mom2"]
 
 
@@ -443,8 +438,6 @@ def missing_jobs(cells: Iterable[Any], root: Path | None = None) -> list[StatsJo
 
     ``cells`` are ``orchestrator.grid.Cell``s (model, model_revision, method, hparams_object(), dtype).
     """
-    from kebench.core.models import Precision
-
     wanted: dict[tuple[str, str, int, str, str], set[int]] = {}
     for cell in cells:
         model_dtype = Precision.parse(getattr(cell, "dtype", "") or "float32").model
@@ -460,8 +453,6 @@ def missing_jobs(cells: Iterable[Any], root: Path | None = None) -> list[StatsJo
 
 def run_job(job: StatsJob, data_dir: str | None = None) -> list[dict[str, Any]]:
     """Load the job's model and compute its statistics (the body of the grid's pre-pass Ray task)."""
-    from kebench.core.models import DTYPES, configure_threads, load_model
-
     configure_threads()
     lm = load_model(job.model, dtype=DTYPES[job.model_dtype])
     outcomes = ensure_stats(lm, job.layers, job.corpus, job.n, job.dtype, data_dir=data_dir)

@@ -23,6 +23,8 @@ import yaml
 
 from kebench.core.errors import KebenchError
 
+#: seeds are stored in an int64 column (results/store.py): a larger one would fail after the cell ran
+MAX_SEED = 2**63 - 1
 #: names that end up in store paths and hive partition values (grid and sweep names, method labels)
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
 

@@ -1,16 +1,32 @@
-"""The ``kebench`` command line."""
+"""The ``kebench`` command line.
+
+Each command imports the layers it needs inside its own function: torch comes with the methods and
+models, Ray with grids and sweeps, pyarrow and DuckDB with the store, and ``kebench --help`` or a usage
+error must not wait seconds for any of them.  Those imports are the only function-level ones here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from kebench.core.errors import KebenchError
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from kebench.core.errors import KebenchError, RunError
+from kebench.core.numerics import DEFAULT_NUMERICS, NUMERICS_CHOICES, PORTABLE, apply_numerics, numerics_env
 from kebench.core.scenarios import is_scenario, scenario_names
+from orchestrator._config import MAX_SEED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +46,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-MAX_SEED = 2**63 - 1  # seeds are stored in an int64 column (results/store.py)
+
+
+def _resamples(text: str) -> int:
+    from results.bootstrap import MAX_RESAMPLES
+
+    value = _positive_int(text)
+    if value > MAX_RESAMPLES:  # 10**7 took 1.9 GB on four cases (issue 31)
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_RESAMPLES:,}, got {value:,}")
+    return value
 
 
 def _seed(text: str) -> int:
@@ -44,8 +68,6 @@ def _seed(text: str) -> int:
 
 
 def _gpus(text: str) -> float:
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -56,8 +78,6 @@ def _gpus(text: str) -> float:
 
 
 def _override(text: str) -> tuple[str, Any]:
-    import yaml
-
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
@@ -69,6 +89,8 @@ def _override(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kebench", description="Benchmark knowledge-editing methods for LLMs.")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback behind a one-line error (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     edit = sub.add_parser("edit", help="run one method on one benchmark and scenario, print Rel/Gen/Loc/Por")
@@ -85,11 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--downstream", default=None,
                       help="a downstream check scored after each stream and on the unedited model, e.g. piqa")
     edit.add_argument("--downstream-n", type=_positive_int, default=None, help="items of the downstream check")
+    edit.add_argument("--scenario-param", dest="scenario_params", type=_override, action="append", default=[],
+                      metavar="KEY=VALUE", help="a parameter of the scenario kind beyond T and B (repeatable)")
+    edit.add_argument("--protocol", dest="protocols", action="append", default=[], metavar="PROTOCOL",
+                      help="score under this protocol (repeatable; default teacher_forced; the method may add its own): "
+                           "teacher_forced, generation, wild, or wild(context=qa|chat,max_new_tokens=N,intervene_generated=false)")
     edit.add_argument("--parallel-cases", type=_positive_int, default=1, metavar="K",
-                      help="single editing: keep K independent edits training at once in one batch (BaFT, ReFT, FT-L, FT-M; same numbers)")
-    edit.add_argument("--protocol", dest="protocols", action="append", default=None, metavar="PROTOCOL",
-                      help="score under this protocol (repeatable; default teacher_forced): teacher_forced, generation, "
-                           "wild, or wild(context=qa|chat,max_new_tokens=N,intervene_generated=false)")
+                      help="single editing: keep K independent edits training at once in one batch (BaFT, ReFT, FT-L, FT-M; the same training, rounded differently)")
     edit.add_argument("--n", type=_positive_int, default=None, help="number of cases (default: the whole split)")
     edit.add_argument("--offset", type=int, default=0)
     edit.add_argument("--seed", type=_seed, default=0)
@@ -98,8 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--hparams", type=Path, default=None, help="hyperparameter YAML instead of methods/hparams/<method>/<model>.yaml")
     edit.add_argument("--data-dir", default=None)
     edit.add_argument("--device", default=None)
-    edit.add_argument("--out", type=Path, default=None, help="write one JSON object per case (JSON lines)")
+    edit.add_argument("--numerics", default=DEFAULT_NUMERICS, choices=NUMERICS_CHOICES,
+                      help=f"floating-point path: native (the CPU's best kernels) or portable (AVX2 kernels and MKL's "
+                           f"COMPATIBLE branch: the same numbers on any x86-64 CPU with AVX2); default {DEFAULT_NUMERICS}")
+    edit.add_argument("--out", type=Path, default=None,
+                      help="write one JSON object per case (JSON lines), each with the hardware record")
     edit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    noise = sub.add_parser("noise", allow_abbrev=False,
+                           help="re-run one cell (kebench edit's arguments) under ISA levels, thread counts and seeds; "
+                                "print each metric's spread")
+    noise.add_argument("--isa", default="native",
+                       help="comma-separated ISA levels, the first the baseline: native, portable, default, avx2, avx512")
+    noise.add_argument("--threads", default="1", help="comma-separated torch thread counts, the first the baseline")
+    noise.add_argument("--seeds", default="0", help="comma-separated seeds, the first the baseline")
+    noise.add_argument("--json", type=Path, default=None, help="also write runs and spreads as JSON")
+    noise.add_argument("--keep", type=Path, default=None, help="keep each run's JSON lines in this folder")
+    noise.add_argument("--jobs", type=_positive_int, default=1,
+                       help="runs at a time (each a kebench edit process; its s/edit then includes the sharing)")
 
     grid = sub.add_parser("grid", help="run a grid file's cells as Ray tasks into a Parquet store")
     add_grid_arguments(grid)
@@ -136,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", help="write leaderboard.md and a self-contained leaderboard.html from a store")
     board.add_argument("--store", type=Path, required=True)
     board.add_argument("--out", type=Path, default=None, help="output folder (default: <store>/leaderboard)")
-    board.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    board.add_argument("--resamples", type=_resamples, default=1000,
+                       help="bootstrap resamples for the 95%% intervals (1..100,000)")
     board.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
     plan = sub.add_parser("plan", help="what a grid will cost: edits, seconds per edit, GPU-hours, wall time on N workers")
@@ -164,7 +205,35 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--hparams", type=Path, default=None, help="hyperparameter YAML instead of the method's own")
 
     sub.add_parser("list", help="list registered models, benchmarks, methods (with their source) and plug-in failures")
+    add_data_parser(sub)
     return parser
+
+
+def add_data_parser(sub: Any) -> None:
+    """``kebench data fetch|status`` (the work is in ``benchmarks.fetch``)."""
+    data = sub.add_parser("data", help="fetch benchmark files from their pinned sources; show where each is read from")
+    actions = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    fetch = actions.add_parser("fetch", help="download, sha256-check and cache the files of benchmarks")
+    fetch.add_argument("--benchmark", action="append", default=[], metavar="NAME",
+                       help="a benchmark, piqa or shared-offline (repeatable)")
+    fetch.add_argument("--all", action="store_true", help="every file in the manifest")
+    fetch.add_argument("--dest", type=Path, default=None, help="fetch into DIR (default: ~/.cache/kebench/data)")
+    status = actions.add_parser("status", help="each benchmark's files: where each is read from, verified, or missing")
+    status.add_argument("--benchmark", action="append", default=[], metavar="NAME")
+    status.add_argument("--data-dir", default=None)
+
+
+def _data(args: argparse.Namespace) -> int:
+    from benchmarks.data import resolve_data_dir
+    from benchmarks.fetch import fetch, select_entries, status_lines
+
+    if args.data_command == "fetch":
+        fetch(select_entries(args.benchmark, args.all), args.dest, report=lambda line: print(line, flush=True))
+        return 0
+    if args.benchmark:
+        select_entries(args.benchmark, False)  # an unknown name is an error here too
+    print("\n".join(status_lines(resolve_data_dir(args.data_dir), args.benchmark)))
+    return 0
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,10 +253,18 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "noise":  # only `kebench noise` passes arguments on (to kebench edit)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "edit":
-            return _edit(args)
+            with _numerics_environment(args, own_process=argv is None):
+                return _edit(args)
+        if args.command == "noise":
+            from orchestrator.noise import noise_command  # subprocesses only: no torch here
+
+            return noise_command(args, extra, lambda tokens: _edit_parser(parser).parse_args([*tokens]))
         if args.command == "list":
             return _list()
         if args.command == "hparams":
@@ -203,12 +280,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "leaderboard":
             return _leaderboard(args)
         if args.command == "plan":
-            from orchestrator.plan import plan_command
+            from orchestrator.plan import plan_command  # torch and DuckDB: off the start-up path
 
             return plan_command(args)
+        if args.command == "data":
+            return _data(args)
     except KebenchError as exc:
+        _debug_traceback(args)
         print(f"kebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except RunError as exc:  # found only while working (an inexact restore): one line, like a failed cell
+        _debug_traceback(args)
+        print(f"kebench: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kebench: interrupted", file=sys.stderr)
         return 130
@@ -220,11 +304,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _edit_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``kebench edit``'s own parser (``kebench noise`` checks the cell's arguments with it)."""
+    actions = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return actions.choices["edit"]
+
+
+#: set in a ``kebench edit`` process that re-executed itself for its numerics (it must not do so twice)
+_REEXEC_ENV = "KEBENCH_NUMERICS_REEXEC"
+
+
+@contextlib.contextmanager
+def _numerics_environment(args: argparse.Namespace, own_process: bool):
+    """``--numerics``'s environment, set before anything imports torch (ATen, MKL and oneDNN read it when they
+    first run).  Called in another program's process (``main(argv)``), the environment is put back afterwards:
+    that process's later work must not claim numerics it was not started under."""
+    saved = {name: os.environ.get(name) for name in numerics_env(args.numerics)}
+    args.torch_was_loaded = apply_numerics(args.numerics)
+    args.own_process = own_process
+    try:
+        yield
+    finally:
+        if not own_process:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def _enter_numerics(args: argparse.Namespace) -> None:
+    """Check that the process computes under ``--numerics``.  Where torch was loaded before the settings were
+    made (a plug-in imported at start-up) and the check fails, the ``kebench`` process starts itself again with
+    the settings in its environment, once; otherwise the failed check is a one-line error."""
+    from kebench.core.numerics import verify_numerics  # torch: off the command line's start-up path
+
+    try:
+        verify_numerics(args.numerics)
+    except KebenchError:
+        if (getattr(args, "torch_was_loaded", False) and getattr(args, "own_process", False)
+                and args.numerics == PORTABLE and not os.environ.get(_REEXEC_ENV)):
+            os.environ[_REEXEC_ENV] = "1"
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+        raise
+
+
+def _debug_traceback(args: argparse.Namespace) -> None:
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+
+
 def check_output_path(path: Path, flag: str = "--out") -> None:
     """An output file must be creatable: not a directory, not under a file, in a writable directory.
     Checked before any work, so a run is never lost to its output path."""
-    import os
-
     if path.is_dir():
         raise KebenchError(f"{flag} {path} is a directory; name a file")
     for parent in path.parents:
@@ -240,8 +376,7 @@ def check_output_path(path: Path, flag: str = "--out") -> None:
 
 def _hparams(args: argparse.Namespace) -> int:
     """``kebench hparams``: the resolved hyperparameters as YAML, after a comment saying where they come from."""
-    import yaml
-
+    # torch (the method registry): off the command line's start-up path
     from kebench.core.models import check_model_name, model_revision
     from methods.base import get_method
     from methods.hparams import describe_hparams, hparams_dict
@@ -260,6 +395,7 @@ def _hparams(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     """``kebench stats``: one pass over the corpus for every requested layer not yet cached."""
+    # torch: off the command line's start-up path
     from methods.stats import canonical_corpus, check_dtype, ensure_stats
     from kebench.core.models import check_device, check_model_name, load_model, model_facts
 
@@ -285,12 +421,14 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    # Ray Tune and torch: off the command line's start-up path
     from orchestrator.sweep import sweep_command
 
     return sweep_command(args)
 
 
 def _table(args: argparse.Namespace) -> int:
+    # pyarrow and DuckDB: off the command line's start-up path
     from results.tables import FORMATS, get_table
 
     get_table(args.table)
@@ -306,35 +444,19 @@ def _table(args: argparse.Namespace) -> int:
 
 def _render_readable(store: Path, table: str, fmt: str) -> str:
     """Render ``table``; unreadable Parquet files are named on stderr and left out (the rest renders)."""
-    import shutil
-    import tempfile
-
+    # pyarrow and DuckDB: off the command line's start-up path
     from results.store import scan_store
     from results.tables import render
 
-    scan = scan_store(store)
-    if not scan.unreadable:
-        return render(store, table, fmt)
-    for path, reason in scan.unreadable:
+    unreadable = scan_store(store).unreadable
+    for path, reason in unreadable:
         print(f"kebench: warning: skipped unreadable {path} ({reason})", file=sys.stderr)
-    bad = {path.resolve() for path, _ in scan.unreadable}
-    shadow = Path(tempfile.mkdtemp(prefix="kebench-table-"))
-    try:  # a view of the store without the bad files: links to every other file
-        for file in store.rglob("*"):
-            if file.is_file() and file.resolve() not in bad:
-                target = shadow / file.relative_to(store)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to(file.resolve())
-        return render(shadow, table, fmt).replace(str(shadow), str(store))
-    finally:
-        shutil.rmtree(shadow, ignore_errors=True)
+    return render(store, table, fmt, skip=[path for path, _ in unreadable])
 
 
 def run_grid_command(args: argparse.Namespace) -> int:
     """``kebench grid`` and ``run_grid.py``: run the grid, then print its tables."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    # Ray, torch, pyarrow and DuckDB: off the command line's start-up path
     from orchestrator.grid import load_grid
     from orchestrator.runner import run_grid
     from results.tables import render, table_names
@@ -373,10 +495,8 @@ def run_grid_command(args: argparse.Namespace) -> int:
         print(f"kebench: warning: unreadable store file moved aside as {path} ({reason}); its cell re-ran",
               file=sys.stderr)
     if report.interrupted:
-        import signal as _signal
-
-        signum = report.signal or _signal.SIGINT
-        print(f"kebench: interrupted by {_signal.Signals(signum).name}: {report.finished} of {report.total} cells "
+        signum = report.signal or signal.SIGINT
+        print(f"kebench: interrupted by {signal.Signals(signum).name}: {report.finished} of {report.total} cells "
               f"stored ({report.ok + report.failed} this run, {report.failed} failed), workers stopped; run the same "
               "command again to resume", file=sys.stderr)
         return 128 + int(signum)
@@ -392,18 +512,21 @@ def run_grid_command(args: argparse.Namespace) -> int:
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
+    # pyarrow, DuckDB and matplotlib: off the command line's start-up path
     from results.leaderboard import write_leaderboard
 
     if not args.store.is_dir():
         raise KebenchError(f"store {args.store} does not exist")
     out = args.out or args.store / "leaderboard"
-    written = write_leaderboard(args.store, out, resamples=args.resamples, seed=args.seed)
+    written = write_leaderboard(args.store, out, resamples=args.resamples, seed=args.seed,
+                                on_warning=lambda text: print(f"kebench: warning: {text}", file=sys.stderr))
     for path in written:
         print(path)
     return 0
 
 
 def _list() -> int:
+    # torch (the registries import every method): off the command line's start-up path
     from benchmarks.registry import benchmark_names, benchmark_source
     from kebench.core import plugins
     from kebench.core.metrics import metric_names
@@ -425,38 +548,39 @@ def _list() -> int:
 
 
 def _edit(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from benchmarks.data import resolve_data_dir
+    """``kebench edit``: one cell (``orchestrator.cell.run_cell``, as a grid worker runs it), printed as a table."""
+    # torch, pyarrow and DuckDB: off the command line's start-up path
+    from benchmarks.protocols import check_protocols, protocol_tag
     from benchmarks.registry import get_benchmark, select_cases
+    from kebench.core.metrics import metric_names
+    from kebench.core.models import check_device, check_dtype_choice, check_model_name, model_revision
+    from kebench.core.numerics import hardware_label
     from methods.base import get_method
     from methods.hparams import hparams_dict, load_hparams
-    from kebench.core.models import (check_device, check_dtype_choice, check_model_name, load_model, model_facts,
-                                      model_revision, resolve_precision, with_precision)
-    from orchestrator.grid import check_method_fits
-    from orchestrator.scenarios import Scenario, make_streams, run_scenario
-    from kebench.core.metrics import metric_names
+    from orchestrator.cell import CellRequest, ModelCache, run_cell
+    from orchestrator.grid import check_method_fits, precision_for
+    from orchestrator.scenarios import Scenario, make_streams
     from results import rows as result_rows
     from results.summary import render_table, summarize
 
     # Validate everything cheap before loading a model.
     scenario = Scenario(args.scenario, T=args.T, B=args.B, downstream=args.downstream, downstream_n=args.downstream_n,
-                        parallel_cases=args.parallel_cases)
+                        parallel_cases=args.parallel_cases, params=tuple(args.scenario_params))
     check_model_name(args.model)
     model_revision(args.model)  # an hf: snapshot that cannot be had fails here, before anything else
     if args.method is None:
         raise KebenchError("--method is required (kebench list shows the methods)")
     check_dtype_choice(args.dtype, "--dtype")
     get_method(args.method)
-    bench = get_benchmark(args.benchmark)
+    if args.protocols:
+        try:
+            check_protocols(args.protocols)
+        except KebenchError as exc:
+            raise KebenchError(f"--protocol: {exc}") from None
+    protocols = tuple(dict.fromkeys(protocol_tag(spec) for spec in args.protocols))  # canonical, as in a grid
+    get_benchmark(args.benchmark)
     selection = select_cases(args.benchmark, args.split, args.n, args.offset, args.data_dir)
     make_streams(selection.cases, scenario)
-    if args.protocols is not None:
-        from benchmarks.protocols import cell_protocols
-
-        cell_protocols(args.protocols, get_method(args.method).required_protocols)  # a bad spec fails before loading
     if args.hparams is not None and args.hparams.is_dir():
         raise KebenchError(f"--hparams {args.hparams} is a directory; name a hyperparameter YAML file")
     hparams = load_hparams(args.method, args.model, scenario.kind, dict(args.overrides), path=args.hparams)
@@ -467,33 +591,33 @@ def _edit(args: argparse.Namespace) -> int:
         raise KebenchError(f"--device: {exc}") from None
     if args.out is not None:
         check_output_path(args.out)
+    _enter_numerics(args)
 
+    precision = precision_for(args.dtype, args.method, args.model, device.type != "cpu")
+    request = CellRequest(args.model, args.benchmark, args.split, args.n, args.offset, scenario, args.method, hparams,
+                          args.seed, precision, protocols=protocols, device=str(device), numerics=args.numerics)
     console = Console(stderr=True)
-    facts = model_facts(args.model)
-    precision = resolve_precision(args.dtype, get_method(args.method).edits_weights, facts.dtype if facts else None,
-                                  device.type != "cpu")
-    lm = with_precision(load_model(args.model, device=device, dtype=precision.torch_dtype), precision)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, disable=args.quiet, transient=False) as progress:
         task = progress.add_task(f"{args.method} {scenario.label}", total=len(selection.cases))
-        result = run_scenario(lm, args.method, hparams, selection.cases, scenario, args.seed, bench.metrics,
-                              on_edit=lambda n: progress.advance(task, n), data_dir=args.data_dir,
-                              extra_scorer=bench.extra_scorer(args.split, resolve_data_dir(args.data_dir)),
-                              protocols=args.protocols)
+        cell = run_cell(request, ModelCache(), args.data_dir, on_edit=lambda n: progress.advance(task, n))
+    result = cell.scenario
 
     timing = {(c.case_id, c.stream): (round(c.seconds, 4), c.steps) for c in result.cases}
-    rows = [{**row, "seconds": timing[(row["case_id"], row["stream"])][0], "steps": timing[(row["case_id"], row["stream"])][1]}
-            for row in result_rows.per_case(result_rows.case_rows(result.cases, bench.row_protocol))]
+    hardware = cell.fields["hardware"]  # what the numbers were computed on, in every row (issue 30)
+    rows = [{**row, "seconds": timing[(row["case_id"], row["stream"])][0], "steps": timing[(row["case_id"], row["stream"])][1],
+             "hardware": hardware}
+            for row in result_rows.per_case(cell.case_rows)]
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
-    protocols = sorted({row["protocol"] for row in rows})  # never pool protocols (GRACE reports two)
-    summaries = [(args.method if len(protocols) == 1 else escape(f"{args.method} [{protocol}]"),
+    protocols_seen = sorted({row["protocol"] for row in rows})  # never pool protocols (GRACE reports two)
+    summaries = [(args.method if len(protocols_seen) == 1 else escape(f"{args.method} [{protocol}]"),
                   summarize([row for row in rows if row["protocol"] == protocol], metric_names()))
-                 for protocol in protocols]
-    title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={len(selection.cases)} · "
+                 for protocol in protocols_seen]
+    title = (f"{args.model} · {args.benchmark}/{args.split} · {scenario.label} · n={cell.cases} · "
              f"seed={args.seed} · {precision.key}")
     extra = {"Params": [f"{result.trainable_parameters:,}"] * len(summaries),
              "s/edit": [f"{result.seconds_per_edit:.2f}"] * len(summaries)}
@@ -503,8 +627,9 @@ def _edit(args: argparse.Namespace) -> int:
         per_stream = ", ".join(f"{value:.3f}" for value in check.edited)
         Console().print(f"downstream {check.name} ({check.items} items): unedited {check.unedited:.3f} · "
                         f"edited {check.edited_mean:.3f} (per stream: {per_stream})")
-    if selection.provenance_note:
-        Console().print(f"note: {selection.provenance_note}")
+    if cell.selection_note:
+        Console().print(f"note: {cell.selection_note}")
+    Console().print(f"note: computed on {escape(hardware_label(hardware))}")
     for note in result.notes:
         Console().print(f"note: {note}")
     print(json.dumps({"hparams": hparams_dict(hparams), "peak_rss_mb": round(result.peak_rss_mb, 1)}), file=sys.stderr)

@@ -14,6 +14,7 @@ result store can skip cells it already holds when a grid is resumed or extended.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import itertools
@@ -30,6 +31,7 @@ from methods.hparams import build_hparams, hparams_dict, hparams_origin, load_hp
 from kebench.core.errors import KebenchError
 from kebench.core.models import (DEFAULT_DTYPE, DTYPE_CHOICES, Precision, canonical_model, check_model_name, model_facts,
                                   model_revision, resolve_precision)
+from kebench.core.numerics import DEFAULT_NUMERICS, PORTABLE, check_numerics
 from orchestrator import _config as cfg
 from benchmarks.protocols import cell_protocols, protocol_names, protocol_spec, protocol_tag
 from kebench.core.scenarios import get_scenario_kind, is_scenario, scenario_names
@@ -38,7 +40,7 @@ from orchestrator.scenarios import COMMON_KEYS, Scenario
 
 CODE_VERSION_ENV = "KEBENCH_CODE_VERSION"
 TOP_KEYS = ("name", "store", "resources", "models", "benchmarks", "scenarios", "methods", "seeds", "max_retries",
-            "data_dir", "dtype", "protocols")
+            "data_dir", "dtype", "protocols", "numerics")
 REQUIRED_TOP_KEYS = ("name", "models", "benchmarks", "scenarios", "methods")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
 BENCHMARK_KEYS = ("name", "split", "n", "offset", "protocols")
@@ -46,8 +48,6 @@ METHOD_KEYS = ("name", "label", "hparams", "hparams_file", "dtype")
 DEFAULT_SEEDS = (0,)
 DEFAULT_MAX_RETRIES = 2
 _CELL_ID_CHARS = 16
-#: seeds are stored in an int64 column (results/store.py): a larger one would fail after the cell ran
-MAX_SEED = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- the parsed spec
@@ -127,6 +127,8 @@ class GridSpec:
     #: the scoring protocols of every cell (``benchmarks.protocols``) unless a benchmark entry names its own;
     #: None: the default set, which no cell id records
     protocols: tuple[str, ...] | None = None
+    #: the floating-point path of every cell (``kebench.core.numerics``: native | portable), grid-wide
+    numerics: str = DEFAULT_NUMERICS
     #: the hyperparameters of each (method entry, model, scenario kind), resolved once by ``parse_grid``
     resolved: Mapping[tuple[int, str, str], "ResolvedHparams"] = field(default_factory=dict, compare=False)
 
@@ -154,6 +156,7 @@ class GridSpec:
                          **({"dtype": m.dtype} if m.dtype else {})} for m in self.methods],
             "dtype": self.dtype,
             **({"protocols": list(self.protocols)} if self.protocols else {}),
+            "numerics": self.numerics,
             "seeds": list(self.seeds),
             "max_retries": self.max_retries,
             "data_dir": self.data_dir,
@@ -194,6 +197,10 @@ class Cell:
     #: the protocols the cell is scored under when they are not its method's default set (the default
     #: protocols plus ``Editor.required_protocols``); () for the default, left out of the id as ``dtype`` is
     protocols: tuple[str, ...] = ()
+    #: the floating-point path the cell computes under (``kebench.core.numerics``).  Only ``portable`` enters
+    #: the id: a native number is what every cell computed before the setting existed (so no stored id moves),
+    #: and a portable number differs from it, so it must not share its id, whichever of the two is the default
+    numerics: str = ""
 
     @property
     def precision(self) -> Precision:
@@ -225,12 +232,27 @@ class Cell:
             "code_version": self.code_version,
             "model_revision": self.model_revision,
             **({} if self.precision.is_default else {"dtype": self.precision.key}),
+            **({"parallel_cases": self.scenario.parallel_cases} if self.trains_cases_in_parallel else {}),
             **({"protocols": list(self.protocols)} if self.protocols else {}),
+            **({"numerics": PORTABLE} if self.numerics == PORTABLE else {}),
         }
 
     @property
+    def trains_cases_in_parallel(self) -> bool:
+        """K > 1 cases of a method with a case-parallel path share a batch: the same training as one by one, rounded
+        differently (issue 25), so such a cell is not the one-by-one cell.  Methods without the path edit one by
+        one whatever K says, and keep the one-by-one id."""
+        return self.scenario.parallel_cases > 1 and get_method(self.method).has_case_parallel_path()
+
+    @functools.cached_property
     def cell_id(self) -> str:
+        # cached: a plan or a resume asks for it several times per cell, and hashing is most of their time
         return hashlib.sha256(canonical_json(self.identity()).encode("utf-8")).hexdigest()[:_CELL_ID_CHARS]
+
+    def row_key(self) -> dict[str, Any]:
+        """What the cell's row in the store says of the cell itself, ok or failed (``results.rows.cell_row``)."""
+        return {**self.key_dict(), "cell_id": self.cell_id, "hparams": self.hparams, "code_version": self.code_version,
+                "data_sha256": self.data_sha256, "downstream": self.scenario.downstream}
 
     def key_dict(self) -> dict[str, Any]:
         """The columns that identify a cell in result rows and tables."""
@@ -336,7 +358,8 @@ def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> li
                     for seed in grid.seeds:
                         cells.append(Cell(model, bench.name, bench.split, selection.n, bench.offset, scenario,
                                           method.name, method.label, resolved.json, seed, selection.data_sha256,
-                                          version, revision, resolved.source, precision.key, protocols))
+                                          version, revision, resolved.source, precision.key, protocols,
+                                          grid.numerics))
     _check_unique_ids(source, cells)
     check_hparams_file_leakage(grid, cells, root)  # an exported hparams_file must not have seen these cases
     return cells
@@ -353,9 +376,15 @@ def _cell_protocols(requested: tuple[str, ...] | None, method: str) -> tuple[str
 def cell_precision(grid: GridSpec, method: MethodSpec, model: str) -> Precision:
     """The precision a method entry's cells run in: its ``dtype`` (else the grid's), resolved for the method,
     the checkpoint's own dtype and whether cells run on GPUs (``resources.num_gpus``)."""
+    return precision_for(method.dtype or grid.dtype, method.name, model, grid.resources.num_gpus > 0)
+
+
+def precision_for(requested: str, method: str, model: str, accelerator: bool) -> Precision:
+    """The precision policy every cell runs under, grid cell, sweep trial or ``kebench edit``: ``requested``
+    (``float32``, ``bfloat16``, ``float16``, ``auto``) resolved for the method (does it edit weights?), the
+    checkpoint's own dtype and whether the cell runs on an accelerator."""
     facts = model_facts(model)
-    return resolve_precision(method.dtype or grid.dtype, get_method(method.name).edits_weights,
-                             facts.dtype if facts else None, grid.resources.num_gpus > 0)
+    return resolve_precision(requested, get_method(method).edits_weights, facts.dtype if facts else None, accelerator)
 
 
 def check_method_fits(method: str, model: str, hparams: Any, selection: Any = None) -> None:
@@ -393,7 +422,8 @@ def _check_streams(source: str, index: int, bench: BenchmarkSpec, n: int, scenar
     if n % size:
         raise KebenchError(
             f"{source}: benchmarks[{index}] ({bench.name}/{bench.split}, n={n}) does not split into streams of "
-            f"{size} for scenario {scenario.label}; choose n as a multiple of {size}"
+            f"{size} for scenario {scenario.label}{' (fewer cases than one stream)' if n < size else ''}; choose n as a "
+            f"multiple of {size}"
         )
 
 
@@ -428,14 +458,16 @@ def parse_grid(mapping: Any, source: str) -> GridSpec:
         data_dir = cfg.string(data_dir, source, "data_dir")
     dtype = _dtype(mapping.get("dtype", DEFAULT_DTYPE), source, "dtype")
     protocols = parse_protocols(mapping["protocols"], source, "protocols") if "protocols" in mapping else None
+    numerics = check_numerics(mapping.get("numerics", DEFAULT_NUMERICS), f"{source}: numerics")
 
     for index, bench in enumerate(benchmarks):
         if bench.n is not None:
             for scenario in scenarios:
                 _check_streams(source, index, bench, bench.n, scenario)
+    _check_methods_take(methods, scenarios, source)
     resolved = _resolve_all(methods, models, scenarios, source)
     return GridSpec(name, store, resources, models, benchmarks, scenarios, methods, seeds, max_retries, data_dir,
-                    source, dtype, protocols, resolved)
+                    source, dtype, protocols, numerics, resolved)
 
 
 def parse_protocols(value: Any, source: str, where: str) -> tuple[str, ...]:
@@ -618,6 +650,17 @@ def _overrides(value: Any, hparams_class: type, method: str, source: str, where:
     return tuple(sorted(pairs))
 
 
+def _check_methods_take(methods: Sequence[MethodSpec], scenarios: Sequence[Scenario], source: str) -> None:
+    """Every method entry can run every scenario (lifelong refuses B > 1 for a method that edits a call's cases one
+    after another): refused here, naming the entry, rather than in a worker hours later."""
+    for scenario in scenarios:
+        for index, method in enumerate(methods):
+            try:
+                scenario.check_method(method.name)
+            except KebenchError as exc:
+                raise KebenchError(f"{source}: methods[{index}] ('{method.label}'): {cfg.one_line(exc)}") from None
+
+
 def _resolve_all(methods: Sequence[MethodSpec], models: Sequence[str], scenarios: Sequence[Scenario],
                  source: str) -> dict[tuple[int, str, str], ResolvedHparams]:
     """Resolve every method entry × model × scenario kind once, now, so a bad override or a missing
@@ -649,9 +692,11 @@ def _resolve_all(methods: Sequence[MethodSpec], models: Sequence[str], scenarios
 def _seeds(value: Any, source: str) -> tuple[int, ...]:
     items = cfg.nonempty_list(value, source, "seeds")
     seeds: list[int] = []
+    seen: set[int] = set()  # a set, not the list: 200,000 seeds would take minutes to check (issue 31)
     for index, item in enumerate(items):
         where = f"seeds[{index}]"
-        seed = cfg.integer(item, source, where, minimum=0, maximum=MAX_SEED)
-        cfg.no_duplicate(seed, seeds, source, where, "seed")
+        seed = cfg.integer(item, source, where, minimum=0, maximum=cfg.MAX_SEED)
+        cfg.no_duplicate(seed, seen, source, where, "seed")
+        seen.add(seed)
         seeds.append(seed)
     return tuple(seeds)

@@ -11,19 +11,24 @@ the wall time on N workers.
 Cost model (kept simple on purpose):
 
 - a cell edits its ``n`` cases whatever the scenario: single editing one by one (restoring after each),
-  continual in streams of T edits, batched in calls of B cases; so a cell costs
-  ``n x (s/edit + eval s/case)``;
+  continual in streams of T edits, batched and lifelong in calls of B cases; and it scores each case once,
+  except lifelong(N, B, checkpoints), which scores every case edited so far at each checkpoint: a stream of
+  N scores ``sum(checkpoints)`` cases (N = 200 at 10, 50, 100, 200: 360 scorings for 200 edits).  So a cell
+  costs ``n x s/edit + scorings x eval s/case`` (``Scenario.scorings``; scorings = n but for lifelong);
 - ``s/edit`` is the edit alone, per case: the store's ``seconds_per_edit`` column (the mean seconds of
   one edit call, ``ScenarioResult.seconds_per_edit``) divided by the cell's ``B`` (a batched call edits B
   cases), or ``seconds_per_edit`` of a ``bench/edit_speed.py --json`` record (single editing);
-- ``eval s/case`` is the rest of the cell's wall time per case: ``(finished_at - started_at) / n`` minus
-  the edit share.  It holds scoring Rel/Gen/Loc/Por and, for the first cell a worker runs on a model,
+- ``eval s/case`` is the rest of the cell's wall time per case scored: ``(finished_at - started_at)`` minus
+  the edits, over the cell's scorings (n, or for a measured lifelong cell the (case, checkpoint) pairs its
+  rows hold).  It holds scoring Rel/Gen/Loc/Por and, for the first cell a worker runs on a model,
   loading that model and its pre-edit outputs (so small measured grids overstate it a little).  An
   ``edit_speed.py`` record has no evaluation: its cells are priced at the edit alone, and the source
   column says "edit only";
 - several measured cells pool as a ratio of sums (all their seconds over all their cases);
 - nothing else is modelled: no Ray start-up, no per-worker model load beyond what the measured cells
-  include, no speed-up from batching when a batched cell is priced from single-editing numbers.
+  include, no speed-up from batching when a batched cell is priced from single-editing numbers, no
+  downstream check (a lifelong cell with ``downstream:`` runs one per checkpoint) beyond what measured
+  cells of the same kind include.
 
 Where ``s/edit`` comes from, first match wins (the source column names it):
 
@@ -54,11 +59,17 @@ import heapq
 import io
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from kebench.core.errors import KebenchError
+from kebench.core.models import model_facts
+from orchestrator.grid import expand, load_grid
+from orchestrator.runner import select_cells
+from results.store import CELLS_DIR, has_files, scan_store
+from results.views import connect, records
 
 #: cluster.yaml's fixed GPU pool (ray.worker.gpu: min_workers = max_workers = 4, one GPU each)
 DEFAULT_WORKERS = 4
@@ -86,7 +97,7 @@ class Measurement:
     edit_seconds: float
     #: wall seconds beyond the edits and the cases they cover (None: no wall time known, edit only)
     eval_seconds: float | None
-    eval_edits: int
+    eval_edits: int  # the case scorings ``eval_seconds`` covers (the name predates lifelong's several per case)
 
 
 def device_class(label: str | None) -> str:
@@ -103,17 +114,18 @@ def device_class(label: str | None) -> str:
 
 def store_measurements(store: Path, origin: str, rank: int) -> list[Measurement]:
     """Pooled timings of the ok cells (and Tune trials: timings are timings) in a result store."""
-    from results.store import CELLS_DIR, has_files
-    from results.views import connect, records
-
     store = Path(store)
     if not has_files(store, CELLS_DIR):
         return []
+    # A cell scored at checkpoints (lifelong) scored a case once per checkpoint: its scorings are the (case,
+    # checkpoint) pairs of its rows; any other cell scored its n cases once.
     sql = """
-        SELECT model, method, label, scenario AS kind, device, n, B, seconds_per_edit,
-               epoch(finished_at) - epoch(started_at) AS wall
-        FROM attempts_latest
-        WHERE status = 'ok' AND n > 0 AND seconds_per_edit IS NOT NULL
+        SELECT c.model, c.method, c.label, c.scenario AS kind, c.device, c.n, c.B, c.seconds_per_edit,
+               epoch(c.finished_at) - epoch(c.started_at) AS wall, coalesce(s.scored, c.n) AS scored
+        FROM attempts_latest c
+        LEFT JOIN (SELECT cell_id, attempt, count(DISTINCT case_id || '@' || checkpoint) AS scored
+                   FROM cases_all WHERE checkpoint IS NOT NULL GROUP BY ALL) s USING (cell_id, attempt)
+        WHERE c.status = 'ok' AND c.n > 0 AND c.seconds_per_edit IS NOT NULL
     """
     try:
         with connect(store) as con:
@@ -132,7 +144,7 @@ def store_measurements(store: Path, origin: str, rank: int) -> list[Measurement]
         wall = row["wall"]
         if wall is not None and wall > 0:
             acc["eval"] += max(0.0, float(wall) - edit)
-            acc["eval_edits"] += n
+            acc["eval_edits"] += int(row["scored"])
     return [Measurement(model, method, label, kind, device, origin, rank, acc["cells"], acc["edits"], acc["edit"],
                         acc["eval"] if acc["eval_edits"] else None, acc["eval_edits"])
             for (model, method, label, kind, device), acc in sorted(pooled.items())]
@@ -194,8 +206,6 @@ def _pool(found: Sequence[Measurement]) -> tuple[float, float | None]:
 
 @functools.lru_cache(maxsize=None)
 def _size(model: str) -> float | None:
-    from kebench.core.models import model_facts
-
     try:
         facts = model_facts(model)
     except KebenchError:
@@ -302,6 +312,7 @@ class PlanRow:
     cells: int
     stored: int
     edits: int  # edits still to run (the cases of the cells not stored)
+    scorings: int  # case scorings still to run: = edits but for lifelong, which scores at every checkpoint
     seconds_per_edit: float | None
     eval_seconds_per_case: float | None
     device_hours: float | None
@@ -321,6 +332,7 @@ class Plan:
     cells: int = 0
     stored: int = 0
     edits: int = 0
+    scorings: int = 0
     priced_cells: int = 0
     device_hours: float = 0.0
     wall_hours: float = 0.0
@@ -338,9 +350,6 @@ def make_plan(grid: Any, cells: Sequence[Any], store: Path, workers: int = DEFAU
               from_stores: Sequence[Path] = (), edit_speed: Sequence[Path] = (),
               rerun_failed: bool = False) -> Plan:
     """The plan of ``cells`` (``expand(grid)``) against ``store`` and the other timing sources."""
-    from orchestrator.runner import select_cells
-    from results.store import scan_store
-
     if workers < 1:
         raise KebenchError(f"--workers must be a positive integer, got {workers}")
     store = Path(store)
@@ -379,10 +388,11 @@ def make_plan(grid: Any, cells: Sequence[Any], store: Path, workers: int = DEFAU
         est = estimate(model, method, label, kind, plan.device, measurements)
         pending = [cell for cell in members if cell.cell_id in todo]
         edits = sum(cell.n for cell in pending)
+        scorings = sum(cell.scenario.scorings(cell.n) for cell in pending)
         hours = None
         other_devices.update(device for device in est.measured_on if device != plan.device)
         if est.known:
-            seconds = [cell.n * est.per_case for cell in pending]
+            seconds = [cell_seconds(cell, est) for cell in pending]
             durations += seconds
             hours = sum(seconds) * plan.per_cell / 3600
             plan.device_hours += hours
@@ -392,10 +402,11 @@ def make_plan(grid: Any, cells: Sequence[Any], store: Path, workers: int = DEFAU
             left[0] += len(pending)
             left[1] += edits
         plan.rows.append(PlanRow(model, method, label, kind, len(members), len(members) - len(pending), edits,
-                                 est.s_per_edit, est.eval_per_case, hours, est.source))
+                                 scorings, est.s_per_edit, est.eval_per_case, hours, est.source))
         plan.cells += len(members)
         plan.stored += len(members) - len(pending)
         plan.edits += edits
+        plan.scorings += scorings
     if durations:
         plan.wall_hours = lpt_makespan(durations, workers) / 3600
         plan.even_split_hours = sum(durations) / workers / 3600
@@ -411,9 +422,14 @@ def make_plan(grid: Any, cells: Sequence[Any], store: Path, workers: int = DEFAU
     return plan
 
 
+def cell_seconds(cell: Any, est: Estimate) -> float:
+    """One cell's seconds: its n edits, and its case scorings (lifelong: every checkpoint's cases)."""
+    return cell.n * (est.s_per_edit or 0.0) + cell.scenario.scorings(cell.n) * (est.eval_per_case or 0.0)
+
+
 # --------------------------------------------------------------------------- rendering
 
-_HEADER = ("model", "method", "scenario", "cells", "stored", "edits", "s/edit", "eval s/case")
+_HEADER = ("model", "method", "scenario", "cells", "stored", "edits", "scored", "s/edit", "eval s/case")
 
 
 def _method_name(row: PlanRow) -> str:
@@ -447,43 +463,42 @@ def render_plan(plan: Plan, fmt: str = "md") -> str:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["model", "method", "label", "scenario", "cells", "stored", "edits", "seconds_per_edit",
-                         "eval_seconds_per_case", plan.unit.replace("-h", "_hours").replace("-", "_"), "source"])
+                         "eval_seconds_per_case", plan.unit.replace("-h", "_hours").replace("-", "_"), "source",
+                         "scorings"])
         for row in plan.rows:
             writer.writerow([row.model, row.method, row.label, row.scenario, row.cells, row.stored, row.edits,
                              "" if row.seconds_per_edit is None else f"{row.seconds_per_edit:.6g}",
                              "" if row.eval_seconds_per_case is None else f"{row.eval_seconds_per_case:.6g}",
-                             "" if row.device_hours is None else f"{row.device_hours:.6g}", row.source])
+                             "" if row.device_hours is None else f"{row.device_hours:.6g}", row.source, row.scorings])
         return out.getvalue().rstrip("\n")
     asks = f"{plan.per_cell:g} GPU" if plan.device == "gpu" else f"{plan.per_cell:g} CPU core"
     lines = [f"plan for grid {plan.grid} ({plan.source}): {plan.cells} cells, {plan.stored} already in {plan.store} "
              f"(resume skips them: cost 0); each cell holds {asks}{'s' if plan.per_cell != 1 else ''}",
-             "s/edit: the edit alone, per case; eval s/case: the rest of a cell's wall time per case (scoring, "
-             "and the model load of a worker's first cell)", "",
+             "s/edit: the edit alone, per case; scored: case scorings (= edits, but lifelong scores every edit so far "
+             "at each checkpoint); eval s/case: the rest of a cell's wall time per scoring (scoring, and the model "
+             "load of a worker's first cell)", "",
              "| " + " | ".join(_HEADER + (plan.unit, "source")) + " |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in plan.rows:
         cells = [row.model, _method_name(row), row.scenario, str(row.cells), str(row.stored), f"{row.edits:,}",
+                 f"{row.scorings:,}",
                  UNKNOWN if row.seconds_per_edit is None else _number(row.seconds_per_edit),
                  "–" if row.eval_seconds_per_case is None else _number(row.eval_seconds_per_case),
                  "–" if row.device_hours is None else _hours(row.device_hours), row.source]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["",
-              f"to run: {plan.cells - plan.stored} of {plan.cells} cells ({plan.stored} stored), {plan.edits:,} edits; "
+              f"to run: {plan.cells - plan.stored} of {plan.cells} cells ({plan.stored} stored), {plan.edits:,} edits, "
+              f"{plan.scorings:,} case scorings; "
               f"priced: {plan.priced_cells} of those {plan.cells - plan.stored} cells",
               f"total: {_hours(plan.device_hours)} {plan.unit}",
               f"wall time on {plan.workers} worker{'s' if plan.workers != 1 else ''}, one cell each at a time, longest "
               f"first: {_duration(plan.wall_hours)}; total/{plan.workers}: {_duration(plan.even_split_hours)}; "
               f"longest cell: {_duration(plan.longest_cell_hours)}"]
-    lines += [f"warning: {text}" for text in plan.warnings]
-    return "\n".join(lines)
+    return "\n".join(lines)  # warnings are not part of the plan: plan_command prints them on stderr
 
 
 def plan_command(args: Any) -> int:
     """``kebench plan``: expand the grid, price it, print the plan."""
-    import sys
-
-    from orchestrator.grid import expand, load_grid
-
     if args.fmt not in FORMATS:
         raise KebenchError(f"unknown format '{args.fmt}'; known: {', '.join(FORMATS)}")
     grid = load_grid(args.grid)
@@ -493,7 +508,6 @@ def plan_command(args: Any) -> int:
     plan = make_plan(grid, cells, args.store or Path(grid.store), args.workers, args.from_store, args.edit_speed,
                      rerun_failed=args.rerun_failed)
     print(render_plan(plan, args.fmt))
-    if args.fmt != "md":
-        for text in plan.warnings:
-            print(f"kebench: warning: {text}", file=sys.stderr)
+    for text in plan.warnings:  # stderr in every format, so ``kebench plan > plan.md`` holds the plan only
+        print(f"kebench: warning: {text}", file=sys.stderr)
     return 0

@@ -20,209 +20,60 @@ against what a local instance will have, and whether a ``--ray-address`` answers
 from __future__ import annotations
 
 import datetime as dt
-import os
 import signal
 import threading
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from kebench.core.errors import KebenchError
+from benchmarks.protocols import cell_protocols, get_protocol, register_protocol
+from kebench.core.models import configure_threads
+from kebench.core.numerics import numerics_env
+from kebench.core.scenarios import ScenarioKind, get_scenario_kind, register_scenario
+from methods.stats import missing_jobs, run_job
+from orchestrator.cell import FAILED, OK, CellOutcome, ModelCache, execute_cell
 from orchestrator.grid import Cell, GridSpec, expand
 from orchestrator.ray_session import check_local_resources, check_ray_address, pool_size, ray_initialized, start_ray
 from results import rows
-
-OK, FAILED = "ok", "failed"
-
-
-# --------------------------------------------------------------------------- inside a worker
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's high-water mark so each cell reports its own peak (Linux ≥ 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    from orchestrator.scenarios import peak_rss_mb
-
-    return peak_rss_mb()
-
-
-def _device_label(lm) -> str:
-    """The device the cell ran on, plus the GPU ids Ray granted (bookkeeping on a CPU-only machine)."""
-    label = str(lm.device)
-    try:
-        import ray
-
-        if ray.is_initialized():
-            gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU") or []
-            if gpus:
-                label += f" (ray GPU ids {','.join(map(str, gpus))})"
-    except Exception:  # outside a Ray task
-        pass
-    return label
-
-
-class ModelCache:
-    """The models and pre-edit outputs a worker keeps between cells."""
-
-    def __init__(self) -> None:
-        self.models: dict[str, Any] = {}
-        self.pre_edit: dict[tuple, Any] = {}
-        self.downstream_unedited: dict[tuple, float] = {}  # (check, n) -> the unedited model's score
-        self.loads = 0
-
-    def model(self, name: str, precision: Any = None, revision: str | None = None):
-        """The model ``name`` in ``precision`` (a ``Precision``; None: float32), loaded once per worker.
-
-        ``revision``: what the cell was expanded with; weights that changed since (a moved branch, a
-        rewritten folder, another wheel) are an error, as changed benchmark data is.
-        """
-        from kebench.core.models import Precision, load_model, with_precision
-
-        precision = precision or Precision()
-        key = (name, precision.model)
-        if key not in self.models:
-            self.models.clear()  # one model per worker at a time: 7B models do not fit twice
-            self.pre_edit.clear()
-            self.downstream_unedited.clear()
-            self.models[key] = load_model(name, dtype=precision.torch_dtype)
-            self.loads += 1
-        lm = self.models[key]
-        if revision and lm.info.revision != revision:
-            raise KebenchError(f"model {name} changed since the grid was expanded: it is {lm.info.revision}, "
-                               f"the cell was expanded with {revision}; expand the grid again")
-        return with_precision(lm, precision)
-
-
-@dataclass(frozen=True)
-class CellOutcome:
-    cell_row: dict[str, Any]
-    case_rows: list[dict[str, Any]]
-    worker_pid: int
-    model_loads: int
-    compute_seconds: float
-    artifact: dict[str, Any] | None = None  # drill-down details and editor artifacts (JSON), ok cells only
-
-
-def execute_cell(cell: Cell, attempt: int, cache: ModelCache, data_dir: str | None = None) -> CellOutcome:
-    """Run one cell and return its rows; an exception becomes a ``failed`` row, never a raise."""
-    from methods.base import NonFiniteError
-
-    started = dt.datetime.now(dt.timezone.utc)
-    clock = time.perf_counter()
-    _reset_peak_rss()
-    row: dict[str, Any] = {
-        **cell.key_dict(), "cell_id": cell.cell_id, "attempt": attempt, "hparams": cell.hparams,
-        "code_version": cell.code_version, "data_sha256": cell.data_sha256, "device": "", "dtype": "",
-        "provenance": "", "packages": _packages(), "downstream": cell.scenario.downstream,
-    }
-    case_rows: list[dict[str, Any]] = []
-    artifact: dict[str, Any] | None = None
-    try:
-        case_rows, details = _compute(cell, cache, data_dir)
-        artifact = details.pop("artifact")
-        row.update(details, status=OK, error=None)
-    except NonFiniteError as exc:
-        row.update(status=FAILED, error=f"non-finite: {exc}")
-        case_rows = []
-    except Exception as exc:  # a failing cell must not stop the grid
-        last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        where = f" ({Path(last.filename).name}:{last.lineno})" if last else ""
-        row.update(status=FAILED, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}")
-        case_rows = []
-    row["peak_rss_mb"] = _peak_rss_mb()
-    row["started_at"] = started
-    row["finished_at"] = dt.datetime.now(dt.timezone.utc)
-    return CellOutcome(row, case_rows, os.getpid(), cache.loads, time.perf_counter() - clock, artifact)
-
-
-def _packages() -> dict[str, str]:
-    from results.store import package_versions
-
-    return package_versions()
-
-
-def _compute(cell: Cell, cache: ModelCache, data_dir: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from benchmarks.evaluate import compute_pre_edit
-    from benchmarks.data import resolve_data_dir
-    from benchmarks.registry import get_benchmark, select_cases
-    from methods.base import get_method
-    from orchestrator.scenarios import plain_logits, run_scenario
-
-    lm = cache.model(cell.model, cell.precision, cell.model_revision)
-    selection = select_cases(cell.benchmark, cell.split, cell.n, cell.offset, data_dir)
-    if selection.data_sha256 != cell.data_sha256:
-        raise KebenchError(f"benchmark data changed since the grid was expanded ({cell.benchmark}/{cell.split})")
-    key = (cell.benchmark, cell.split, cell.offset, cell.n)
-    if key not in cache.pre_edit:
-        cache.pre_edit[key] = compute_pre_edit(plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, selection.cases)
-    bench = get_benchmark(cell.benchmark)
-    hparams = cell.hparams_object()
-    downstream_key = (cell.scenario.downstream, cell.scenario.downstream_n)
-    result = run_scenario(lm, cell.method, hparams, selection.cases, cell.scenario, cell.seed,
-                          bench.metrics, pre=cache.pre_edit[key], data_dir=data_dir,
-                          downstream_unedited=cache.downstream_unedited.get(downstream_key),
-                          extra_scorer=bench.extra_scorer(cell.split, resolve_data_dir(data_dir)),
-                          protocols=cell.protocols or None)
-    case_rows = rows.case_rows(result.cases, bench.row_protocol)
-    artifact = rows.cell_artifact(selection.cases, result.cases, result.artifacts, bench.row_protocol)
-    notes = [f"model {lm.info.revision}"]
-    if cell.hparams_source:
-        notes.append(cell.hparams_source)
-    if selection.provenance_note:
-        notes.append(selection.provenance_note)
-    method_note = get_method(cell.method).provenance(hparams)  # e.g. the corpus of ROME/MEMIT statistics
-    if method_note:
-        notes.append(method_note)
-    notes.extend(result.notes)
-    if lm.device.type == "cpu":  # CPU float sums are ordered by thread: a continual stream can move by hundredths
-        import torch
-
-        notes.append(f"torch threads: {torch.get_num_threads()}")
-    details = {
-        "seconds_per_edit": result.seconds_per_edit,
-        "trainable_params": result.trainable_parameters,
-        "paper_params": result.paper_parameters,
-        "device": _device_label(lm),
-        "dtype": cell.precision.key,
-        "provenance": "; ".join(notes),
-        "artifact": artifact,
-    }
-    if result.downstream is not None:
-        cache.downstream_unedited[downstream_key] = result.downstream.unedited
-        details.update(downstream=result.downstream.name, downstream_items=result.downstream.items,
-                       downstream_unedited=result.downstream.unedited,
-                       downstream_edited=result.downstream.edited_mean)
-    return case_rows, details
-
+from results.store import (StoreLock, check_store_writable, next_attempt, package_versions, quarantine, scan_store,
+                           write_cell_attempt)
 
 class CellWorker:
-    """A Ray actor body: keeps its model between cells."""
+    """A Ray actor body: keeps its model between cells.
 
-    def __init__(self, data_dir: str | None = None) -> None:
-        from kebench.core.models import configure_threads
+    ``plugins``: the scenario kinds and scoring protocols the cells use that are not kebench's own
+    (``plugin_declarations``).  A worker registers them before its first cell, so a kind a plug-in or a test
+    module declared in the driver is known where the cell runs (its stream logic travels by reference: its
+    module must be importable on the worker)."""
 
+    def __init__(self, data_dir: str | None = None, plugins: tuple[Any, ...] = ()) -> None:
+        register_plugins(plugins)
         self.cache = ModelCache()
         self.data_dir = data_dir
         configure_threads()
 
     def run(self, cell: Cell, attempt: int) -> CellOutcome:
         return execute_cell(cell, attempt, self.cache, self.data_dir)
+
+
+def plugin_declarations(cells: Sequence[Cell]) -> tuple[Any, ...]:
+    """The declarations of the scenario kinds (with stream logic of their own) and the scoring protocols
+    (defined outside ``benchmarks``) that ``cells`` use."""
+    kinds = {cell.scenario.kind: get_scenario_kind(cell.scenario.kind) for cell in cells}
+    protocols = {name: get_protocol(name) for cell in cells for name in cell_protocols(cell.protocols or None)}
+    return (*(kind for kind in kinds.values() if kind.streams is not None),
+            *(protocol for protocol in protocols.values() if not protocol.module.startswith("benchmarks.")))
+
+
+def register_plugins(declarations: Sequence[Any]) -> None:
+    """Register, in this process, what ``plugin_declarations`` collected in the driver (identical ones are no-ops)."""
+    for declaration in declarations:
+        if isinstance(declaration, ScenarioKind):
+            register_scenario(declaration)
+        else:
+            register_protocol(declaration.name)(type(declaration))
 
 
 # --------------------------------------------------------------------------- the driver
@@ -349,8 +200,6 @@ def run_grid(
     file, unwritable or held by another driver, resources a local instance cannot provide, or a
     ``ray_address`` that does not answer.
     """
-    from results.store import StoreLock, check_store_writable, quarantine, scan_store
-
     store = Path(store)
     data_dir = data_dir or grid.data_dir
     cells = expand(grid, data_dir)  # validates everything before anything is written
@@ -380,10 +229,8 @@ def run_grid(
 def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport, *, workers: int | None,
                ray_address: str | None, num_cpus: int | None, num_gpus: float | None, data_dir: str | None,
                on_update: Callable[[GridReport, int], None] | None) -> None:
-    import ray
+    import ray  # Ray only where cells run: `kebench plan` imports this module and starts nothing
     from ray.exceptions import RayActorError, RayTaskError
-
-    from results.store import next_attempt, write_cell_attempt
 
     signals = _Signals()
     signals.install()  # before Ray starts: a Ctrl-C during start-up is an interrupt too
@@ -401,8 +248,10 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
         worker_class = ray.remote(CellWorker).options(
             num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus,
             max_restarts=grid.max_retries, max_task_retries=grid.max_retries,
+            runtime_env=numerics_runtime_env(grid),
         )
-        actors.extend(worker_class.remote(data_dir) for _ in range(size))
+        plugins = plugin_declarations(todo)
+        actors.extend(worker_class.remote(data_dir, plugins) for _ in range(size))
         actor_model: dict[int, str | None] = {index: None for index in range(size)}
         queue = list(todo)
         pending: dict[Any, tuple[int, Cell, int]] = {}
@@ -444,7 +293,7 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
             except (RayActorError, RayTaskError) as exc:
                 # The worker died past its retries: record the cell, replace the worker, go on.
                 outcome = _system_failure(cell, attempt, exc)
-                actors[index] = worker_class.remote(data_dir)
+                actors[index] = worker_class.remote(data_dir, plugins)
                 actor_model[index] = None
             if "first cell result" not in report.phases:
                 mark("first cell result")
@@ -484,6 +333,13 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
         report.interrupted, report.signal = True, signals.signum
 
 
+def numerics_runtime_env(grid: GridSpec) -> dict[str, Any]:
+    """The Ray runtime environment of the grid's workers: its numerics (``kebench.core.numerics``) as environment
+    variables, which ATen, MKL and oneDNN read when they first run, so they must be in the worker process
+    from its start (a worker imports torch when it unpickles its task); each cell checks they took effect."""
+    return {"env_vars": numerics_env(grid.numerics)}
+
+
 def _interrupt_cause(exc: BaseException) -> BaseException | None:
     """The GridInterrupted or KeyboardInterrupt in ``exc``'s chain of causes, if any."""
     seen: set[int] = set()
@@ -514,15 +370,13 @@ def _precompute_statistics(grid: GridSpec, cells: list[Cell], data_dir: str | No
 
     A failed task is reported and the grid goes on; a cell that still misses its statistics computes them.
     """
-    import ray
-
-    from methods.stats import missing_jobs, run_job  # torch: off the command line's start-up path
+    import ray  # Ray only where cells run: `kebench plan` imports this module and starts nothing
 
     jobs = missing_jobs(cells)
     if not jobs:
         return
     task = ray.remote(run_job).options(num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus,
-                                       max_retries=grid.max_retries)
+                                       max_retries=grid.max_retries, runtime_env=numerics_runtime_env(grid))
     refs = {task.remote(job, data_dir): job for job in jobs}
     for ref, job in refs.items():
         try:
@@ -533,12 +387,10 @@ def _precompute_statistics(grid: GridSpec, cells: list[Cell], data_dir: str | No
 
 
 def _system_failure(cell: Cell, attempt: int, exc: BaseException) -> CellOutcome:
+    """The row of a cell whose worker died past its retries (the cell itself never returned)."""
     now = dt.datetime.now(dt.timezone.utc)
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    row = {
-        **cell.key_dict(), "cell_id": cell.cell_id, "attempt": attempt, "hparams": cell.hparams,
-        "code_version": cell.code_version, "data_sha256": cell.data_sha256, "device": "", "dtype": "",
-        "provenance": "", "packages": _packages(), "status": FAILED,
-        "error": f"worker died: {type(exc).__name__}: {message}"[:500], "started_at": now, "finished_at": now,
-    }
+    row = rows.cell_row(cell.row_key(), attempt=attempt, status=FAILED,
+                        error=f"worker died: {type(exc).__name__}: {message}"[:500],
+                        fields={"packages": package_versions(), "started_at": now, "finished_at": now})
     return CellOutcome(row, [], -1, 0, 0.0)

@@ -8,6 +8,9 @@ plug-in declares); this module holds the ``Scenario`` value a cell carries and e
   all T cases (locality against the unedited model), restore, next stream.
 * batched(B, T): streams of T batches of B cases; each batch is one edit call; evaluate all B·T cases
   after the stream, restore.
+* lifelong(N, B, checkpoints): one stream of N cases in calls of B (AlphaEdit's protocol); after each
+  checkpoint (a number of edits made so far) score every case edited so far; restore only at the end.
+  Each row carries its ``checkpoint``.
 
 A kind's logic is a function from the cases to ``Stream``s (``register_streams``, or the declaration's own
 ``streams``); ``run_scenario`` runs any of them the same way.  After every stream the model's logits on a
@@ -15,7 +18,9 @@ fixed probe batch must equal the unedited model's bit for bit; anything else is 
 ``restore`` and stops the run.
 
 With ``downstream`` (kinds that allow it), a downstream check such as PIQA is scored on the edited model
-after each stream, before restore, and once on the unedited model (the paper's Table 8).
+after each stream, before restore, and once on the unedited model (the paper's Table 8); a stream with
+checkpoints scores it at each checkpoint (the stream's value is the last one; every checkpoint's value goes
+to the stream's artifact, ``downstream_checkpoints``).
 
 Every case is scored under each of the cell's protocols (``benchmarks.protocols``: teacher-forced by
 default; GRACE adds EasyEdit's generation protocol), giving one ``CaseResult`` per case and protocol.
@@ -41,7 +46,7 @@ from benchmarks.registry import ExtraScorer, get_downstream
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
 from kebench.core.scenarios import SHAPE_PARAMS, ScenarioKind, get_scenario_kind, scenario_kinds
-from methods.base import Editor, get_method
+from methods.base import Editor, RestoreError, get_method
 
 #: rows per scoring batch when K cases are scored together: the full-vocabulary logits of a batch dominate
 #: a small model's scoring memory (SmolLM2: 4 rows x 40 tokens x 49,152 x 4 bytes = 31 MB), and with refill the
@@ -76,9 +81,10 @@ class Scenario:
     downstream: str | None = None
     downstream_n: int | None = None  # items of the downstream check (None: all)
     #: single editing only: keep up to K independent cases training at once in one batch, each with its own
-    #: editor, where the method supports it (``Editor.edit_in_parallel``); each case's result equals the one-by-one
-    #: run's, so this changes the time a cell takes, not its numbers: it is not part of the cell's identity
-    parallel_cases: int = field(default=1, compare=False)
+    #: editor, where the method supports it (``Editor.edit_in_parallel``).  Each case trains exactly as alone
+    #: (tests/test_parallel_equivalence.py, in float64), but a batch rounds differently from a single case and
+    #: training can amplify the last bit, so K > 1 is part of the cell id for such methods (``Cell.identity``)
+    parallel_cases: int = 1
     params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
@@ -91,17 +97,17 @@ class Scenario:
         if fixed:
             note = kind.fixed_note or f"sets {' and '.join(kind.sets) or 'neither T nor B'}: {fixed[0]} must be 1"
             raise KebenchError(f"scenario {self.kind} {note}")
-        object.__setattr__(self, "params", _kind_params(kind, dict(self.params)))
+        object.__setattr__(self, "params", _kind_params(kind, dict(self.params), self.T, self.B))
         if self.downstream is not None:
             get_downstream(self.downstream)
             if not kind.downstream:
-                allowed = " or ".join(k.name for k in scenario_kinds() if k.downstream)
+                allowed = _either(k.name for k in scenario_kinds() if k.downstream)
                 raise KebenchError(f"downstream '{self.downstream}' is scored after a stream of edits: "
                                    f"use a {allowed} scenario")
         if isinstance(self.parallel_cases, bool) or not isinstance(self.parallel_cases, int) or self.parallel_cases < 1:
             raise KebenchError(f"scenario {self.kind}: parallel_cases must be a positive integer, got {self.parallel_cases!r}")
         if self.parallel_cases > 1 and not kind.parallel_cases:
-            allowed = " or ".join(k.name for k in scenario_kinds() if k.parallel_cases)
+            allowed = _either(k.name for k in scenario_kinds() if k.parallel_cases)
             raise KebenchError(f"scenario {self.kind}: parallel_cases is a setting of the {allowed} scenario "
                                "(a stream of several edits edits one model in order)")
         if self.downstream_n is not None and (self.downstream is None or self.downstream_n <= 0):
@@ -122,6 +128,18 @@ class Scenario:
     def cases_per_stream(self) -> int:
         return self.declaration.cases_per_stream(self.T, self.B, dict(self.params))
 
+    def scorings(self, n: int) -> int:
+        """Case scorings a cell of ``n`` cases makes (n, or more where a stream is scored at several checkpoints):
+        what ``kebench plan`` prices the evaluation by."""
+        return n // self.cases_per_stream * self.declaration.scorings_per_stream(self.T, self.B, dict(self.params))
+
+    def check_method(self, method: str) -> None:
+        """A one-line error where ``method`` cannot run this scenario: B > 1 in a kind that needs joint edit calls
+        (``ScenarioKind.joint_calls``) for a method that applies a call's cases one after another."""
+        if self.B > 1 and self.declaration.joint_calls and not get_method(method).batch_edits:
+            raise KebenchError(f"{method} cannot take B={self.B} in {self.label}: it applies a call's cases one "
+                               "after another, so this would be B=1 under another label; use B: 1")
+
     @property
     def label(self) -> str:
         base = self.declaration.format(self.declaration.label, self.T, self.B, dict(self.params))
@@ -139,8 +157,15 @@ class Scenario:
         return out
 
 
-def _kind_params(kind: ScenarioKind, given: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """The kind's own parameters, checked, with defaults filled in, sorted by name."""
+def _either(names: Any) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _kind_params(kind: ScenarioKind, given: Mapping[str, Any], T: int, B: int) -> tuple[tuple[str, Any], ...]:
+    """The kind's own parameters, checked (each alone, then across them: ``ScenarioKind.normalize``), with
+    defaults filled in, sorted by name."""
     unknown = sorted(set(given) - {param.name for param in kind.params})
     if unknown:
         kind.param(unknown[0])  # raises, naming what the kind takes
@@ -150,6 +175,9 @@ def _kind_params(kind: ScenarioKind, given: Mapping[str, Any]) -> tuple[tuple[st
         if value is None:
             raise KebenchError(f"scenario {kind.name}: missing required parameter '{param.name}'")
         values[param.name] = param.check(value, kind.name)
+    if kind.normalize is not None:
+        values = {name: (tuple(value) if isinstance(value, list) else value)
+                  for name, value in kind.normalize({"T": T, "B": B, **values}).items() if name not in SHAPE_PARAMS}
     return tuple(sorted(values.items()))
 
 
@@ -169,7 +197,8 @@ class Stream:
 
     @property
     def cases(self) -> list[EditCase]:
-        return [case for call in self.calls for case in call]
+        """The stream's cases, each once, in the order they are first edited (a case edited twice is scored once)."""
+        return list({case.case_id: case for call in self.calls for case in call}.values())
 
     def scored_after(self) -> tuple[int, ...]:
         return self.checkpoints or (len(self.calls),)
@@ -222,6 +251,14 @@ def _fixed_shape_streams(cases: Sequence[EditCase], scenario: Scenario) -> list[
     return chunked_streams(cases, scenario.T * scenario.B, scenario.B)
 
 
+@register_streams("lifelong")
+def _lifelong_streams(cases: Sequence[EditCase], scenario: Scenario) -> list[Stream]:
+    """lifelong(N, B, checkpoints): streams of N cases in calls of B, scored after each checkpoint's call (a cell
+    of n = k·N cases runs k such streams, each restored at its end)."""
+    calls_at = tuple(checkpoint // scenario.B for checkpoint in scenario.param("checkpoints"))
+    return [Stream(stream.calls, calls_at) for stream in chunked_streams(cases, scenario.param("N"), scenario.B)]
+
+
 @dataclass(frozen=True)
 class CaseResult:
     case_id: str
@@ -229,6 +266,9 @@ class CaseResult:
     scores: CaseScores
     seconds: float  # wall time of the edit call that edited this case
     steps: int
+    #: edits made in the stream when these scores were taken, for a stream scored at checkpoints (lifelong);
+    #: None where a stream is scored once
+    checkpoint: int | None = None
 
 
 @dataclass(frozen=True)
@@ -238,7 +278,9 @@ class DownstreamResult:
     name: str
     items: int
     unedited: float
-    edited: tuple[float, ...]  # one value per stream
+    edited: tuple[float, ...]  # one value per stream (a stream with checkpoints: at its last one)
+    #: (checkpoint, mean over streams) for streams scored at checkpoints (lifelong); () otherwise
+    checkpoints: tuple[tuple[int, float], ...] = ()
 
     @property
     def edited_mean(self) -> float:
@@ -325,6 +367,7 @@ def run_scenario(
     protocol: references on the unedited model before each stream, scores after its edits.
     """
     editor_class = get_method(method)
+    scenario.check_method(method)
     protocols = cell_protocols(protocols, editor_class.required_protocols)
     streams = make_streams(cases, scenario)
     if pre is None:
@@ -341,6 +384,7 @@ def run_scenario(
         if downstream_unedited is None:
             downstream_unedited, _ = check.score(plain_logits(lm), lm, scenario.downstream_n, data_dir)
     downstream_edited: list[float] = []
+    downstream_at: dict[int, list[float]] = {}  # checkpoint -> one value per stream
     downstream_items = 0
     if scenario.parallel_cases > 1:
         if all(get_protocol(p).groups_supported for p in protocols) and _run_case_parallel(
@@ -355,42 +399,56 @@ def run_scenario(
         extra_state = extra_scorer.before(plain_logits(lm), lm, stream_cases) if extra_scorer is not None else None
         torch.manual_seed(seed)
         editor: Editor = editor_class(lm, hparams, seed)
-        scores: list[CaseScores] = []
+        scores: list[tuple[int | None, CaseScores]] = []  # (checkpoint, scores)
+        stream_downstream: dict[str, float] = {}
         try:
             timings: dict[str, tuple[float, int]] = {}
-            edited: list[EditCase] = []
+            edited: dict[str, EditCase] = {}  # each case once, in the order first edited
             checkpoints = set(stream.scored_after())
             for done, call in enumerate(stream.calls, start=1):
                 started = time.perf_counter()
                 stats = editor.apply(list(call))
                 elapsed = time.perf_counter() - started
                 result.edit_seconds.append(elapsed)
-                edited.extend(call)
+                edited.update((case.case_id, case) for case in call if case.case_id not in edited)
                 for case in call:
                     timings[case.case_id] = (elapsed, stats.steps)
                 if on_edit is not None:
                     on_edit(len(call))
                 if done in checkpoints:
                     release_freed_memory()
-                    scores += _score(editor, lm, edited, pre, metrics, protocols, extra_scorer, extra_state)
+                    checkpoint = len(edited) if stream.checkpoints else None
+                    scores += [(checkpoint, score) for score in
+                               _score(editor, lm, list(edited.values()), pre, metrics, protocols, extra_scorer,
+                                      extra_state)]
+                    if check is not None and checkpoint is not None and done < len(stream.calls):
+                        value, downstream_items = check.score(editor.logits, lm, scenario.downstream_n, data_dir)
+                        stream_downstream[str(checkpoint)] = value
             result.trainable_parameters = max(result.trainable_parameters, editor.trainable_parameters())
             result.paper_parameters = editor.paper_parameters()
-            result.artifacts.append(editor.artifacts(stream_cases))
+            artifact = dict(editor.artifacts(stream_cases))
             if check is not None:
                 value, downstream_items = check.score(editor.logits, lm, scenario.downstream_n, data_dir)
                 downstream_edited.append(value)
+                if stream.checkpoints:
+                    stream_downstream[str(len(edited))] = value
+                    artifact["downstream_checkpoints"] = stream_downstream
+                    for at, score in stream_downstream.items():
+                        downstream_at.setdefault(int(at), []).append(score)
+            result.artifacts.append(artifact)
         finally:
             editor.restore()
         if reference is not None and not torch.equal(_probe_logits(lm), reference):
-            raise RuntimeError(f"{method}: restore() did not return the model to its original outputs (stream {stream_index})")
-        for score in scores:
+            raise RestoreError(f"{method}: restore() did not return the model to its original outputs (stream {stream_index})")
+        for checkpoint, score in scores:
             seconds, steps = timings[score.case_id]
-            result.cases.append(CaseResult(score.case_id, stream_index, score, seconds, steps))
+            result.cases.append(CaseResult(score.case_id, stream_index, score, seconds, steps, checkpoint))
         if on_stream is not None:
             on_stream(stream_index, result)
     if check is not None:
         result.downstream = DownstreamResult(check.name, downstream_items, float(downstream_unedited),
-                                             tuple(downstream_edited))
+                                             tuple(downstream_edited),
+                                             tuple((at, sum(v) / len(v)) for at, v in sorted(downstream_at.items())))
     result.peak_rss_mb = peak_rss_mb()
     return result
 
@@ -453,7 +511,7 @@ def _run_case_parallel(lm: LoadedModel, editor_class: type[Editor], hparams, str
             finally:
                 group.restore()
             if reference is not None and not torch.equal(_probe_logits(lm), reference):
-                raise RuntimeError(f"{editor_class.name}: restore() did not return the model to its original outputs "
+                raise RestoreError(f"{editor_class.name}: restore() did not return the model to its original outputs "
                                    f"(cases {', '.join(case.case_id for case in done.cases)})")
             steps = {case.case_id: stats.steps for case, stats in zip(done.cases, done.stats)}
             for score in scores:

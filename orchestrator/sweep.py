@@ -1,25 +1,7 @@
 """Hyperparameter sweeps with Ray Tune (BaFT's α/β/γ margins, subspace rank, learning rate, ...).
 
-A sweep file names the cells to tune on (always a *dev* split: tuning on the reported cases would leak)
-and a search space over the method's hyperparameters::
-
-    name: baft-margins
-    model: smollm2-135m
-    method: baft
-    benchmark: {name: zsre, split: dev, n: 20}      # offset: 0
-    scenario: {kind: continual, T: 10}
-    objectives: [rel, loc]          # or  metric: avg  (one of rel | gen | loc | por | avg | any registered metric)
-                                    # or  objective: {maximize: rel, subject_to: {loc: ">= 0.9"}}
-    search: optuna                  # optuna (TPE; the default) | random | grid
-    samples: 12                     # trials (search: grid runs every grid point once)
-    max_concurrent: 2               # trials at a time (default: as many as the resources allow)
-    seed: 0
-    resources: {num_cpus: 1, num_gpus: 0}
-    space:
-      alpha: {loguniform: [0.001, 0.1]}
-      beta: {uniform: [0.01, 0.2]}
-      gamma: {choice: [0.0, 0.02, 0.05]}
-      rank: {grid: [4, 8, 12]}      # optuna and random: a categorical choice; grid: a grid axis
+A sweep file (``orchestrator.sweep_spec``: its format and checks) names the dev cells to tune on, the
+objectives and a search space over the method's hyperparameters.
 
 Search: ``optuna`` is Ray Tune's ``OptunaSearch`` with Optuna's TPE sampler (seeded; multivariate; a
 third of the trials, at least 2 and at most 10, are random start-up trials), which is multi-objective
@@ -27,8 +9,12 @@ third of the trials, at least 2 and at most 10, are random start-up trials), whi
 subject_to: ...}``; ``random`` is Tune's ``BasicVariantGenerator`` (grid axes crossed with ``samples``
 random draws, as Tune does); ``grid`` crosses every ``grid``/``choice`` axis once.
 
-Each trial edits the cases stream by stream and reports the running means after every stream, so an
-early-stopping scheduler (``scheduler: asha``, single objective only) has something to prune on.
+A trial is a cell (``orchestrator.cell.run_cell``, as a grid worker runs one): the model in the precision
+policy's dtype, the benchmark's own scorer, provenance with the hyperparameter file, its hash and the torch
+thread count.  It reports the running means to Tune after every stream (``on_stream``), so an
+early-stopping scheduler (``scheduler: asha``, single objective only) has something to prune on.  The
+objectives are read from the rows of the sweep's ``protocol``; a metric scored under a protocol of its own
+(ConvSent's ES/DD) from its own rows.
 
 **Trials are cells.**  The driver writes every finished trial to the result store ``store`` (default
 ``runs/sweeps/<name>``) with ``results.store.write_cell_attempt``, like a grid cell, with ``kind =
@@ -50,18 +36,16 @@ since the experiment started is refused unless restarted.
 **Export.**  ``export_best`` writes the chosen trial's full resolved hyperparameters as a hyperparameter
 YAML (usable as a grid's ``hparams_file``) with a header naming the sweep, its dev split and the score,
 and a ``# kebench-sweep: {...}`` line with the sweep's identity (benchmark, split, n, offset, the dev case
-ids and their hash); ``check_hparams_file_leakage`` refuses a grid whose reported cases overlap them.
+ids and their hash; the format: ``orchestrator.exports``), whose leakage check refuses a grid whose
+reported cases overlap them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -69,21 +53,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import optuna
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
+from benchmarks.protocols import cell_protocols
+from benchmarks.registry import get_benchmark, select_cases
 from kebench.core.errors import KebenchError
-from kebench.core.metrics import average
+from kebench.core.metrics import average, get_metric, is_metric, metric_names
+from kebench.core.metrics import label as metric_label
+from kebench.core.numerics import DEFAULT_NUMERICS, numerics_env
+from methods.base import get_method
+from methods.hparams import hparams_dict, load_hparams
+from orchestrator.cell import CellRequest, CellResult, ModelCache, run_cell
 from orchestrator.exports import case_ids_sha256, write_export
+from orchestrator.grid import canonical_json, code_version, precision_for
 from orchestrator.ray_session import check_local_resources, check_ray_address, ray_initialized, start_ray
-from results.sweeps import value_text
+from orchestrator.scenarios import make_streams, peak_rss_mb
+from orchestrator.sweep_spec import SweepSpec, load_sweep, objectives, parse_sweep
+from results.rows import cell_row, per_case
+from results.store import (CELLS_DIR, StoreLock, check_store_writable, has_files, next_attempt, package_versions,
+                           write_cell_attempt)
+from results.summary import summarize
+from results.sweeps import FRONT_MARK, objective_value, sweep_groups, sweep_note, trial_records, value_text
+from results.views import connect
 
-SPACE_KINDS = ("uniform", "loguniform", "choice", "grid", "randint")
-SWEEP_KEYS = ("name", "model", "method", "benchmark", "scenario", "metric", "objectives", "objective", "samples",
-              "seed", "resources", "space", "store", "scheduler", "search", "max_concurrent")
-SEARCHES = ("optuna", "random", "grid")
-CONSTRAINT_OPS = (">=", "<=")
-#: the scored protocol trials are ranked on (GRACE's generation protocol must not pool in)
-PROTOCOL = "teacher_forced"
+__all__ = ["SweepSpec", "export_best", "load_sweep", "make_search", "parse_sweep", "run_sweep", "sweep_command"]
+
 _CHECKPOINT_ENV = "TUNE_GLOBAL_CHECKPOINT_S"
 #: how often Tune saves its experiment state and copies it into ``<store>/ray/<name>`` (Tune's defaults,
 #: "auto" >= 10 s and a 300 s sync period, would restore a killed sweep from a state minutes old, whose
@@ -91,254 +93,7 @@ _CHECKPOINT_ENV = "TUNE_GLOBAL_CHECKPOINT_S"
 STATE_PERIOD_S = 0.5
 
 
-@dataclass(frozen=True)
-class SweepSpec:
-    name: str
-    model: str
-    method: str
-    benchmark: str
-    split: str
-    n: int
-    scenario_kind: str
-    T: int
-    B: int
-    metric: str  # the (first) objective
-    samples: int
-    seed: int
-    num_cpus: float
-    num_gpus: float
-    space: tuple[tuple[str, str, tuple[Any, ...]], ...]  # (hyperparameter, kind, arguments)
-    store: str
-    scheduler: str
-    source: str
-    offset: int = 0
-    search: str = "optuna"
-    max_concurrent: int | None = None
-    objectives: tuple[str, ...] = ()  # () means (metric,)
-    modes: tuple[str, ...] = ()  # max | min per objective
-    constraints: tuple[tuple[str, str, float], ...] = ()  # (metric, ">=" | "<=", threshold)
-
-    @property
-    def goals(self) -> tuple[str, ...]:
-        return self.objectives or (self.metric,)
-
-    @property
-    def goal_modes(self) -> tuple[str, ...]:
-        return self.modes or tuple(_mode(name) for name in self.goals)
-
-    @property
-    def multi(self) -> bool:
-        return len(self.goals) > 1
-
-    @property
-    def total_trials(self) -> int:
-        """How many trials the finished sweep has."""
-        if self.search == "grid":
-            return math.prod(len(args) for _, _, args in self.space)
-        if self.search == "random":
-            return self.samples * math.prod(len(args) for _, kind, args in self.space if kind == "grid")
-        return self.samples
-
-    def info(self) -> dict[str, Any]:
-        """What the store's ``kebench-sweep`` note records (``results.sweeps`` ranks trials by it)."""
-        return {"sweep": self.name, "objectives": list(self.goals), "modes": list(self.goal_modes),
-                "constraints": [list(c) for c in self.constraints], "search": self.search,
-                "searched": [name for name, _, _ in self.space], "kinds": {name: kind for name, kind, _ in self.space},
-                "protocol": PROTOCOL}
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Everything that makes a resumed experiment the same experiment."""
-        return {"model": self.model, "method": self.method, "benchmark": self.benchmark, "split": self.split,
-                "n": self.n, "offset": self.offset, "scenario": [self.scenario_kind, self.T, self.B],
-                "objectives": list(self.goals), "modes": list(self.goal_modes),
-                "constraints": [list(c) for c in self.constraints], "search": self.search, "samples": self.samples,
-                "seed": self.seed, "space": [[n, k, list(a)] for n, k, a in self.space], "scheduler": self.scheduler}
-
-
-def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
-    source = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KebenchError(f"{source}: sweep file not found") from None
-    except IsADirectoryError:
-        raise KebenchError(f"{source}: is a directory, not a sweep file") from None
-    except yaml.YAMLError as exc:
-        raise KebenchError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_sweep(raw, source)
-
-
-def parse_sweep(raw: Any, source: str) -> SweepSpec:
-    """Validate a sweep mapping; every error is one line naming the file and key."""
-    from benchmarks.registry import get_benchmark
-    from methods.base import get_method
-    from kebench.core.models import check_model_name
-    from orchestrator.scenarios import Scenario
-
-    if not isinstance(raw, dict):
-        raise KebenchError(f"{source}: a sweep must be a mapping")
-    unknown = sorted(set(raw) - set(SWEEP_KEYS), key=str)
-    if unknown:
-        raise KebenchError(f"{source}: unknown key '{unknown[0]}'; known: {', '.join(SWEEP_KEYS)}")
-    for key in ("name", "model", "method", "benchmark", "scenario", "space"):
-        if key not in raw:
-            raise KebenchError(f"{source}: missing required key '{key}'")
-    name = raw["name"]
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name):
-        raise KebenchError(f"{source}: name must be letters, digits and . _ + = - (it names directories), got {name!r}")
-    if not isinstance(raw["benchmark"], dict):
-        raise KebenchError(f"{source}: benchmark must be a mapping {{name, split, n, offset}}")
-    if not isinstance(raw["scenario"], dict):
-        raise KebenchError(f"{source}: scenario must be a mapping {{kind, T, B}}")
-    try:
-        check_model_name(raw["model"])
-        hparams_class = get_method(raw["method"]).hparams_class
-        bench = dict(raw["benchmark"])
-        get_benchmark(bench.get("name", ""))
-        scenario = Scenario(**dict(raw["scenario"]))
-    except KebenchError as exc:
-        raise KebenchError(f"{source}: {exc}") from None
-    except TypeError as exc:
-        raise KebenchError(f"{source}: scenario: {exc}") from None
-    unknown_bench = sorted(set(bench) - {"name", "split", "n", "offset"}, key=str)
-    if unknown_bench:
-        raise KebenchError(f"{source}: benchmark: unknown key '{unknown_bench[0]}'; known: name, split, n, offset")
-    if bench.get("split", "dev") != "dev":
-        raise KebenchError(f"{source}: benchmark.split must be 'dev' (sweeps tune on dev, tables report test), "
-                           f"got {bench.get('split')!r}")
-    n, offset = bench.get("n", 20), bench.get("offset", 0)
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise KebenchError(f"{source}: benchmark.n must be a positive integer, got {n!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise KebenchError(f"{source}: benchmark.offset must be an integer >= 0, got {offset!r}")
-    if n % scenario.cases_per_stream:
-        raise KebenchError(f"{source}: benchmark.n={n} does not split into streams of {scenario.cases_per_stream} "
-                           f"for scenario {scenario.label}")
-    objectives_, modes, constraints = _parse_objectives(raw, source)
-
-    fields = {f.name for f in dataclasses.fields(hparams_class)}
-    space = []
-    if not isinstance(raw["space"], dict) or not raw["space"]:
-        raise KebenchError(f"{source}: space must be a non-empty mapping of hyperparameters")
-    for pname, spec in raw["space"].items():
-        if pname not in fields:
-            raise KebenchError(f"{source}: space.{pname}: not a hyperparameter of {raw['method']}")
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
-            raise KebenchError(f"{source}: space.{pname} must be one of {{{', '.join(SPACE_KINDS)}: [...]}}")
-        kind, args = next(iter(spec.items()))
-        if not isinstance(args, list) or not args:
-            raise KebenchError(f"{source}: space.{pname}.{kind} needs a non-empty list")
-        if kind in ("uniform", "loguniform", "randint"):
-            if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args) \
-                    or not args[0] < args[1]:
-                raise KebenchError(f"{source}: space.{pname}.{kind} needs [low, high] numbers with low < high, got {args}")
-            if kind == "loguniform" and args[0] <= 0:
-                raise KebenchError(f"{source}: space.{pname}.loguniform needs low > 0, got {args[0]}")
-        space.append((pname, kind, tuple(args)))
-    resources = raw.get("resources", {}) or {}
-    if not isinstance(resources, dict) or set(resources) - {"num_cpus", "num_gpus"}:
-        raise KebenchError(f"{source}: resources must be a mapping with num_cpus and num_gpus")
-    search = raw.get("search", "optuna")
-    if search not in SEARCHES:
-        raise KebenchError(f"{source}: search must be one of {', '.join(SEARCHES)}, got {search!r}")
-    samples = raw.get("samples", 8)
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
-        raise KebenchError(f"{source}: samples must be a positive integer, got {samples!r}")
-    if search == "grid":
-        continuous = [pname for pname, kind, _ in space if kind not in ("grid", "choice")]
-        if continuous:
-            raise KebenchError(f"{source}: search: grid needs grid or choice for every hyperparameter; "
-                               f"space.{continuous[0]} is continuous")
-        if "samples" in raw and samples != 1:
-            raise KebenchError(f"{source}: samples: search grid runs every grid point once; leave samples out")
-    if (len(objectives_) > 1 or constraints) and search != "optuna":
-        raise KebenchError(f"{source}: search must be optuna for several objectives or constraints, got {search!r}")
-    max_concurrent = raw.get("max_concurrent")
-    if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int)
-                                       or max_concurrent <= 0):
-        raise KebenchError(f"{source}: max_concurrent must be a positive integer, got {max_concurrent!r}")
-    scheduler = raw.get("scheduler", "fifo")
-    if scheduler not in ("fifo", "asha"):
-        raise KebenchError(f"{source}: scheduler must be fifo or asha, got {scheduler!r}")
-    if scheduler == "asha" and (len(objectives_) > 1 or constraints):
-        raise KebenchError(f"{source}: scheduler: asha prunes on one metric; use fifo with several objectives or constraints")
-    seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise KebenchError(f"{source}: seed must be an integer >= 0, got {seed!r}")
-    return SweepSpec(
-        name=name, model=raw["model"], method=raw["method"], benchmark=bench["name"], split="dev",
-        n=n, scenario_kind=scenario.kind, T=scenario.T, B=scenario.B, metric=objectives_[0],
-        samples=1 if search == "grid" else samples, seed=seed, num_cpus=float(resources.get("num_cpus", 1)),
-        num_gpus=float(resources.get("num_gpus", 0)), space=tuple(space),
-        store=str(raw.get("store", f"runs/sweeps/{name}")), scheduler=scheduler, source=source, offset=offset,
-        search=search, max_concurrent=max_concurrent, objectives=tuple(objectives_), modes=tuple(modes),
-        constraints=tuple(constraints),
-    )
-
-
-def _mode(name: str) -> str:
-    from kebench.core.metrics import get_metric, is_metric
-
-    return "max" if name == "avg" or not is_metric(name) or get_metric(name).higher_is_better else "min"
-
-
-def _objective_name(value: Any, source: str, where: str) -> str:
-    if value not in objectives():
-        raise KebenchError(f"{source}: {where} '{value}' unknown; known: {', '.join(objectives())}")
-    return value
-
-
-def _parse_objectives(raw: Mapping[str, Any], source: str) -> tuple[list[str], list[str], list[tuple[str, str, float]]]:
-    given = [key for key in ("metric", "objectives", "objective") if key in raw]
-    if len(given) > 1:
-        raise KebenchError(f"{source}: give one of metric, objectives or objective, not {' and '.join(given)}")
-    if "objectives" in raw:
-        items = raw["objectives"]
-        if not isinstance(items, list) or len(items) < 2:
-            raise KebenchError(f"{source}: objectives must be a list of at least two metrics (or use metric:), got {items!r}")
-        names = [_objective_name(item, source, f"objectives[{i}]") for i, item in enumerate(items)]
-        if len(set(names)) != len(names):
-            raise KebenchError(f"{source}: objectives: duplicate metric in {names}")
-        return names, [_mode(name) for name in names], []
-    if "objective" in raw:
-        spec = raw["objective"]
-        if not isinstance(spec, dict) or set(spec) - {"maximize", "minimize", "subject_to"} \
-                or len([k for k in spec if k in ("maximize", "minimize")]) != 1:
-            raise KebenchError(f"{source}: objective must be {{maximize: METRIC, subject_to: {{METRIC: '>= X'}}}} "
-                               "(or minimize:)")
-        direction = "maximize" if "maximize" in spec else "minimize"
-        name = _objective_name(spec[direction], source, f"objective.{direction}")
-        constraints = []
-        subject = spec.get("subject_to") or {}
-        if not isinstance(subject, dict):
-            raise KebenchError(f"{source}: objective.subject_to must be a mapping {{METRIC: '>= X'}}")
-        for metric, text in subject.items():
-            _objective_name(metric, source, "objective.subject_to")
-            match = re.fullmatch(r"\s*(>=|<=)\s*([-+0-9.eE]+)\s*", str(text))
-            try:
-                threshold = float(match.group(2)) if match else math.nan
-            except ValueError:
-                threshold = math.nan
-            if not match or not math.isfinite(threshold):
-                raise KebenchError(f"{source}: objective.subject_to.{metric} must be '>= X' or '<= X', got {text!r}")
-            constraints.append((metric, match.group(1), threshold))
-        return [name], ["max" if direction == "maximize" else "min"], constraints
-    metric = raw.get("metric", "avg")
-    if metric not in objectives():
-        raise KebenchError(f"{source}: metric '{metric}' unknown; known: {', '.join(objectives())}")
-    return [metric], [_mode(metric)], []
-
-
-def objectives() -> list[str]:
-    """What a sweep can optimise: any registered metric, or ``avg`` (mean of the benchmark's metrics)."""
-    from kebench.core.metrics import metric_names
-
-    return [*metric_names(), "avg"]
-
-
 def _param_space(spec: SweepSpec) -> dict[str, Any]:
-    from ray import tune
-
     grid = tune.grid_search if spec.search in ("random", "grid") else (lambda a: tune.choice(list(a)))
     make = {
         "uniform": lambda a: tune.uniform(*a),
@@ -352,40 +107,32 @@ def _param_space(spec: SweepSpec) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- search algorithms
 
-def _optuna_search_class() -> type:
-    from ray.tune.search.optuna import OptunaSearch
+class ConstrainedOptunaSearch(OptunaSearch):
+    """OptunaSearch that hands Optuna each finished trial's constraint values (``Trial.set_constraint``:
+    <= 0 is feasible) before ``tell``, so TPE splits trials by feasibility (constrained optimisation)."""
 
-    class ConstrainedOptunaSearch(OptunaSearch):
-        """OptunaSearch that hands Optuna each finished trial's constraint values (``Trial.set_constraint``:
-        <= 0 is feasible) before ``tell``, so TPE splits trials by feasibility (constrained optimisation)."""
+    def __init__(self, *args: Any, constraints: Sequence[tuple[str, str, float]] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kebench_constraints = tuple(constraints)
 
-        def __init__(self, *args: Any, constraints: Sequence[tuple[str, str, float]] = (), **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._kebench_constraints = tuple(constraints)
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is not None and self._kebench_constraints:
-                for metric, op, threshold in self._kebench_constraints:
-                    value = (result or {}).get(metric)
-                    violation = 1.0 if value is None else (threshold - value if op == ">=" else value - threshold)
-                    ot_trial.set_constraint(f"{metric} {op} {threshold:g}", violation)
-            super().on_trial_complete(trial_id, result=result, error=error)
-
-    return ConstrainedOptunaSearch
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and self._kebench_constraints:
+            for metric, op, threshold in self._kebench_constraints:
+                value = (result or {}).get(metric)
+                violation = 1.0 if value is None else (threshold - value if op == ">=" else value - threshold)
+                ot_trial.set_constraint(f"{metric} {op} {threshold:g}", violation)
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def make_search(spec: SweepSpec) -> Any:
     """The Tune search algorithm for ``spec.search`` (with ``max_concurrent``)."""
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-
     if spec.search in ("random", "grid"):
         return BasicVariantGenerator(max_concurrent=spec.max_concurrent or 0, random_state=spec.seed)
-    import optuna
 
     startup = max(2, min(10, spec.samples // 3))
     sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup, multivariate=True)
-    search = _optuna_search_class()(
+    search = ConstrainedOptunaSearch(
         metric=list(spec.goals) if spec.multi else spec.metric,
         mode=list(spec.goal_modes) if spec.multi else spec.goal_modes[0],
         sampler=sampler, constraints=spec.constraints)
@@ -396,26 +143,41 @@ def make_search(spec: SweepSpec) -> Any:
 
 # --------------------------------------------------------------------------- the trial (a Ray actor)
 
-_WORKER: dict[Any, Any] = {}  # per actor: the loaded model and pre-edit outputs (actors are reused)
+_CACHE = ModelCache()  # per actor process: the loaded model and the unedited model's outputs (Tune reuses actors)
 
 
-def _scores(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> dict[str, float]:
-    from results.rows import per_case
-    from results.summary import summarize
-
-    summary = summarize([row for row in per_case(rows) if row["protocol"] == PROTOCOL], metrics)
+def objective_scores(rows: Sequence[Mapping[str, Any]], protocol: str, metrics: Sequence[str]) -> dict[str, float]:
+    """What a trial is ranked on: the means of the benchmark's ``metrics`` over the rows of ``protocol`` and
+    their Avg., plus every registered metric scored under a protocol of its own (ConvSent's ES/DD) over its
+    own rows (``results.sweeps.trial_means`` reads the store the same way)."""
+    cases = per_case(rows)
+    summary = summarize([row for row in cases if row["protocol"] == protocol], metrics)
     scores = {metric: value for metric, value in summary.means.items() if value is not None}
     if summary.avg is not None:
         scores["avg"] = summary.avg
+    for metric in metric_names():
+        own = get_metric(metric).protocol
+        if own is not None and metric not in scores:
+            value = summarize([row for row in cases if row["protocol"] == own], [metric]).means[metric]
+            if value is not None:
+                scores[metric] = value
     return scores
+
+
+def trial_request(spec: SweepSpec, config: Mapping[str, Any]) -> CellRequest:
+    """A trial's cell: the sweep's setup with the searched values over the method's YAML, in the precision the
+    grid that runs its export would use."""
+    return CellRequest(spec.model, spec.benchmark, spec.split, spec.n, spec.offset, spec.scenario, spec.method,
+                       load_hparams(spec.method, spec.model, spec.scenario_kind, dict(config)), spec.seed,
+                       precision_for(spec.dtype, spec.method, spec.model, spec.num_gpus > 0), spec.hparams_source,
+                       cell_protocols((spec.protocol,), get_method(spec.method).required_protocols))
 
 
 def trial(config: Mapping[str, Any], spec: SweepSpec, data_dir: str | None,
           stored: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-    """One Ray Tune trial: run the scenario stream by stream, reporting running means after each; the last
-    report carries every case row and what the cell row needs.  A trial the store already holds (see
-    ``stored``) is replayed: its stored scores are reported and nothing is recomputed."""
-    from ray import tune
+    """One Ray Tune trial: one cell, reporting running means after each stream; the last report carries every
+    case row and what the cell row needs.  A trial the store already holds (see ``stored``) is replayed: its
+    stored scores are reported and nothing is recomputed."""
 
     trial_id = tune.get_context().get_trial_id()
     if stored and trial_id in stored:
@@ -425,90 +187,48 @@ def trial(config: Mapping[str, Any], spec: SweepSpec, data_dir: str | None,
         tune.report({**previous["scores"], "replayed": 1, "final": 1, "stream": -1, "cases": previous["cases"]})
         return
 
-    from benchmarks.evaluate import compute_pre_edit
-    from benchmarks.registry import get_benchmark, select_cases
-    from methods.base import get_method
-    from methods.hparams import hparams_dict, load_hparams
-    from kebench.core.models import load_model
-    from orchestrator.scenarios import Scenario, make_streams, peak_rss_mb, plain_logits, run_scenario
-    from results.rows import case_rows
-
+    request = trial_request(spec, config)
+    metrics = get_benchmark(spec.benchmark).metrics
+    streams = spec.n // request.scenario.cases_per_stream
     started = time.time()
-    if _WORKER.get("model_name") != spec.model:
-        _WORKER.clear()
-        _WORKER["model_name"], _WORKER["lm"] = spec.model, load_model(spec.model)
-    lm = _WORKER["lm"]
-    bench = get_benchmark(spec.benchmark)
-    scenario = Scenario(spec.scenario_kind, T=spec.T, B=spec.B)
-    selection = select_cases(spec.benchmark, spec.split, spec.n, spec.offset, data_dir)
-    cases = selection.cases
-    hparams = load_hparams(spec.method, spec.model, scenario.kind, dict(config))
-    pre_key = ("pre", spec.benchmark, spec.split, spec.n, spec.offset)
-    if pre_key not in _WORKER:
-        _WORKER[pre_key] = compute_pre_edit(plain_logits(lm), lm.tokenizer, lm.pad_token_id, lm.device, cases)
-    pre = _WORKER[pre_key]
-    streams = make_streams(cases, scenario)
-    scored: list[dict[str, Any]] = []  # unmapped protocols: what the objectives are computed from
-    stored_rows: list[dict[str, Any]] = []  # the benchmark's stored protocol tags, as the grid runner writes them
-    edit_seconds: list[float] = []
-    trainable = 0
-    for index, stream in enumerate(streams):
-        stream_cases = [case for call in stream for case in call]
-        result = run_scenario(lm, spec.method, hparams, stream_cases, scenario, spec.seed, bench.metrics, pre=pre)
-        for row in case_rows(result.cases):
-            scored.append({**row, "stream": index})
-        for row in case_rows(result.cases, bench.row_protocol):
-            stored_rows.append({**row, "stream": index})
-        edit_seconds.extend(result.edit_seconds)
-        trainable = result.trainable_parameters
-        scores = _scores(scored, bench.metrics)
-        final = index == len(streams) - 1
-        report: dict[str, Any] = {**scores, "cases": (index + 1) * scenario.cases_per_stream, "stream": index,
-                                  "final": int(final), "replayed": 0,
-                                  "seconds_per_edit": sum(edit_seconds) / len(edit_seconds) if edit_seconds else 0.0}
+
+    def report(index: int, partial: CellResult) -> None:
+        final = index == streams - 1
+        metrics_now: dict[str, Any] = {
+            **objective_scores(partial.case_rows, spec.stored_protocol, metrics),
+            "cases": (index + 1) * request.scenario.cases_per_stream, "stream": index, "final": int(final),
+            "replayed": 0, "seconds_per_edit": partial.fields["seconds_per_edit"]}
         if final or spec.scheduler == "asha":  # an early-stopped trial is stored with the rows it has
-            notes = [f"model {lm.info.revision}"]
-            if selection.provenance_note:
-                notes.append(selection.provenance_note)
-            method_note = get_method(spec.method).provenance(hparams)
-            if method_note:
-                notes.append(method_note)
-            report["rows"] = json.dumps(stored_rows, separators=(",", ":"))
-            report["cell"] = json.dumps({
-                "hparams": hparams_dict(hparams), "trainable_params": int(trainable),
-                "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+            metrics_now["rows"] = json.dumps(partial.case_rows, separators=(",", ":"))
+            metrics_now["cell"] = json.dumps({
+                "hparams": hparams_dict(request.hparams), "fields": partial.fields, "notes": partial.notes,
                 "peak_rss_mb": float(peak_rss_mb()), "started_at": started, "finished_at": time.time(),
-                "streams": index + 1, "of_streams": len(streams), "notes": notes,
-                "data_sha256": selection.data_sha256,
+                "streams": index + 1, "of_streams": streams, "data_sha256": partial.data_sha256,
             }, separators=(",", ":"), default=str)
-        tune.report(report)
+        tune.report(metrics_now)
+
+    run_cell(request, _CACHE, data_dir, on_stream=report)
 
 
 # --------------------------------------------------------------------------- trials into the store
 
 def trial_cell_id(spec: SweepSpec, trial_id: str) -> str:
     """A trial's cell id: the sweep's name and Tune's trial id (unique per experiment), never a grid cell's."""
-    from orchestrator.grid import canonical_json
-
     text = canonical_json({"kind": "tune", "sweep": spec.name, "trial_id": trial_id})
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _is_stored(store: Path, spec: SweepSpec, trial_id: str) -> bool:
-    from results.store import next_attempt
-
     return next_attempt(store, trial_cell_id(spec, trial_id)) > 1
 
 
-def _base_cell_row(spec: SweepSpec, trial_id: str, data_sha256: str) -> dict[str, Any]:
-    from orchestrator.grid import code_version
-    from results.store import package_versions
-
+def _trial_key(spec: SweepSpec, trial_id: str, hparams: Any, data_sha256: str, n: int | None = None) -> dict[str, Any]:
+    """What a trial's row says of the trial itself (``results.rows.cell_row``'s key)."""
     return {
-        "cell_id": trial_cell_id(spec, trial_id), "attempt": 1, "model": spec.model, "benchmark": spec.benchmark,
-        "split": spec.split, "n": spec.n, "offset": spec.offset, "scenario": spec.scenario_kind, "T": spec.T,
-        "B": spec.B, "method": spec.method, "label": spec.method, "seed": spec.seed, "code_version": code_version(),
-        "data_sha256": data_sha256, "packages": package_versions(), "device": "", "dtype": "",
+        "cell_id": trial_cell_id(spec, trial_id), "model": spec.model, "benchmark": spec.benchmark,
+        "split": spec.split, "n": spec.n if n is None else n, "offset": spec.offset, "scenario": spec.scenario_kind,
+        "T": spec.T, "B": spec.B, "method": spec.method, "label": spec.method, "seed": spec.seed,
+        "hparams": hparams, "code_version": code_version(), "data_sha256": data_sha256,
         "kind": "tune", "sweep": spec.name, "trial_id": trial_id,
     }
 
@@ -516,34 +236,30 @@ def _base_cell_row(spec: SweepSpec, trial_id: str, data_sha256: str) -> dict[str
 def store_trial(store: Path, spec: SweepSpec, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any] | None,
                 error: str | None, data_sha256: str) -> bool:
     """Write one finished trial as a cell attempt (driver only); False when it is stored already or has no rows."""
-    from results.sweeps import sweep_note
-    from results.store import write_cell_attempt
-
     if _is_stored(store, spec, trial_id):
         return False
-    row = _base_cell_row(spec, trial_id, data_sha256)
-    now = dt.datetime.now(dt.timezone.utc)
     note = sweep_note({**spec.info(), "trial_id": trial_id})
     if error is not None:
-        row.update(status="failed", error=error[:500], hparams=json.dumps(dict(config), sort_keys=True, default=str),
-                   provenance=note, started_at=now, finished_at=now)
-        write_cell_attempt(store, row, [])
+        now = dt.datetime.now(dt.timezone.utc)
+        key = _trial_key(spec, trial_id, json.dumps(dict(config), sort_keys=True, default=str), data_sha256)
+        write_cell_attempt(store, cell_row(key, attempt=1, status="failed", error=error[:500], provenance=note,
+                                           fields={"packages": package_versions(), "started_at": now,
+                                                   "finished_at": now}), [])
         return True
     result = result or {}
     if "cell" not in result or "rows" not in result:
         return False  # a replayed trial, or one stopped before its first report
     cell = json.loads(result["cell"])
-    rows = json.loads(result["rows"])
     notes = list(cell["notes"])
-    if cell["streams"] < cell["of_streams"]:
+    stopped = cell["streams"] < cell["of_streams"]
+    if stopped:
         notes.append(f"stopped early by {spec.scheduler} after {cell['streams']} of {cell['of_streams']} streams")
-    row.update(status="ok", error=None, hparams=cell["hparams"], seconds_per_edit=result.get("seconds_per_edit"),
-               trainable_params=cell["trainable_params"], peak_rss_mb=cell["peak_rss_mb"], device=cell["device"],
-               dtype=cell["dtype"], data_sha256=cell["data_sha256"], provenance="; ".join([*notes, note]),
-               started_at=cell["started_at"], finished_at=cell["finished_at"])
-    if cell["streams"] < cell["of_streams"]:
-        row["n"] = cell["streams"] * spec.T * spec.B
-    write_cell_attempt(store, row, rows)
+    key = _trial_key(spec, trial_id, cell["hparams"], cell["data_sha256"],
+                     cell["streams"] * spec.scenario.cases_per_stream if stopped else None)
+    fields = {**cell["fields"], "seconds_per_edit": result.get("seconds_per_edit"), "peak_rss_mb": cell["peak_rss_mb"],
+              "packages": package_versions(), "started_at": cell["started_at"], "finished_at": cell["finished_at"]}
+    write_cell_attempt(store, cell_row(key, attempt=1, status="ok", fields=fields, provenance="; ".join([*notes, note])),
+                       json.loads(result["rows"]))
     return True
 
 
@@ -557,8 +273,6 @@ def _saved_state_text(experiment: Path) -> str:
 
 
 def _trial_store_callback(spec: SweepSpec, store: Path, data_sha256: str, experiment: Path) -> Any:
-    from ray import tune
-
     class TrialStore(tune.Callback):
         """Runs in the driver: every trial that finishes (or fails) becomes a cell attempt in the store.
 
@@ -598,11 +312,6 @@ def _trial_store_callback(spec: SweepSpec, store: Path, data_sha256: str, experi
 
 def stored_trials(store: Path, spec: SweepSpec) -> dict[str, dict[str, Any]]:
     """trial_id -> {status, error, scores, cases} of this sweep's trials in the store (what a replay reports)."""
-    from benchmarks.registry import get_benchmark
-    from results.store import CELLS_DIR, has_files
-    from results.sweeps import trial_records
-    from results.views import connect
-
     if not has_files(store, CELLS_DIR):
         return {}
     metrics = get_benchmark(spec.benchmark).metrics
@@ -613,6 +322,8 @@ def stored_trials(store: Path, spec: SweepSpec) -> dict[str, dict[str, Any]]:
             scores = dict(means)
             if (avg := average(means)) is not None:
                 scores["avg"] = avg
+            scores.update((m, v) for m, v in trial_["means"].items()  # ConvSent's ES/DD: their own protocol
+                          if m not in metrics and v is not None and is_metric(m) and get_metric(m).protocol)
             out[trial_["trial_id"]] = {"status": trial_["status"], "error": trial_["error"], "scores": scores,
                                        "cases": trial_["n"]}
     return out
@@ -669,7 +380,6 @@ def _check_fingerprint(spec: SweepSpec, path: Path) -> None:
 def _prepare_experiment(spec: SweepSpec, restart: bool) -> tuple[Path, bool]:
     """The experiment directory and whether it can be resumed; a restart (or an experiment killed before
     Tune saved any state) moves the old directory aside as ``<name>.replaced-<time>``."""
-    from ray import tune
 
     experiment = _experiment_dir(spec)
     resumable = experiment.is_dir() and tune.Tuner.can_restore(str(experiment))
@@ -686,16 +396,10 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
               restart: bool = False, ray_address: str | None = None, num_gpus: float | None = None) -> SweepOutcome:
     """Run (or resume) the sweep on a local Ray instance, the cluster at ``ray_address``, or the session this
     process already holds (``orchestrator.ray_session``, as a grid does)."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from benchmarks.registry import select_cases
-    from orchestrator.scenarios import Scenario, make_streams
-    from results.store import StoreLock, check_store_writable
 
     selection = select_cases(spec.benchmark, spec.split, spec.n, spec.offset, data_dir)  # fail before Ray starts
-    make_streams(selection.cases, Scenario(spec.scenario_kind, T=spec.T, B=spec.B))
+    make_streams(selection.cases, spec.scenario)
     store = check_store_writable(Path(spec.store).resolve())
     if ray_address:
         check_ray_address(ray_address)
@@ -711,7 +415,8 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
     os.environ.setdefault(_CHECKPOINT_ENV, str(STATE_PERIOD_S))  # Tune's experiment state, kept fresh
     started_here = False
     try:
-        started_here = start_ray(ray_address, num_cpus, num_gpus)
+        # trials compute under the default numerics (kebench.core.numerics), recorded in every trial's row
+        started_here = start_ray(ray_address, num_cpus, num_gpus, numerics_env(DEFAULT_NUMERICS))
         stored = stored_trials(store, spec) if resumable else {}
         trainable = tune.with_resources(tune.with_parameters(trial, spec=spec, data_dir=data_dir, stored=stored),
                                         {"cpu": spec.num_cpus, "gpu": spec.num_gpus})
@@ -759,9 +464,6 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
 
 def _write_trials(results: Any, path: Path, spec: SweepSpec) -> None:
     """A flat summary of this experiment's trials (configs and final scores) beside the store."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     frame = results.get_dataframe()
     if not hasattr(frame, "columns") or frame.empty:
         return
@@ -779,10 +481,6 @@ def _write_trials(results: Any, path: Path, spec: SweepSpec) -> None:
 
 def ranked_trials(spec: SweepSpec, store: Path | None = None) -> list[dict[str, Any]]:
     """This sweep's stored trials on its setup, ranked as ``kebench table --table sweep`` ranks them."""
-    from results.store import CELLS_DIR, has_files
-    from results.sweeps import sweep_groups
-    from results.views import connect
-
     store = Path(store or spec.store)
     if not has_files(store, CELLS_DIR):
         return []
@@ -811,8 +509,6 @@ def choose_best(spec: SweepSpec, store: Path | None = None) -> dict[str, Any]:
 
 
 def _scores_text(spec: SweepSpec, chosen: Mapping[str, Any]) -> str:
-    from results.sweeps import objective_value
-
     return " ".join(f"{name}={objective_value(chosen['means'], name):.3f}" for name in
                     dict.fromkeys([*spec.goals, *(c[0] for c in spec.constraints)]))
 
@@ -821,7 +517,6 @@ def export_best(spec: SweepSpec, path: str | os.PathLike[str], store: Path | Non
                 data_dir: str | None = None) -> dict[str, Any]:
     """Write the chosen trial's full resolved hyperparameters as a hyperparameter YAML with a header naming
     the sweep, its dev split and score, and a ``# kebench-sweep: {...}`` identity line; returns the chosen trial."""
-    from benchmarks.registry import select_cases
 
     chosen = choose_best(spec, store)
     trials = ranked_trials(spec, store)
@@ -840,7 +535,7 @@ def export_best(spec: SweepSpec, path: str | os.PathLike[str], store: Path | Non
     header = [
         f"# {spec.method} on {spec.model}: tuned by kebench sweep '{spec.name}' ({spec.source}), {spec.search} search,",
         f"# {len(trials)} trials on {spec.benchmark}/{spec.split} n={spec.n} offset={spec.offset}, "
-        f"{spec.scenario_kind} T={spec.T}" + (f" B={spec.B}" if spec.scenario_kind == "batched" else "") + ";",
+        f"{spec.scenario.label};",
         f"# chosen: trial {chosen['trial_id']} ({how}): {_scores_text(spec, chosen)}.",
         "# Use it as a grid entry {name: " + spec.method + ", hparams_file: THIS_FILE}; a grid whose reported cases",
         "# overlap the dev cases below is refused.",
@@ -853,9 +548,6 @@ def export_best(spec: SweepSpec, path: str | os.PathLike[str], store: Path | Non
 
 def front_table(spec: SweepSpec, store: Path | None = None, limit: int | None = None) -> str:
     """Markdown: the ranked trials (front first) with the searched hyperparameters and the scores."""
-    from kebench.core.metrics import label as metric_label
-    from results.sweeps import FRONT_MARK
-
     trials = ranked_trials(spec, store)
     searched = [name for name, _, _ in spec.space]
     metrics = sorted({m for t in trials for m in t["means"]}, key=lambda m: objectives().index(m) if m in objectives() else 99)
@@ -864,7 +556,7 @@ def front_table(spec: SweepSpec, store: Path | None = None, limit: int | None = 
     for t in trials[:limit]:
         hp = [_fmt(t["hparams"].get(name)) for name in searched]
         scores = [f"{t['means'][m]:.3f}" if m in t["means"] else "–" for m in metrics]
-        avg = average(t["means"])
+        avg = objective_value(t["means"], "avg")
         lines.append("| " + " | ".join([str(t["rank"]), t["trial_id"] or "", *hp, *scores,
                                         "–" if avg is None else f"{avg:.3f}", FRONT_MARK if t["front"] else ""]) + " |")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """The leaderboard's figures, drawn with matplotlib (Agg backend) and returned as PNG bytes.
 
 - ``tradeoff``: Rel. against Loc. per method with 95% intervals (the editing-locality trade-off);
-- ``metric_curves``: each metric against T (continual editing, paper Fig. 3; batched editing per B);
+- ``metric_curves``: each metric against T (continual editing, paper Fig. 3; batched editing per B) or
+  against the edits made so far (lifelong editing's checkpoints), 95% bootstrap bands;
 - ``gate_weights``: BaFT's mean per-basis gate weight on edited, rephrased and unrelated inputs
   (paper Fig. 2), from the per-cell artifacts;
 - ``protocol_gap``: Rel. and Gen. per method under teacher forcing beside the wild protocol (the
@@ -18,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display here or on a cluster head
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter  # noqa: E402
 
 from kebench.core import metrics as metric_registry  # noqa: E402
 from results.bootstrap import Estimate  # noqa: E402
@@ -61,13 +63,18 @@ def metric_curves(title: str, x_label: str, series: Mapping[str, Sequence[tuple[
                 continue
             xs = [x for x, _ in chosen]
             means = [e.mean for _, e in chosen]
-            axis.plot(xs, means, marker="o", label=label)
-            axis.fill_between(xs, [e.low for _, e in chosen], [e.high for _, e in chosen], alpha=0.15)
+            (line,) = axis.plot(xs, means, marker="o", label=label)
+            axis.fill_between(xs, [e.low for _, e in chosen], [e.high for _, e in chosen], alpha=0.15,
+                              color=line.get_color())
         axis.set_title(metric_registry.label(metric), fontsize=9)
         axis.set_xlabel(x_label)
         axis.set_ylim(-0.02, 1.02)
-        if len({x for points in series.values() for x, _ in points}) > 1:
+        ticks = sorted({x for points in series.values() for x, _ in points})
+        if len(ticks) > 1:
             axis.set_xscale("log")
+            # The measured x values as plain numbers (10, 50, 100, 200), not powers of ten a short range lacks.
+            axis.set_xticks(ticks, [str(x) for x in ticks], fontsize=7)
+            axis.xaxis.set_minor_formatter(NullFormatter())
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.suptitle(textwrap.fill(title, 100), fontsize=9)
@@ -120,8 +127,6 @@ def sweep_objectives(title: str, params: Sequence[str], objectives: Sequence[str
                 axis.plot(x, scores[objective], marker="*" if front else "o", markersize=11 if front else 5,
                           color="tab:red" if front else "tab:blue", alpha=0.9 if front else 0.6, linestyle="none")
             if numeric and param in log_x and min(xs) > 0:
-                from matplotlib.ticker import LogLocator, NullFormatter
-
                 axis.set_xscale("log")
                 axis.xaxis.set_major_locator(LogLocator(base=10, numticks=4))
                 axis.xaxis.set_minor_formatter(NullFormatter())
@@ -153,8 +158,6 @@ def sweep_front(title: str, objectives: Sequence[str],
     axis.set_ylabel(labels.get(y_name, y_name))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    import textwrap
-
     axis.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=8)
     return _png(figure)
 

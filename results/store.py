@@ -26,17 +26,25 @@ globs it) and re-runs its cell as a new attempt.  An ``ok`` cell whose cases fil
 partition) counts as missing too.  One driver at a time: ``StoreLock`` holds ``<store>/.kebench.lock``
 (``flock``, with the holder's PID and host written inside) for the whole run; a second driver gets a
 one-line error naming the holder; the kernel releases the lock when its holder dies, so a stale lock
-file is simply taken over.
+file is simply taken over.  Taking the lock also removes temporary files that killed writers left
+(``.tmp-*`` not touched for ``STALE_TMP_SECONDS``): every writer holds the lock, so none of them is live.
+
+A full disk (issue 31): ``check_store_writable`` checks the free space and writes a real probe of
+``PROBE_BYTES`` (an empty file is created on a full file system), and a write that runs out of space
+mid-grid is a ``StoreFullError`` (a ``KebenchError``: one line, exit 2) naming the store and the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
+import fcntl
 import importlib.metadata
 import json
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +68,14 @@ TMP_PREFIX = ".tmp-"
 TMP_SUFFIX = ".parquet.tmp"
 CORRUPT_SUFFIX = ".corrupt"
 LOCK_NAME = ".kebench.lock"
+#: the probe ``check_store_writable`` writes: a cell attempt's files are well under this
+PROBE_BYTES = 1 << 20
+#: a cell attempt creates up to three files and nine partition folders
+MIN_FREE_INODES = 64
+#: a temporary file untouched this long is a killed writer's (a live write rewrites it continuously; a probe
+#: lives for milliseconds), so the lock holder may remove it
+STALE_TMP_SECONDS = 60.0
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 STATUSES = ("ok", "failed")
 
@@ -83,6 +99,9 @@ CASES_SCHEMA = pa.schema(
         pa.field("metric", pa.string(), nullable=False),
         pa.field("value", pa.float64(), nullable=False),
         pa.field("protocol", pa.string(), nullable=False),
+        # The edits made in the stream when the row was scored, for a scenario that scores a stream at several
+        # checkpoints (lifelong); NULL where a stream is scored once (and in stores written before the column).
+        pa.field("checkpoint", pa.int32(), nullable=True),
     ]
 )
 
@@ -129,6 +148,14 @@ CELLS_SCHEMA = pa.schema(
         pa.field("kind", pa.string(), nullable=True),
         pa.field("sweep", pa.string(), nullable=True),
         pa.field("trial_id", pa.string(), nullable=True),
+        # What the numbers were computed on (issue 30; NULL in stores written before, and for a cell that failed
+        # before it ran): the hardware record of ``kebench.core.numerics.hardware_record`` as JSON (CPU model, the
+        # ISA torch dispatched to, BLAS/MKL/oneDNN versions, MKL's branch, the numerics environment, threads; the
+        # GPU and its settings), the numerics setting (``native`` | ``portable``), and the provenance notes one
+        # by one as a JSON list (``provenance`` joins them with "; ", which a note may contain itself).
+        pa.field("hardware", pa.string(), nullable=True),
+        pa.field("numerics", pa.string(), nullable=True),
+        pa.field("notes", pa.string(), nullable=True),
     ]
 )
 
@@ -137,6 +164,7 @@ CELLS_SCHEMA = pa.schema(
 INHERITED_CASE_COLUMNS = ("cell_id", "attempt", "model", "benchmark", "split", "scenario", "T", "B",
                           "method", "label", "seed")
 _JSON_COLUMNS = ("hparams", "packages")
+_NULLABLE_JSON_COLUMNS = ("hardware", "notes")
 _TIMESTAMP_COLUMNS = ("started_at", "finished_at")
 #: columns whose values come from a fixed list; the scenario kinds are whatever is declared
 #: (``kebench.core.scenarios``), read at write time so a plug-in's kind is stored like a built-in one
@@ -223,11 +251,22 @@ def artifact_path(store: Path, cell_row: Mapping[str, Any]) -> Path:
 
 def read_artifact(store: Path, cell_row: Mapping[str, Any]) -> dict[str, Any] | None:
     """The cell attempt's artifact, or None when it has none (failed cells, older stores) or it is unreadable."""
+    return load_artifact(store, cell_row)[0]
+
+
+def load_artifact(store: Path, cell_row: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """``(artifact, None)``, or ``(None, why)``: "missing", or "unreadable (<reason>)" for a truncated or junk
+    file, so that a reader can say what it left out instead of showing empty values."""
     path = artifact_path(store, cell_row)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable ({' '.join(str(exc).split())[:120] or type(exc).__name__})"
+    if not isinstance(data, dict):
+        return None, f"unreadable (a JSON {type(data).__name__}, not an object)"
+    return data, None
 
 
 def latest_attempts(store: Path) -> dict[str, tuple[int, str]]:
@@ -315,9 +354,50 @@ def quarantine(path: Path) -> Path:
     return target
 
 
+class StoreFullError(KebenchError):
+    """The store's file system ran out of space (or quota) during a write."""
+
+
+def _no_space(exc: OSError) -> bool:
+    # pyarrow's write errors are OSErrors that carry the text, not always the errno
+    return exc.errno in _NO_SPACE or "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
+
+
+@dataclass(frozen=True)
+class Room:
+    """Free space of a file system: bytes, and inodes where it counts them (None: no inode limit)."""
+
+    bytes: int
+    inodes: int | None
+
+    @property
+    def enough(self) -> bool:
+        return self.bytes >= PROBE_BYTES and (self.inodes is None or self.inodes >= MIN_FREE_INODES)
+
+    def __str__(self) -> str:
+        return f"{self.bytes:,} bytes" + ("" if self.inodes is None else f" and {self.inodes:,} inodes") + " free"
+
+
+def _room(path: Path) -> Room | None:
+    try:
+        info = os.statvfs(path)
+    except (OSError, AttributeError):  # not POSIX, or the call is refused: the probe write still decides
+        return None
+    # f_files == 0: the file system has no inode limit (btrfs, some network file systems)
+    return Room(info.f_bavail * info.f_frsize, info.f_favail if info.f_files else None)
+
+
+def _full_message(store: Path, room: Room | None) -> str:
+    return (f"store {store} is on a full file system ({room or 'no space left'}; a run needs at least "
+            f"{PROBE_BYTES:,} bytes and {MIN_FREE_INODES} inodes); free some space or choose another --store")
+
+
 def check_store_writable(store: Path) -> Path:
     """Create the store directory if needed and prove a file can be written there; a one-line error if not
-    (a path that is a file or lies under one, a read-only directory or file system)."""
+    (a path that is a file or lies under one, a read-only directory or file system, a full one).
+
+    The probe is ``PROBE_BYTES`` of real data, synced: on a full file system an empty file can still be
+    created, and every write after the cells were computed would fail."""
     store = Path(store)
     for parent in [store, *store.parents]:
         if parent.exists():
@@ -325,16 +405,46 @@ def check_store_writable(store: Path) -> Path:
                 what = "is a file" if parent == store else f"lies under {parent}, which is a file"
                 raise KebenchError(f"store {store} {what}; choose a directory")
             break
+    probe = store / f"{TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
         store.mkdir(parents=True, exist_ok=True)
-        probe = store / f"{TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
+        room = _room(store)
+        if room is not None and not room.enough:
+            raise KebenchError(_full_message(store, room))
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * PROBE_BYTES)
+            handle.flush()
+            os.fsync(handle.fileno())  # a network or delayed-allocation file system reports ENOSPC here
     except OSError as exc:
+        if _no_space(exc):
+            raise KebenchError(_full_message(store, _room(store))) from None
         reason = exc.strerror or str(exc)
         raise KebenchError(f"store {store} is not writable ({reason}); choose another --store or fix its "
                            "permissions") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
     return store
+
+
+def clean_stale_temporaries(store: Path, older_than: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Remove ``.tmp-*`` files (of killed writes and probes) not modified for ``older_than`` seconds; only
+    the holder of the store's lock may call this (``StoreLock.acquire`` does), as every writer holds it."""
+    store = Path(store)
+    cutoff = time.time() - older_than
+    removed: list[Path] = []
+    candidates = list(store.glob(f"{TMP_PREFIX}*"))
+    for dataset in (CASES_DIR, CELLS_DIR, ARTIFACTS_DIR):
+        if (store / dataset).is_dir():
+            candidates += (store / dataset).rglob(f"{TMP_PREFIX}*")
+    for path in candidates:
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # gone already, or not ours to remove: leave it
+            continue
+    return removed
 
 
 class StoreLock:
@@ -348,6 +458,8 @@ class StoreLock:
     def __init__(self, store: Path) -> None:
         self.path = Path(store) / LOCK_NAME
         self._fd: int | None = None
+        #: stale temporary files removed when the lock was taken
+        self.cleaned: list[Path] = []
 
     def holder(self) -> dict[str, Any]:
         try:
@@ -356,8 +468,6 @@ class StoreLock:
             return {}
 
     def acquire(self) -> None:
-        import fcntl
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -375,12 +485,12 @@ class StoreLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode("utf-8"))
         self._fd = fd
+        # No other writer is live now: what killed writes left behind can go.
+        self.cleaned = clean_stale_temporaries(self.path.parent)
 
     def release(self) -> None:
         if self._fd is None:
             return
-        import fcntl
-
         try:
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -431,6 +541,9 @@ def _complete_cell_row(row: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"cell row: missing column {column.name!r}")
     for name in _JSON_COLUMNS:
         out[name] = _json_text(name, out[name])
+    for name in _NULLABLE_JSON_COLUMNS:
+        if out[name] is not None:
+            out[name] = _json_text(name, out[name])
     for name in _TIMESTAMP_COLUMNS:
         out[name] = _utc_timestamp(name, out[name])
     _check_values(CELLS_SCHEMA, out, "cell row")
@@ -450,6 +563,8 @@ def _complete_case_row(cell: Mapping[str, Any], row: Mapping[str, Any], index: i
             out[column.name] = cell[column.name]
         elif column.name in row:
             out[column.name] = row[column.name]
+        elif column.nullable:
+            out[column.name] = None
         else:
             raise ValueError(f"{where}: missing column {column.name!r}")
     _check_values(CASES_SCHEMA, out, where)
@@ -482,12 +597,13 @@ def _check_values(schema: pa.Schema, row: Mapping[str, Any], where: str) -> None
 
 def _check_unique_cases(cases: Sequence[Mapping[str, Any]]) -> None:
     # Duplicates would double-count a case in every mean.  A case may be scored under several protocols
-    # (GRACE: teacher-forced and generation); the tables never average across them.
-    seen: set[tuple[str, str, str]] = set()
+    # (GRACE: teacher-forced and generation) and at several checkpoints (lifelong); the tables never average
+    # across either.
+    seen: set[tuple[str, str, str, int | None]] = set()
     for row in cases:
-        key = (row["case_id"], row["metric"], row["protocol"])
+        key = (row["case_id"], row["metric"], row["protocol"], row["checkpoint"])
         if key in seen:
-            raise ValueError(f"case rows: duplicate (case_id, metric, protocol) {key!r}")
+            raise ValueError(f"case rows: duplicate (case_id, metric, protocol, checkpoint) {key!r}")
         seen.add(key)
 
 
@@ -498,9 +614,9 @@ def _json_text(name: str, value: Any) -> str:
         except json.JSONDecodeError as exc:
             raise ValueError(f"cell row: column {name!r} is not valid JSON: {exc}") from None
         return value
-    if isinstance(value, Mapping):
-        return json.dumps(value, sort_keys=True, default=str)
-    raise ValueError(f"cell row: column {name!r} must be a JSON string or a dict, got {type(value).__name__}")
+    if isinstance(value, (Mapping, list, tuple)):
+        return json.dumps(value, sort_keys=isinstance(value, Mapping), default=str)
+    raise ValueError(f"cell row: column {name!r} must be a JSON string, a dict or a list, got {type(value).__name__}")
 
 
 def _utc_timestamp(name: str, value: Any) -> dt.datetime:
@@ -526,23 +642,39 @@ def _to_table(schema: pa.Schema, rows: Sequence[Mapping[str, Any]], where: str) 
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.stem}-{uuid.uuid4().hex[:8]}.json.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _atomic(path, tmp, lambda: tmp.write_bytes(data))
 
 
 def _atomic_write(path: Path, table: pa.Table) -> None:
     """Write to a temporary file in the target directory, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.stem}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    _atomic(path, tmp, lambda: pq.write_table(table, tmp))
+
+
+def _atomic(path: Path, tmp: Path, write: Callable[[], Any]) -> None:
+    """``write`` the temporary file, rename it to ``path``; a full disk is one ``StoreFullError`` naming the
+    store and the file, and the temporary file never stays behind."""
     try:
-        pq.write_table(table, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write()
         os.replace(tmp, path)
+    except OSError as exc:
+        if not _no_space(exc):
+            raise
+        store = _store_of(path)
+        raise StoreFullError(f"store {store} ran out of space writing {path.relative_to(store)} "
+                             f"({_room(store) or 'no space left'}): this cell was computed but not stored; the cells "
+                             "stored before it are kept; free some space and run the same command again to "
+                             "resume") from None
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _store_of(path: Path) -> Path:
+    """The store directory a data file lies in: the parent of its cells/, cases/ or artifacts/ folder."""
+    for parent in path.parents:
+        if parent.name in (CASES_DIR, CELLS_DIR, ARTIFACTS_DIR):
+            return parent.parent
+    return path.parent

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from rich.table import Table
+
 from kebench.core import metrics as metric_registry
 
 
@@ -31,8 +33,6 @@ def format_value(value: float | None) -> str:
 
 def render_table(title: str, labelled: Sequence[tuple[str, MetricSummary]], extra: Mapping[str, Sequence[str]] | None = None):
     """A rich Table with one row per (label, summary), a column per metric any row has, Avg. and extras."""
-    from rich.table import Table
-
     present = {metric for _, summary in labelled for metric, value in summary.means.items() if value is not None}
     columns = metric_registry.ordered(present) or ["rel", "gen", "loc", "por"]
     table = Table(title=title)

@@ -37,10 +37,11 @@ FROM trials_latest
 WHERE ($sweep IS NULL OR sweep = $sweep)
 ORDER BY sweep, finished_at, trial_id
 """
+#: a trial scored at checkpoints (lifelong) counts at its last one, as the leaderboard ranks it
 _MEANS_SQL = """
-SELECT cell_id, metric, avg(value) AS mean
-FROM trial_cases
-WHERE protocol = $protocol
+SELECT cell_id, metric, protocol, avg(value) AS mean
+FROM (SELECT * FROM trial_cases
+      QUALIFY checkpoint IS NOT DISTINCT FROM max(checkpoint) OVER (PARTITION BY cell_id))
 GROUP BY ALL
 """
 
@@ -115,27 +116,43 @@ average = metric_registry.average
 
 
 def objective_value(means: Mapping[str, float | None], name: str) -> float | None:
-    return average(means) if name == "avg" else means.get(name)
+    """A trial's value of one objective; ``avg`` is the Avg. of the metrics of the sweep's protocol (a metric
+    scored under a protocol of its own, ConvSent's ES/DD, is an objective of its own, never in that Avg.)."""
+    if name != "avg":
+        return means.get(name)
+    return average({metric: value for metric, value in means.items() if not _own_protocol(metric)})
+
+
+def _own_protocol(metric: str) -> str | None:
+    return metric_registry.get_metric(metric).protocol if metric_registry.is_metric(metric) else None
 
 
 def trial_records(con: duckdb.DuckDBPyConnection, sweep: str | None = None) -> list[dict[str, Any]]:
     """Every stored trial (latest attempt), with its sweep note (``info``), hyperparameters and metric means
-    over its case rows of the sweep's protocol (teacher-forced unless the note says otherwise)."""
+    over its case rows of the sweep's protocol (teacher-forced unless the note says otherwise), plus the
+    means of metrics scored under a protocol of their own (ConvSent's ES/DD) over their own rows."""
     trials = records(con, _TRIALS_SQL, {"sweep": sweep})
-    protocols = {parse_sweep_note(row["provenance"]).get("protocol", "teacher_forced")
-                 if parse_sweep_note(row["provenance"]) else "teacher_forced" for row in trials}
-    means: dict[str, dict[str, float]] = defaultdict(dict)
-    for protocol in protocols:
-        for row in records(con, _MEANS_SQL, {"protocol": protocol}):
-            means[row["cell_id"]][row["metric"]] = row["mean"]
+    by_protocol: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row in records(con, _MEANS_SQL):
+        by_protocol[row["cell_id"]][row["protocol"]][row["metric"]] = row["mean"]
     out = []
     for row in trials:
         row = dict(row)
         row["info"] = parse_sweep_note(row["provenance"]) or {}
         row["hparams"] = json.loads(row["hparams"]) if row["hparams"] else {}
-        row["means"] = means.get(row["cell_id"], {}) if row["status"] == "ok" else {}
+        protocol = row["info"].get("protocol", "teacher_forced")
+        row["means"] = _trial_means(by_protocol.get(row["cell_id"], {}), protocol) if row["status"] == "ok" else {}
         out.append(row)
     return out
+
+
+def _trial_means(by_protocol: Mapping[str, Mapping[str, float]], protocol: str) -> dict[str, float]:
+    """The means of ``protocol``'s rows, and of each metric that has a protocol of its own over that one's rows."""
+    means = dict(by_protocol.get(protocol, {}))
+    for own, values in by_protocol.items():
+        if own != protocol:
+            means.update((metric, value) for metric, value in values.items() if _own_protocol(metric) == own)
+    return means
 
 
 def rank(trials: list[dict[str, Any]], info: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -226,7 +243,7 @@ def _slug(text: str) -> str:
 
 def write_sweep_plots(store: Path, keys: Mapping[str, Any], trials: list[dict[str, Any]]) -> list[Path]:
     """Each objective against each searched hyperparameter (and, with two objectives, the trade-off)."""
-    from results import plots
+    from results import plots  # matplotlib (a second to import): only a store with trials draws
 
     info = keys["info"]
     objectives = list(info.get("objectives") or ["avg"])
@@ -288,7 +305,7 @@ def sweep_table(con: duckdb.DuckDBPyConnection) -> list[Block]:
             else:
                 scores = [Cell(_number(trial["means"].get(m)), "best" if m in objectives and trial["front"] else "")
                           for m in present]
-                scores.append(Cell(_number(average(trial["means"])), "best" if "avg" in objectives and trial["front"] else ""))
+                scores.append(Cell(_number(objective_value(trial["means"], "avg")), "best" if "avg" in objectives and trial["front"] else ""))
                 status = "ok" if not constraints else ("feasible" if trial["feasible"] else "infeasible")
             mark = Cell(FRONT_MARK if trial["front"] else "", "best" if trial["front"] else "")
             rows.append((f"{trial['rank']}. {trial['trial_id']}", hp + scores + [mark, Cell(status)]))

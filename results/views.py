@@ -9,27 +9,35 @@
   tables and the leaderboard never see them;
 - ``trials_latest`` / ``trial_cases``: the latest attempt of each trial and its case rows (the
   ``sweep`` table); ``kebench_store``: one row naming the store directory (where tables write plots).
+
+A store with unreadable files (truncated, junk): ``connect_readable`` finds them (``scan_store``) and
+builds the views over every other file, so ``kebench table`` and ``kebench leaderboard`` render the rest
+and name the bad files, by one mechanism (issue 31).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import duckdb
 import pyarrow as pa
 
-from results.store import CASES_DIR, CASES_SCHEMA, CELLS_DIR, CELLS_SCHEMA, has_files, parquet_glob
+from results.store import CASES_DIR, CASES_SCHEMA, CELLS_DIR, CELLS_SCHEMA, has_files, parquet_glob, scan_store
 
 _SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
               pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ"}
 
 
-def connect(store: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the views over ``store`` (empty views if it is empty)."""
+def connect(store: Path, skip: Collection[Path] = ()) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the views over ``store`` (empty views if it is empty).
+
+    ``skip``: files left out of the views (the unreadable ones ``connect_readable`` found); DuckDB
+    fails the whole query on one bad file, so they must never reach it."""
     con = duckdb.connect()
+    skipped = {Path(path).resolve() for path in skip}
     for view, dataset, schema in (("cells_all", CELLS_DIR, CELLS_SCHEMA), ("cases_all", CASES_DIR, CASES_SCHEMA)):
-        con.execute(f"CREATE VIEW {view} AS {_dataset_select(con, Path(store), dataset, schema)}")
+        con.execute(f"CREATE VIEW {view} AS {_dataset_select(con, Path(store), dataset, schema, skipped)}")
     con.execute("""
         CREATE VIEW attempts_latest AS
         SELECT * FROM cells_all
@@ -49,18 +57,36 @@ def connect(store: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _dataset_select(con: duckdb.DuckDBPyConnection, store: Path, dataset: str, schema: pa.Schema) -> str:
+def connect_readable(store: Path) -> tuple[duckdb.DuckDBPyConnection, list[tuple[Path, str]]]:
+    """The views over every readable file of ``store``, and ``(path, reason)`` of each unreadable one left
+    out, for the caller to name (``kebench table`` and ``kebench leaderboard`` print them on stderr)."""
+    unreadable = scan_store(store).unreadable
+    return connect(store, skip=[path for path, _ in unreadable]), unreadable
+
+
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _dataset_select(con: duckdb.DuckDBPyConnection, store: Path, dataset: str, schema: pa.Schema,
+                    skipped: Collection[Path] = ()) -> str:
     """SELECT the schema's columns, in order, from the dataset's Parquet files (NULL where absent).
 
-    hive_types_autocast is off so that a model named e.g. ``7`` stays a string.
+    hive_types_autocast is off so that a model named e.g. ``7`` stays a string.  Without ``skipped`` files
+    the dataset is read by its glob; with them, by the explicit list of the other files.
     """
     present: set[str] = set()
     source = ""
     if has_files(store, dataset):
-        glob = parquet_glob(store, dataset).replace("'", "''")
-        source = (f"read_parquet('{glob}', hive_partitioning = true, union_by_name = true, "
-                  "hive_types_autocast = false)")
-        present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+        if skipped:
+            files = [str(path) for path in sorted((store / dataset).rglob("*.parquet")) if path.resolve() not in skipped]
+            what = "[" + ", ".join(_sql_text(file) for file in files) + "]" if files else ""
+        else:
+            what = _sql_text(parquet_glob(store, dataset))
+        if what:
+            source = (f"read_parquet({what}, hive_partitioning = true, union_by_name = true, "
+                      "hive_types_autocast = false)")
+            present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     columns = ", ".join(f'"{f.name}"' if f.name in present else f'CAST(NULL AS {_SQL_TYPES[f.type]}) AS "{f.name}"'
                         for f in schema)
     return f"SELECT {columns} FROM {source}" if present else f"SELECT {columns} WHERE false"

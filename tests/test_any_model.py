@@ -138,7 +138,7 @@ RULE_EXCEPTIONS = {("grace", "gemma-1.1-7b-it"), ("wise", "llama3-8b-instruct"),
 
 
 #: the built-in methods whose class gives a depth rule (``Editor.layer_rule``)
-RULED_METHODS = ("baft", "ft-l", "ft-m", "grace", "melo", "memit", "reft", "rome", "wise", "wise-light")
+RULED_METHODS = ("alphaedit", "baft", "ft-l", "ft-m", "grace", "melo", "memit", "reft", "rome", "wise", "wise-light")
 
 
 def test_every_depth_rule_is_checked() -> None:
@@ -199,9 +199,10 @@ def test_rome_maps_the_key_to_the_value(loaded, kind: str) -> None:
         editor.restore()
 
 
-#: fewer optimisation steps than the derived (test-model) values, so 26 cells stay within the test timeout
+#: fewer optimisation steps than the derived (test-model) values, so 28 cells stay within the test timeout
 CHEAP = {"baft": {"max_steps": 8}, "reft": {"max_steps": 8}, "ft-l": {"max_steps": 5}, "ft-m": {"max_steps": 5},
          "grace": {"n_iter": 5}, "lora": {"max_steps": 5}, "melo": {"num_iter": 5}, "memit": {"v_num_grad_steps": 5},
+         "alphaedit": {"v_num_grad_steps": 5},
          "rome": {"v_num_grad_steps": 5}, "wise": {"n_iter": 5, "context_lengths": []},
          "wise-light": {"n_iter": 5, "context_lengths": []}}
 
@@ -210,7 +211,7 @@ CHEAP = {"baft": {"max_steps": 8}, "reft": {"max_steps": 8}, "ft-l": {"max_steps
 def test_grid_runs_every_method_on_both_folders(checkpoints, tmp_path: Path) -> None:
     """The issue's acceptance test: every method, single editing, 2 cases, rows carry the content hash."""
     from orchestrator.grid import expand, parse_grid
-    from orchestrator.runner import ModelCache, execute_cell
+    from orchestrator.cell import ModelCache, execute_cell
 
     models = [f"path:{checkpoints['qwen2']}", f"path:{checkpoints['gpt2']}"]
     shipped = [m for m in method_names() if get_method(m).__module__.startswith("methods.")]  # not test plug-ins
@@ -225,7 +226,7 @@ def test_grid_runs_every_method_on_both_folders(checkpoints, tmp_path: Path) -> 
         outcome = execute_cell(cell, 1, cache)
         row = outcome.cell_row
         assert row["provenance"].startswith(f"model {model_revision(cell.model)}")
-        assert f"torch threads: {torch.get_num_threads()}" in row["provenance"]  # CPU numbers depend on it
+        assert row["hardware"]["threads"] == torch.get_num_threads()  # CPU numbers depend on it (issue 30)
         assert cell.model_revision == model_revision(cell.model) and cell.model_revision.startswith("sha256:")
         if row["status"] != "ok":
             failures.append((cell.title, row["error"]))

@@ -55,7 +55,7 @@ def test_edit_prints_one_row_per_protocol_and_the_downstream_check(capsys):
         (["edit", "--method", "baft", "--model", "tiny-random-llama", "--scenario", "continual", "--T", "2",
           "--downstream", "hellaswag"], "unknown downstream check 'hellaswag'"),
         (["edit", "--method", "baft", "--model", "tiny-random-llama", "--downstream", "piqa"],
-         "use a continual or batched scenario"),
+         "use a continual, batched or lifelong scenario"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
@@ -65,6 +65,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
 
 
-def test_missing_data_file_is_one_line(tmp_path, capsys):
-    code, _, err = _run(["edit", "--method", "baft", "--model", "tiny-random-llama", "--data-dir", str(tmp_path)], capsys)
-    assert code == 2 and "zsre_mend_eval_portability_gpt4.json not found in" in err and len(err.strip().splitlines()) == 1
+def test_missing_data_file_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KEBENCH_CACHE", str(tmp_path / "cache"))  # an empty fetch cache
+    code, _, err = _run(["edit", "--method", "baft", "--model", "tiny-random-llama", "--benchmark", "zsre-knowedit",
+                         "--data-dir", str(tmp_path)], capsys)
+    assert code == 2 and "knowedit/zsre_test_all.json not found in" in err and len(err.strip().splitlines()) == 1
+    assert "`kebench data fetch --benchmark zsre-knowedit`" in err

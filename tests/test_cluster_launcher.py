@@ -237,6 +237,8 @@ def test_ray_up_submit_rsync_down_down(capsys):
         data_dir = resolve_data_dir()
     except KebenchError as exc:
         pytest.skip(f"no benchmark data: {exc}")
+    if not (data_dir / "zsre").is_dir():  # the fetch cache, empty or without the zsre file (it is embedded)
+        pytest.skip(f"no benchmark data directory to mount ({data_dir})")
 
     clock = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="kbl-", dir="/tmp"))  # short: Ray's socket paths have a length limit

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from orchestrator.grid import expand, parse_grid
-from orchestrator.runner import ModelCache, execute_cell
+from orchestrator.cell import ModelCache, execute_cell
 
 # Few optimisation steps keep the test fast; nondeterminism (unseeded draws, set ordering) shows after one.
 METHODS = {

@@ -38,7 +38,7 @@ def _target_logprob(logits_fn, lm, case) -> float:
 
 
 def test_every_builtin_method_is_covered() -> None:
-    assert {"baft", "reft", "ft-l", "ft-m", "adalora", "lora", "rome", "memit", "grace", "melo", "wise", "wise-light",
+    assert {"baft", "reft", "ft-l", "ft-m", "adalora", "lora", "rome", "memit", "alphaedit", "grace", "melo", "wise", "wise-light",
             "unedited"} <= set(METHODS)
 
 

@@ -389,3 +389,21 @@ def test_n_exceeds_split(tmp_path: Path) -> None:
 
 def test_bad_data_dir(tmp_path: Path) -> None:
     _error(tmp_path, grid_dict(data_dir=str(tmp_path / "nowhere")), "benchmarks[0]:", "is not a directory")
+
+
+def test_hyperparameters_are_resolved_and_hashed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parse resolves each (method entry, model, scenario kind) once and reads each YAML's hash once per
+    (entry, model); expansion resolves nothing again."""
+    import orchestrator.grid as grid_module
+
+    resolved: list[tuple] = []
+    described: list[tuple] = []
+    load = grid_module.load_hparams
+    describe = MethodSpec.hparams_source
+    monkeypatch.setattr(grid_module, "load_hparams", lambda *a, **k: resolved.append((a, str(k))) or load(*a, **k))
+    monkeypatch.setattr(MethodSpec, "hparams_source", lambda self, model: described.append((self.label, model))
+                        or describe(self, model))
+    cells = cells_of(tmp_path, BASE)
+    assert len(cells) == 2 * 4 * 3  # models x scenarios x methods
+    assert len(resolved) == len({repr(call) for call in resolved}) == 3 * 2 * 3  # entries x models x kinds
+    assert len(described) == len(set(described)) == 3 * 2  # entries x models

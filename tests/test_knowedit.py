@@ -215,10 +215,15 @@ def test_malformed_records_name_file_and_index(tmp_path):
         select_cases("convsent", "dev", data_dir=tmp_path)
 
 
-def test_missing_file_names_where_it_looked(tmp_path):
+def test_missing_file_names_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEBENCH_CACHE", str(tmp_path / "cache"))  # an empty fetch cache
+    data = tmp_path / "data"
+    data.mkdir()
     for name, relative in (("zsre-knowedit", "knowedit/zsre_test_all.json"), ("wikibio", "knowedit/wikibio_train_all.json"),
-                           ("wikidata-counterfact", "knowedit/wiki_counterfact_test_cf.json.gz")):
+                           ("wikidata-counterfact", "knowedit/wiki_counterfact_test_cf.json")):
         split = "test" if name == "wikidata-counterfact" else "dev"
         with pytest.raises(KebenchError) as error:
-            select_cases(name, split, n=1, data_dir=tmp_path)
-        assert relative in str(error.value) and str(tmp_path) in str(error.value) and "\n" not in str(error.value)
+            select_cases(name, split, n=1, data_dir=data)
+        message = str(error.value)
+        assert relative in message and str(data) in message and "\n" not in message
+        assert str(tmp_path / "cache" / "data") in message and f"`kebench data fetch --benchmark {name}`" in message

@@ -91,7 +91,7 @@ def test_continual_run_reports_every_case_once(tiny_lm):
 def test_downstream_scenario_needs_a_stream():
     with pytest.raises(KebenchError, match="unknown downstream check 'nope'"):
         Scenario("continual", T=2, downstream="nope")
-    with pytest.raises(KebenchError, match="use a continual or batched scenario"):
+    with pytest.raises(KebenchError, match="use a continual, batched or lifelong scenario"):
         Scenario("single", downstream="piqa")
     assert Scenario("batched", B=2, T=1, downstream="piqa").label == "batched(B=2,T=1)+piqa(n=all)"
 

@@ -15,7 +15,7 @@ import yaml
 
 from kebench.core.errors import KebenchError
 from orchestrator.exports import check_hparams_file_leakage, hparams_file_origin, read_export_identity
-from orchestrator.sweep import best_yaml, export_best, load_sweep, make_search, parse_sweep, run_sweep
+from orchestrator.sweep import best_yaml, export_best, load_sweep, make_search, parse_sweep, ranked_trials, run_sweep
 from results.sweeps import dominates, pareto_front, pareto_layers
 from results.tables import render
 from results.views import connect, records
@@ -279,3 +279,44 @@ def test_asha_stopped_trials_are_stored_with_the_cases_they_ran(tmp_path, ray_lo
     for row in rows:
         assert row["cases"] == row["n"] and 1 <= row["n"] <= 4
         assert ("stopped early by asha" in row["provenance"]) == (row["n"] < 4)
+
+
+@pytest.mark.ray
+def test_a_trial_is_a_cell_with_the_grids_precision_and_provenance(tmp_path, ray_local):
+    """A trial runs through the grid's cell body: the precision policy (here bfloat16, as a grid entry with
+    ``dtype: bfloat16`` would run), the hyperparameter file and its hash, and the hardware record."""
+    import torch
+
+    store = tmp_path / "bf16"
+    spec = parse_sweep({**BASE, "name": "bf16", "search": "grid", "store": str(store), "dtype": "bfloat16",
+                        "space": {"rank": {"grid": [2]}, "max_steps": {"choice": [3]}}}, "s.yaml")
+    assert spec.hparams_source.startswith("hparams: methods/hparams/baft/tiny-random-llama.yaml (sha256 ")
+    outcome = run_sweep(spec, num_cpus=2)
+    assert outcome.stored == 1 and outcome.failed == 0
+    (row,) = _trial_rows(store)
+    assert row["dtype"] == "bfloat16" and row["device"] == "cpu"
+    assert spec.hparams_source in row["provenance"]
+    hardware = json.loads(row["hardware"])  # the CPU, the ISA torch dispatched to and the libraries (issue 30)
+    assert hardware["cpu"] and hardware["isa"] and hardware["torch"] == torch.__version__ and hardware["threads"] >= 1
+    assert {"mkl", "onednn", "blas", "mkl_cnr"} <= set(hardware) and row["numerics"] == hardware["numerics"]
+    assert "model seed=1234" in row["provenance"] and "kebench-sweep " in row["provenance"]
+    assert json.loads(row["hparams"])["rank"] == 2 and row["trainable_params"] > 0
+    assert torch.get_default_dtype() == torch.float32  # the driver itself is untouched
+
+
+@pytest.mark.ray
+def test_convsent_es_is_a_sweep_objective(tmp_path, ray_local):
+    """ConvSent's ES is scored by the benchmark's own scorer under its own protocol; a sweep can maximise it."""
+    store = tmp_path / "es"
+    spec = parse_sweep({**{k: v for k, v in BASE.items() if k != "metric"}, "name": "es", "store": str(store),
+                        "benchmark": {"name": "convsent", "split": "dev", "n": 2}, "scenario": {"kind": "single"},
+                        "objective": {"maximize": "es", "subject_to": {"dd": "<= 100"}}, "samples": 2,
+                        "space": {"lr": {"choice": [0.01, 0.05]}, "max_steps": {"choice": [2]}}}, "es.yaml")
+    outcome = run_sweep(spec, num_cpus=2)
+    assert outcome.stored == 2 and outcome.failed == 0
+    frame = outcome.get_dataframe()
+    assert "es" in frame.columns and frame["es"].notna().all()
+    trials = ranked_trials(spec, store)
+    assert all(t["objective_values"] is not None and 0.0 <= t["objective_values"][0] <= 1.0 for t in trials)
+    assert [t["objective_values"][0] for t in trials] == sorted((t["means"]["es"] for t in trials), reverse=True)
+    assert "ES" in render(store, "sweep", "md")

@@ -64,11 +64,18 @@ def test_n_larger_than_the_split_is_an_error():
         select_cases("zsre", "dev", n=5000)
 
 
-def test_missing_file_names_where_it_looked(tmp_path):
+def test_an_empty_data_directory_reads_the_embedded_file(tmp_path, monkeypatch):
+    """The package ships the ZsRE file: the same cases and data hash as the data directory's copy; the split
+    that also needs KnowEdit's TriviaQA file names the command that fetches it."""
+    monkeypatch.setenv("KEBENCH_CACHE", str(tmp_path / "cache"))  # an empty fetch cache
+    embedded = select_cases("zsre", "test", n=20, data_dir=tmp_path)
+    here = select_cases("zsre", "test", n=20)
+    assert embedded.cases == here.cases and embedded.data_sha256 == here.data_sha256
     with pytest.raises(KebenchError) as error:
-        select_cases("zsre", "test", n=1, data_dir=tmp_path)
+        select_cases("zsre", "all", n=1, data_dir=tmp_path)
     message = str(error.value)
-    assert "zsre/zsre_mend_eval_portability_gpt4.json" in message and str(tmp_path) in message and "\n" not in message
+    assert "knowedit/sanitation_trivia_qa_train.json not found in" in message and str(tmp_path) in message
+    assert "`kebench data fetch --benchmark zsre`" in message and "\n" not in message
 
 
 def test_malformed_record_names_file_and_index(tmp_path):

