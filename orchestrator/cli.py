@@ -426,8 +426,10 @@ def run_grid_command(args: argparse.Namespace) -> int:
               f"stored ({report.ok + report.failed} this run, {report.failed} failed), workers stopped; run the same "
               "command again to resume", file=sys.stderr)
         return 128 + int(signum)
+    retried = f" · {report.retried} run again after a lost worker" if report.retried else ""
     console.print(f"{grid.name}: {report.total} cells · ran {report.ok + report.failed} (ok {report.ok}, "
-                  f"failed {report.failed}) · skipped {report.skipped} already in {store} · {report.wall_seconds:.0f} s")
+                  f"failed {report.failed}){retried} · skipped {report.skipped} already in {store} · "
+                  f"{report.wall_seconds:.0f} s")
     for title, error in report.failures:
         console.print(f"  × {title}: {error}")
     for name in wanted:

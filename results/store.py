@@ -148,6 +148,9 @@ CELLS_SCHEMA = pa.schema(
         pa.field("kind", pa.string(), nullable=True),
         pa.field("sweep", pa.string(), nullable=True),
         pa.field("trial_id", pa.string(), nullable=True),
+        # How many times the driver started this attempt again because its worker process or node died
+        # (orchestrator/runner.py); NULL for sweep trials and in stores written before the column.
+        pa.field("retries", pa.int32(), nullable=True),
     ]
 )
 
