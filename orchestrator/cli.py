@@ -271,10 +271,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         if type(exc).__name__ == "NonFiniteError":  # methods.base: an edit diverged (not a bug, not bad input)
+            _debug_traceback(args)
             print(f"kebench: error: non-finite: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+        if _out_of_memory(exc):  # found only while working, like a failed cell's "out of memory: ..."
+            _debug_traceback(args)
+            print(f"kebench: error: out of memory: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                  file=sys.stderr)
             return 1
         raise
     return 0
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """``orchestrator.cell.is_out_of_memory``, asked only where torch is loaded already (it imports torch)."""
+    if "torch" not in sys.modules:
+        return isinstance(exc, MemoryError)
+    from orchestrator.cell import is_out_of_memory
+
+    return is_out_of_memory(exc)
 
 
 def _debug_traceback(args: argparse.Namespace) -> None:

@@ -89,7 +89,10 @@ def _summary(exc: BaseException) -> str:
         if line.startswith(("Object store memory usage", "Top 10 memory users", "Ray killed", "Considered workers")):
             break
         kept.append(line)
-    return " ".join(" ".join(kept).split())[:400] or type(exc).__name__
+    text = " ".join(" ".join(kept).split())
+    for advice in (" Some common causes include", " To troubleshoot", " To see more information"):
+        text = text.split(advice, 1)[0]  # Ray's general advice, not what happened
+    return text[:400] or type(exc).__name__
 
 
 def node_capacity(nodes: Iterable[dict[str, Any]], num_cpus: float, num_gpus: float) -> int | None:
