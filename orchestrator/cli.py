@@ -362,10 +362,16 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    # Ray Tune and torch: off the command line's start-up path
-    from orchestrator.sweep import sweep_command
+    # The sweep file and --export are checked before Ray Tune is imported (seconds): a bad value is one line at once.
+    from orchestrator.exports import check_export_target
+    from orchestrator.sweep_spec import load_sweep
 
-    return sweep_command(args)
+    spec = load_sweep(args.sweep)
+    if args.export is not None:
+        check_export_target(args.export)
+    from orchestrator.sweep import sweep_command  # Ray Tune: off the command line's start-up path
+
+    return sweep_command(args, spec)
 
 
 def _table(args: argparse.Namespace) -> int:

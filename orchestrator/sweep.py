@@ -42,6 +42,8 @@ reported cases overlap them.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -71,7 +73,8 @@ from kebench.core.metrics import label as metric_label
 from methods.base import get_method
 from methods.hparams import hparams_dict, load_hparams
 from orchestrator.cell import CellRequest, CellResult, ModelCache, run_cell
-from orchestrator.exports import case_ids_sha256, write_export
+from kebench.core.models import model_revision
+from orchestrator.exports import case_ids_sha256, check_export_target, write_export
 from orchestrator.grid import canonical_json, code_version, precision_for
 from orchestrator.ray_session import check_local_resources, check_ray_address, ray_initialized, start_ray
 from orchestrator.scenarios import make_streams, peak_rss_mb
@@ -212,8 +215,10 @@ def trial(config: Mapping[str, Any], spec: SweepSpec, data_dir: str | None,
 # --------------------------------------------------------------------------- trials into the store
 
 def trial_cell_id(spec: SweepSpec, trial_id: str) -> str:
-    """A trial's cell id: the sweep's name and Tune's trial id (unique per experiment), never a grid cell's."""
-    text = canonical_json({"kind": "tune", "sweep": spec.name, "trial_id": trial_id})
+    """A trial's cell id: the sweep's name, its experiment and Tune's trial id, never a grid cell's (an experiment
+    from before experiments had ids hashes without one, so its trials keep their ids)."""
+    text = canonical_json({"kind": "tune", "sweep": spec.name, "trial_id": trial_id,
+                           **({"experiment": spec.experiment} if spec.experiment else {})})
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -341,6 +346,8 @@ class SweepOutcome:
     failed: int
     interrupted: bool
     store: Path
+    #: the sweep as it ran: with its experiment's id, which the ranking and the export are fenced by
+    spec: SweepSpec | None = None
 
     def __len__(self) -> int:
         return len(self.results)
@@ -360,25 +367,53 @@ def _experiment_dir(spec: SweepSpec) -> Path:
     return Path(spec.store).resolve() / "ray" / spec.name
 
 
-def _check_fingerprint(spec: SweepSpec, path: Path) -> None:
-    """A resumed experiment must be the same experiment: the sweep file's search may not have changed."""
-    marker = path / "kebench-sweep.json"
+#: what else makes a resumed experiment the same experiment: its data, its base hyperparameter YAML, its model
+IDENTITY_KEYS = ("data_sha256", "hparams_source", "model_revision")
+MARKER = "kebench-sweep.json"
+
+
+def sweep_identity(spec: SweepSpec, data_sha256: str) -> dict[str, str]:
+    """The hashes a sweep's numbers depend on beyond its file: the benchmark data, the method's base YAML (file
+    and sha256, in ``hparams_source``) and the model's revision."""
+    return {"data_sha256": data_sha256, "hparams_source": spec.hparams_source, "model_revision": model_revision(spec.model)}
+
+
+def _check_fingerprint(spec: SweepSpec, path: Path, identity: Mapping[str, str]) -> str:
+    """A resumed experiment must be the same experiment: neither the sweep file's search nor the data, base
+    YAML or model may have changed (a one-line error saying ``--restart``); returns the experiment's id ("" for
+    one started before experiments had ids)."""
+    marker = path / MARKER
     if not marker.is_file():
-        return
+        return ""
     try:
         before = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return
+        return ""
     now = json.loads(json.dumps(spec.fingerprint()))
-    changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
+    ignored = {*IDENTITY_KEYS, "experiment"}
+    changed = sorted(key for key in (set(before) | set(now)) - ignored if before.get(key) != now.get(key))
     if changed:
         raise KebenchError(f"{spec.source}: '{changed[0]}' changed since sweep '{spec.name}' started in {path}; "
                            "run with --restart to start afresh")
+    what = {"data_sha256": f"the benchmark data of {spec.benchmark}/{spec.split}",
+            "hparams_source": f"the base hyperparameters of {spec.method} on {spec.model}",
+            "model_revision": f"model {spec.model}"}
+    for key in IDENTITY_KEYS:  # an experiment from before these were recorded has none to compare
+        if key in before and before[key] != identity[key]:
+            raise KebenchError(f"{spec.source}: {what[key]} changed since sweep '{spec.name}' started in {path} "
+                               f"({_short(before[key])} → {_short(identity[key])}); its trials would be ranked across "
+                               "both: run with --restart to start afresh")
+    return str(before.get("experiment", ""))
 
 
-def _prepare_experiment(spec: SweepSpec, restart: bool) -> tuple[Path, bool]:
-    """The experiment directory and whether it can be resumed; a restart (or an experiment killed before
-    Tune saved any state) moves the old directory aside as ``<name>.replaced-<time>``."""
+def _short(value: str) -> str:
+    return value if len(value) <= 24 else f"{value[:12]}…"
+
+
+def _prepare_experiment(spec: SweepSpec, restart: bool, identity: Mapping[str, str]) -> tuple[Path, bool, str]:
+    """The experiment directory, whether it can be resumed, and its id; a restart (or an experiment killed
+    before Tune saved any state) moves the old directory aside as ``<name>.replaced-<time>`` and starts a new
+    experiment, whose id the old trials in the store do not carry (they never rank with the new ones)."""
 
     experiment = _experiment_dir(spec)
     resumable = experiment.is_dir() and tune.Tuner.can_restore(str(experiment))
@@ -387,8 +422,10 @@ def _prepare_experiment(spec: SweepSpec, restart: bool) -> tuple[Path, bool]:
         shutil.move(str(experiment), str(experiment.with_name(f"{spec.name}.replaced-{stamp}")))
         resumable = False
     if resumable:
-        _check_fingerprint(spec, experiment)
-    return experiment, resumable
+        return experiment, True, _check_fingerprint(spec, experiment, identity)
+    started = dt.datetime.now(dt.timezone.utc).isoformat()
+    seed = canonical_json({**spec.fingerprint(), **identity, "started": started, "pid": os.getpid()})
+    return experiment, False, hashlib.sha256(seed.encode("utf-8")).hexdigest()[:12]
 
 
 def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None = None,
@@ -399,18 +436,20 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
 
     selection = select_cases(spec.benchmark, spec.split, spec.n, spec.offset, data_dir)  # fail before Ray starts
     make_streams(selection.cases, spec.scenario)
-    store = check_store_writable(Path(spec.store).resolve())
+    identity = sweep_identity(spec, selection.data_sha256)
     if ray_address:
         check_ray_address(ray_address)
     elif not ray_initialized():
         check_local_resources(spec.source, spec.num_cpus, num_cpus, num_gpus)
-    lock = StoreLock(store)
+    store = check_store_writable(Path(spec.store).resolve())
+    lock = StoreLock(store, "sweep", f"set another 'store:' in {spec.source}")
     lock.acquire()
     try:
-        experiment, resumable = _prepare_experiment(spec, restart)
+        experiment, resumable, experiment_id = _prepare_experiment(spec, restart, identity)
     except BaseException:
         lock.release()
         raise
+    spec = dataclasses.replace(spec, experiment=experiment_id)
     os.environ.setdefault(_CHECKPOINT_ENV, str(STATE_PERIOD_S))  # Tune's experiment state, kept fresh
     started_here = False
     try:
@@ -438,10 +477,13 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
                                                                           experiment)]),
             )
         experiment.mkdir(parents=True, exist_ok=True)
-        marker = experiment / "kebench-sweep.json"
+        marker = experiment / MARKER
         if not marker.exists():
-            marker.write_text(json.dumps(spec.fingerprint(), sort_keys=True), encoding="utf-8")
-        results = tuner.fit()
+            marker.write_text(json.dumps({**spec.fingerprint(), **identity, "experiment": spec.experiment},
+                                         sort_keys=True), encoding="utf-8")
+        # Only tables go to stdout: Tune prints its configuration box and hints with print().
+        with contextlib.redirect_stdout(sys.stderr):
+            results = tuner.fit()
         # A trial Tune saw finish whose callback did not get to store it (killed in between): store it now.
         for result in results:
             trial_id = (result.metrics or {}).get("trial_id")
@@ -453,7 +495,8 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
         failed = sum(1 for value in now_stored.values() if value["status"] != "ok")
         done = results.num_terminated + results.num_errors
         return SweepOutcome(results, resumable, len(now_stored), spec.total_trials, failed,
-                            interrupted=done < spec.total_trials or len(now_stored) < spec.total_trials, store=store)
+                            interrupted=done < spec.total_trials or len(now_stored) < spec.total_trials, store=store,
+                            spec=spec)
     finally:
         if started_here:
             ray.shutdown()
@@ -478,15 +521,17 @@ def _write_trials(results: Any, path: Path, spec: SweepSpec) -> None:
 # --------------------------------------------------------------------------- choosing and exporting
 
 def ranked_trials(spec: SweepSpec, store: Path | None = None) -> list[dict[str, Any]]:
-    """This sweep's stored trials on its setup, ranked as ``kebench table --table sweep`` ranks them."""
+    """This sweep's stored trials on its setup and of its experiment (``spec.experiment``; "" for one from before
+    experiments had ids), ranked as ``kebench table --table sweep`` ranks them."""
     store = Path(store or spec.store)
     if not has_files(store, CELLS_DIR):
         return []
     with connect(store) as con:
         for keys, trials in sweep_groups(con, spec.name):
             if (keys["model"], keys["method"], keys["benchmark"], keys["split"], keys["n"], keys["offset"],
-                    keys["scenario"], keys["T"], keys["B"]) == (spec.model, spec.method, spec.benchmark, spec.split,
-                                                                spec.n, spec.offset, spec.scenario_kind, spec.T, spec.B):
+                    keys["scenario"], keys["T"], keys["B"], keys["experiment"] or "") == (
+                    spec.model, spec.method, spec.benchmark, spec.split, spec.n, spec.offset, spec.scenario_kind,
+                    spec.T, spec.B, spec.experiment):
                 return trials
     return []
 
@@ -579,16 +624,19 @@ def best_yaml(results: Any, spec: SweepSpec) -> str:
     return header + yaml.safe_dump(values, sort_keys=True)
 
 
-def sweep_command(args: Any) -> int:
+def sweep_command(args: Any, spec: SweepSpec | None = None) -> int:
     """``kebench sweep``: run or resume, print the ranked trials / Pareto front, optionally export the choice.
 
-    ``args``: ``sweep`` (path), ``num_cpus``, ``data_dir``, and optionally ``restart`` and ``export``."""
-    spec = load_sweep(args.sweep)
+    ``args``: ``sweep`` (path), ``num_cpus``, ``data_dir``, and optionally ``restart`` and ``export``; ``spec``:
+    the sweep file already loaded (and ``--export`` checked) by the caller."""
     export = getattr(args, "export", None)
-    if export is not None and Path(export).is_dir():
-        raise KebenchError(f"--export {export} is a directory; name a YAML file")
+    if spec is None:
+        spec = load_sweep(args.sweep)
+        if export is not None:
+            check_export_target(export)  # before the trials run, not after
     outcome = run_sweep(spec, data_dir=args.data_dir, num_cpus=args.num_cpus, restart=bool(getattr(args, "restart", False)),
                         ray_address=getattr(args, "ray_address", None), num_gpus=getattr(args, "num_gpus", None))
+    spec = outcome.spec or spec  # with its experiment: the ranking and the export see this experiment's trials
     out = sys.stdout
     verb = "resumed" if outcome.resumed else "ran"
     if outcome.interrupted:

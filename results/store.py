@@ -449,8 +449,10 @@ class StoreLock:
     process dies, so a lock file left by a dead driver is taken over without any clean-up.
     """
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, command: str = "grid", remedy: str = "use another --store") -> None:
         self.path = Path(store) / LOCK_NAME
+        #: who takes the lock (written for a second driver to read) and how that one chooses another store
+        self.command, self.remedy = command, remedy
         self._fd: int | None = None
         #: stale temporary files removed when the lock was taken
         self.cleaned: list[Path] = []
@@ -472,10 +474,11 @@ class StoreLock:
             info = self.holder()
             who = (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')}"
                    if info else "another process")
-            raise KebenchError(f"store {self.path.parent} is in use by another kebench grid ({who}); wait for it "
-                               "to finish or use another --store") from None
+            holder = info.get("command", "grid") if info else "run"  # a lock file from before the field: a grid
+            raise KebenchError(f"store {self.path.parent} is in use by another kebench {holder} ({who}); wait for it "
+                               f"to finish or {self.remedy}") from None
         info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+                "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": self.command}
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode("utf-8"))
         self._fd = fd
