@@ -521,19 +521,20 @@ def _write_trials(results: Any, path: Path, spec: SweepSpec) -> None:
 # --------------------------------------------------------------------------- choosing and exporting
 
 def ranked_trials(spec: SweepSpec, store: Path | None = None) -> list[dict[str, Any]]:
-    """This sweep's stored trials on its setup and of its experiment (``spec.experiment``; "" for one from before
-    experiments had ids), ranked as ``kebench table --table sweep`` ranks them."""
+    """This sweep's stored trials on its setup and of one experiment, ranked as ``kebench table --table sweep``
+    ranks them: ``spec.experiment`` (as ``run_sweep`` returns it), else the experiment that ran last (trials of
+    an experiment that ``--restart`` replaced never mix in)."""
     store = Path(store or spec.store)
     if not has_files(store, CELLS_DIR):
         return []
+    setup = (spec.model, spec.method, spec.benchmark, spec.split, spec.n, spec.offset, spec.scenario_kind, spec.T, spec.B)
     with connect(store) as con:
-        for keys, trials in sweep_groups(con, spec.name):
-            if (keys["model"], keys["method"], keys["benchmark"], keys["split"], keys["n"], keys["offset"],
-                    keys["scenario"], keys["T"], keys["B"], keys["experiment"] or "") == (
-                    spec.model, spec.method, spec.benchmark, spec.split, spec.n, spec.offset, spec.scenario_kind,
-                    spec.T, spec.B, spec.experiment):
-                return trials
-    return []
+        matching = [(keys, trials) for keys, trials in sweep_groups(con, spec.name)
+                    if (keys["model"], keys["method"], keys["benchmark"], keys["split"], keys["n"], keys["offset"],
+                        keys["scenario"], keys["T"], keys["B"]) == setup]
+    if spec.experiment:
+        return next((trials for keys, trials in matching if keys["experiment"] == spec.experiment), [])
+    return matching[-1][1] if matching else []  # sweep_groups lists a sweep's experiments in the order they ran
 
 
 def choose_best(spec: SweepSpec, store: Path | None = None) -> dict[str, Any]:
