@@ -91,6 +91,37 @@ def test_time_limits_resolve_per_method_entry():
     assert grid.to_dict()["timeout_s"] == 600 and grid.to_dict()["methods"][1]["timeout_s"] == 30
 
 
+# --------------------------------------------------------------------------- a record long enough to exhaust memory
+
+def _long_prompt_dir(tmp: Path) -> str:
+    """A data directory whose ZsRE file holds three real records, the second with a 22,000-character prompt."""
+    import json
+
+    from benchmarks.data import resolve_data_dir
+
+    source = resolve_data_dir() / "zsre" / "zsre_mend_eval_portability_gpt4.json"
+    if not source.is_file():
+        from benchmarks.data import EMBEDDED_DIR
+
+        source = EMBEDDED_DIR / "zsre" / "zsre_mend_eval_portability_gpt4.json"
+    records = json.loads(source.read_text(encoding="utf-8"))[:3]
+    records[1]["src"] = "What is the answer? " * 1100
+    (tmp / "data" / "zsre").mkdir(parents=True)
+    (tmp / "data" / "zsre" / "zsre_mend_eval_portability_gpt4.json").write_text(json.dumps(records), encoding="utf-8")
+    return str(tmp / "data")
+
+
+@pytest.mark.parametrize("command", ["edit", "grid"])
+def test_a_record_long_enough_to_exhaust_memory_is_refused_at_load(tmp_path, capsys, command):
+    data = _long_prompt_dir(tmp_path)
+    argv = (["edit", "--model", "tiny-random-llama", "--method", "reft", "--n", "1", "--quiet"] if command == "edit"
+            else ["grid", "--grid", _grid(tmp_path)])
+    line = _one_line(*_run([*argv, "--data-dir", data], capsys), expected=2)
+    assert "zsre_mend_eval_portability_gpt4.json" in line and "record 1: field 'src' has 22,000 characters, more " \
+        "than 4,000" in line, line
+    assert not (tmp_path / "store").exists()
+
+
 # --------------------------------------------------------------------------- the supervisor against a scripted Ray
 
 @dataclass
