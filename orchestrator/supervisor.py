@@ -356,7 +356,10 @@ def check_nodes_read_data(cells: Sequence[Cell], data_dir: str | None) -> None:
     from kebench.core.errors import KebenchError
 
     wanted = sorted({(c.benchmark, c.split, c.n, c.offset, c.data_sha256) for c in cells})
-    here = ray.get_runtime_context().get_node_id()
+    try:
+        here = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - a Ray Client driver is on no node: check them all
+        here = None
     nodes = [node for node in ray.nodes() if node.get("Alive") and node.get("NodeID") != here]
     if not nodes:
         return

@@ -47,6 +47,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -301,8 +302,7 @@ def _trial_store_callback(spec: SweepSpec, store: Path, data_sha256: str, experi
             self._flush()
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            message = " ".join(str(getattr(trial, "error_msg", None) or "trial failed").split())
-            self.pending[trial.trial_id] = (dict(trial.config), None, message or "trial failed")
+            self.pending[trial.trial_id] = (dict(trial.config), None, _trial_error(trial))
             self._flush()
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -312,6 +312,27 @@ def _trial_store_callback(spec: SweepSpec, store: Path, data_sha256: str, experi
             self._flush(force=True)  # after Tune's final, forced save of the experiment state
 
     return TrialStore()
+
+
+def _trial_error(trial: Any) -> str:
+    """A failed trial's reason in one line, as a failed grid cell's (``orchestrator.cell.failure_text``): the
+    exception its cell raised, unwrapped from Ray's task error.  Read from the trial's local error file: Tune
+    writes it before it calls the callbacks, and copies it to the experiment's storage only later."""
+    from ray import cloudpickle
+
+    error = None
+    try:
+        path = trial.pickled_error_file
+        if path and Path(path).is_file():
+            error = cloudpickle.loads(Path(path).read_bytes())
+    except Exception:  # noqa: BLE001 - an unreadable error file: say what Tune says
+        error = None
+    cause = getattr(error, "cause", None)
+    shown = cause if isinstance(cause, BaseException) else error
+    if shown is not None:
+        lines = str(shown).strip().splitlines()
+        return f"{type(shown).__name__}: {lines[0] if lines else ''}"
+    return " ".join(str(getattr(trial, "error_msg", None) or "trial failed").split()) or "trial failed"
 
 
 def stored_trials(store: Path, spec: SweepSpec) -> dict[str, dict[str, Any]]:
@@ -482,7 +503,7 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
             marker.write_text(json.dumps({**spec.fingerprint(), **identity, "experiment": spec.experiment},
                                          sort_keys=True), encoding="utf-8")
         # Only tables go to stdout: Tune prints its configuration box and hints with print().
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _one_line_trial_errors():
             results = tuner.fit()
         # A trial Tune saw finish whose callback did not get to store it (killed in between): store it now.
         for result in results:
@@ -501,6 +522,32 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
         if started_here:
             ray.shutdown()
         lock.release()
+
+
+class _OneLineErrors(logging.Filter):
+    """Tune logs a failed trial with the whole remote traceback; the reason is stored with the trial (and shown in
+    its row of the table), so stderr gets one line: Tune's message and the exception's first line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            cause = getattr(exc, "cause", None)
+            shown = cause if isinstance(cause, BaseException) else exc
+            text = str(shown).strip().splitlines()
+            record.msg = f"{record.getMessage()}: {type(shown).__name__}: {text[0] if text else ''}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+@contextlib.contextmanager
+def _one_line_trial_errors():
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    guard = _OneLineErrors()
+    logger.addFilter(guard)
+    try:
+        yield
+    finally:
+        logger.removeFilter(guard)
 
 
 def _write_trials(results: Any, path: Path, spec: SweepSpec) -> None:
@@ -617,12 +664,22 @@ def best_yaml(results: Any, spec: SweepSpec) -> str:
         values = {name: chosen["hparams"].get(name) for name, _, _ in spec.space}
         score = _scores_text(spec, chosen)
     except KebenchError:
+        if not any(trial["status"] == "ok" for trial in ranked_trials(spec)):
+            raise KebenchError(_no_trial_finished(spec)) from None  # not Tune's "No best trial found"
         best = results.get_best_result(metric=spec.metric, mode=spec.goal_modes[0])
         values = {name: best.config[name] for name, _, _ in spec.space}
         score = f"{spec.metric}={best.metrics.get(spec.metric, float('nan')):.3f}"
     header = (f"# best of {spec.total_trials} trials on {spec.benchmark}/dev n={spec.n}, {spec.scenario_kind}: "
               f"{score}\n")
     return header + yaml.safe_dump(values, sort_keys=True)
+
+
+def _no_trial_finished(spec: SweepSpec, store: Path | None = None) -> str:
+    """One line for a sweep none of whose trials finished: how many failed and the first reason."""
+    failed = [t for t in ranked_trials(spec, store) if t["status"] != "ok"]
+    first = " ".join(str(failed[0]["error"] or "").split())[:200] if failed else "none stored"
+    return (f"sweep '{spec.name}': no trial finished ({len(failed)} failed; first: {first}); nothing to rank or "
+            f"export (kebench table --store {spec.store} --table sweep lists them)")
 
 
 def sweep_command(args: Any, spec: SweepSpec | None = None) -> int:
@@ -647,7 +704,11 @@ def sweep_command(args: Any, spec: SweepSpec | None = None) -> int:
     print(f"{spec.name}: {verb}; {outcome.stored} trials in the store {outcome.store} ({outcome.failed} failed); "
           f"kebench table --store {spec.store} --table sweep", file=out)
     print(front_table(spec, outcome.store), file=out)
-    print(best_yaml(outcome.results, spec), file=out)
+    try:
+        print(best_yaml(outcome.results, spec), file=out)
+    except KebenchError as exc:  # found only by running the trials: exit 1, as a grid with failed cells
+        print(f"kebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     if export is not None:
         chosen = export_best(spec, export, outcome.store, args.data_dir)
         print(f"exported trial {chosen['trial_id']} ({_scores_text(spec, chosen)}) to {export}", file=out)

@@ -183,3 +183,17 @@ def test_a_store_held_by_another_driver_names_the_sweep_and_its_store_key(tmp_pa
     assert f"store {store} is in use by another kebench {holder} (pid {os.getpid()} on " in line, line
     assert line.endswith(f"wait for it to finish or set another 'store:' in {tmp_path / 'bad-sweep.yaml'}")
     assert "--store" not in line
+
+
+@pytest.mark.ray
+def test_a_sweep_whose_every_trial_fails_is_one_line_exit_1_not_tunes_traceback(tmp_path, capsys):
+    """A value only a run can refuse (BaFT overflows at lr = 1e38): the trial is stored as failed, the table shows
+    it, and the command ends with one line and exit 1 instead of Tune's ``RuntimeError: No best trial found``."""
+    sweep = _sweep(tmp_path, space={"lr": {"choice": [1.0e38]}, "max_steps": {"choice": [3]}})
+    code = main(["sweep", "--sweep", sweep, "--num-cpus", "2", "--export", str(tmp_path / "best.yaml")])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in err and "No best trial found" not in err
+    errors = [line for line in err.splitlines() if line.startswith("kebench: error:")]
+    assert len(errors) == 1 and "sweep 'bad': no trial finished (1 failed; first: " in errors[0], err
+    assert "nothing to rank or export" in errors[0] and not (tmp_path / "best.yaml").exists()
+    assert out.startswith("bad: ran; 1 trials in the store") and "| 1 | " in out  # the failed trial is listed
