@@ -10,9 +10,10 @@ to Tune after each stream (``on_stream``), ``kebench edit`` prints a table.
 
 Provenance is assembled here, once, from everything a number depends on beyond model, data and
 hyperparameters: the model's revision, where the hyperparameters came from (file and hash), the case
-selection's note, the method's own note (e.g. its statistics corpus), the scenario's notes, and on a
-CPU the torch thread count (float sums are ordered by thread, so a continual stream can move by
-hundredths with it).
+selection's note, the method's own note (e.g. its statistics corpus) and the scenario's notes; beside them
+the hardware record (``kebench.core.numerics.hardware_record``: CPU, the ISA torch dispatches to, BLAS and
+oneDNN versions, MKL's branch, the numerics environment and thread counts, the GPU) and the numerics
+setting the process runs under, which a request that names one must match (issue 30).
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from benchmarks.data import resolve_data_dir
 from benchmarks.evaluate import compute_pre_edit
 from benchmarks.registry import get_benchmark, select_cases
 from kebench.core.errors import KebenchError
 from kebench.core.models import Precision, load_model, with_precision
+from kebench.core.numerics import hardware_record, process_numerics, verify_numerics
 from methods.base import NonFiniteError, get_method
 from orchestrator.grid import Cell
 from orchestrator.scenarios import Scenario, ScenarioResult, peak_rss_mb, plain_logits, run_scenario
@@ -65,13 +65,15 @@ class CellRequest:
     data_sha256: str = ""
     model_revision: str = ""
     device: str | None = None  # None: the default device
+    #: the numerics the cell's process must run under (``kebench.core.numerics``); "" checks nothing
+    numerics: str = ""
 
 
 def grid_request(cell: Cell) -> CellRequest:
     """A grid cell as a request: its hyperparameters rebuilt from the JSON its id hashes."""
     return CellRequest(cell.model, cell.benchmark, cell.split, cell.n, cell.offset, cell.scenario, cell.method,
                        cell.hparams_object(), cell.seed, cell.precision, cell.hparams_source, cell.protocols,
-                       cell.data_sha256, cell.model_revision)
+                       cell.data_sha256, cell.model_revision, numerics=cell.numerics)
 
 
 @dataclass
@@ -131,6 +133,8 @@ def run_cell(req: CellRequest, cache: ModelCache, data_dir: str | None = None,
     """Compute one cell.  ``on_stream(index, the cell's result so far)`` after each stream (a sweep reports
     running scores to Tune there), ``on_edit(n)`` after each edit call.  Raises whatever the computation
     raises (the grid worker turns that into a failed row)."""
+    if req.numerics:  # a process started under other numerics would store its numbers under this cell's id
+        verify_numerics(req.numerics)
     lm = cache.model(req.model, req.precision, req.model_revision, req.device)
     selection = select_cases(req.benchmark, req.split, req.n, req.offset, data_dir)
     if req.data_sha256 and selection.data_sha256 != req.data_sha256:
@@ -143,12 +147,16 @@ def run_cell(req: CellRequest, cache: ModelCache, data_dir: str | None = None,
     downstream_key = (req.scenario.downstream, req.scenario.downstream_n)
 
     def cell_result(result: ScenarioResult) -> CellResult:
+        notes = _notes(req, lm, selection.provenance_note, result)
         fields: dict[str, Any] = {
             "seconds_per_edit": result.seconds_per_edit,
             "trainable_params": result.trainable_parameters,
             "paper_params": result.paper_parameters,
             "device": _device_label(lm),
             "dtype": req.precision.key,
+            "hardware": hardware_record(),
+            "numerics": process_numerics(),
+            "notes": notes,
         }
         if result.downstream is not None:
             fields.update(downstream=result.downstream.name, downstream_items=result.downstream.items,
@@ -157,7 +165,7 @@ def run_cell(req: CellRequest, cache: ModelCache, data_dir: str | None = None,
         return CellResult(
             case_rows=rows.case_rows(result.cases, bench.row_protocol),
             fields=fields,
-            notes=_notes(req, lm, selection.provenance_note, result),
+            notes=notes,
             artifact=rows.cell_artifact(selection.cases, result.cases, result.artifacts, bench.row_protocol),
             scenario=result,
             cases=len(selection.cases),
@@ -188,9 +196,7 @@ def _notes(req: CellRequest, lm: Any, selection_note: str, result: ScenarioResul
     method_note = get_method(req.method).provenance(req.hparams)  # e.g. the corpus of ROME/MEMIT statistics
     if method_note:
         notes.append(method_note)
-    notes.extend(result.notes)
-    if lm.device.type == "cpu":  # CPU float sums are ordered by thread: a continual stream can move by hundredths
-        notes.append(f"torch threads: {torch.get_num_threads()}")
+    notes.extend(result.notes)  # the thread count and the rest of the floating-point path: fields["hardware"]
     return notes
 
 
@@ -236,6 +242,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """An allocation that failed inside the cell: Python's ``MemoryError``, a CUDA (or other device)
     ``torch.OutOfMemoryError``, torch's CPU allocator giving up, or Ray's memory-monitor error raised in the
     cell's own process.  (A worker the memory monitor kills never gets here: ``orchestrator.supervisor``.)"""
+    import torch  # imported by the cell already; not at module import, which must leave the numerics unset
+
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or type(exc).__name__ == "OutOfMemoryError":
         return True
     text = str(exc)
@@ -244,6 +252,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _release_accelerator_memory() -> None:
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

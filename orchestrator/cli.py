@@ -24,6 +24,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from kebench.core.errors import KebenchError, RunError
+from kebench.core.numerics import DEFAULT_NUMERICS, NUMERICS_CHOICES, PORTABLE, apply_numerics, numerics_env
 from kebench.core.scenarios import is_scenario, scenario_names
 from orchestrator._config import MAX_SEED
 
@@ -120,8 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--hparams", type=Path, default=None, help="hyperparameter YAML instead of methods/hparams/<method>/<model>.yaml")
     edit.add_argument("--data-dir", default=None)
     edit.add_argument("--device", default=None)
-    edit.add_argument("--out", type=Path, default=None, help="write one JSON object per case (JSON lines)")
+    edit.add_argument("--numerics", default=DEFAULT_NUMERICS, choices=NUMERICS_CHOICES,
+                      help=f"floating-point path: native (the CPU's best kernels) or portable (AVX2 kernels and MKL's "
+                           f"COMPATIBLE branch: the same numbers on any x86-64 CPU with AVX2); default {DEFAULT_NUMERICS}")
+    edit.add_argument("--out", type=Path, default=None,
+                      help="write one JSON object per case (JSON lines), each with the hardware record")
     edit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    noise = sub.add_parser("noise", allow_abbrev=False,
+                           help="re-run one cell (kebench edit's arguments) under ISA levels, thread counts and seeds; "
+                                "print each metric's spread")
+    noise.add_argument("--isa", default="native",
+                       help="comma-separated ISA levels, the first the baseline: native, portable, default, avx2, avx512")
+    noise.add_argument("--threads", default="1", help="comma-separated torch thread counts, the first the baseline")
+    noise.add_argument("--seeds", default="0", help="comma-separated seeds, the first the baseline")
+    noise.add_argument("--json", type=Path, default=None, help="also write runs and spreads as JSON")
+    noise.add_argument("--keep", type=Path, default=None, help="keep each run's JSON lines in this folder")
+    noise.add_argument("--jobs", type=_positive_int, default=1,
+                       help="runs at a time (each a kebench edit process; its s/edit then includes the sharing)")
 
     grid = sub.add_parser("grid", help="run a grid file's cells as Ray tasks into a Parquet store")
     add_grid_arguments(grid)
@@ -234,10 +251,18 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "noise":  # only `kebench noise` passes arguments on (to kebench edit)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "edit":
-            return _edit(args)
+            with _numerics_environment(args, own_process=argv is None):
+                return _edit(args)
+        if args.command == "noise":
+            from orchestrator.noise import noise_command  # subprocesses only: no torch here
+
+            return noise_command(args, extra, lambda tokens: _edit_parser(parser).parse_args([*tokens]))
         if args.command == "list":
             return _list()
         if args.command == "hparams":
@@ -290,6 +315,53 @@ def _out_of_memory(exc: BaseException) -> bool:
     from orchestrator.cell import is_out_of_memory
 
     return is_out_of_memory(exc)
+
+
+def _edit_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``kebench edit``'s own parser (``kebench noise`` checks the cell's arguments with it)."""
+    actions = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return actions.choices["edit"]
+
+
+#: set in a ``kebench edit`` process that re-executed itself for its numerics (it must not do so twice)
+_REEXEC_ENV = "KEBENCH_NUMERICS_REEXEC"
+
+
+@contextlib.contextmanager
+def _numerics_environment(args: argparse.Namespace, own_process: bool):
+    """``--numerics``'s environment, set before anything imports torch (ATen, MKL and oneDNN read it when they
+    first run).  Called in another program's process (``main(argv)``), the environment is put back afterwards:
+    that process's later work must not claim numerics it was not started under."""
+    saved = {name: os.environ.get(name) for name in numerics_env(args.numerics)}
+    args.torch_was_loaded = apply_numerics(args.numerics)
+    args.own_process = own_process
+    try:
+        yield
+    finally:
+        if not own_process:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def _enter_numerics(args: argparse.Namespace) -> None:
+    """Check that the process computes under ``--numerics``.  Where torch was loaded before the settings were
+    made (a plug-in imported at start-up) and the check fails, the ``kebench`` process starts itself again with
+    the settings in its environment, once; otherwise the failed check is a one-line error."""
+    from kebench.core.numerics import verify_numerics  # torch: off the command line's start-up path
+
+    try:
+        verify_numerics(args.numerics)
+    except KebenchError:
+        if (getattr(args, "torch_was_loaded", False) and getattr(args, "own_process", False)
+                and args.numerics == PORTABLE and not os.environ.get(_REEXEC_ENV)):
+            os.environ[_REEXEC_ENV] = "1"
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+        raise
 
 
 def _debug_traceback(args: argparse.Namespace) -> None:
@@ -503,6 +575,7 @@ def _edit(args: argparse.Namespace) -> int:
     from benchmarks.registry import get_benchmark, select_cases
     from kebench.core.metrics import metric_names
     from kebench.core.models import check_device, check_dtype_choice, check_model_name, model_revision
+    from kebench.core.numerics import hardware_label
     from methods.base import get_method
     from methods.hparams import hparams_dict, load_hparams
     from orchestrator.cell import CellRequest, ModelCache, run_cell
@@ -539,10 +612,11 @@ def _edit(args: argparse.Namespace) -> int:
         raise KebenchError(f"--device: {exc}") from None
     if args.out is not None:
         check_output_path(args.out)
+    _enter_numerics(args)
 
     precision = precision_for(args.dtype, args.method, args.model, device.type != "cpu")
     request = CellRequest(args.model, args.benchmark, args.split, args.n, args.offset, scenario, args.method, hparams,
-                          args.seed, precision, protocols=protocols, device=str(device))
+                          args.seed, precision, protocols=protocols, device=str(device), numerics=args.numerics)
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, disable=args.quiet, transient=False) as progress:
@@ -551,7 +625,9 @@ def _edit(args: argparse.Namespace) -> int:
     result = cell.scenario
 
     timing = {(c.case_id, c.stream): (round(c.seconds, 4), c.steps) for c in result.cases}
-    rows = [{**row, "seconds": timing[(row["case_id"], row["stream"])][0], "steps": timing[(row["case_id"], row["stream"])][1]}
+    hardware = cell.fields["hardware"]  # what the numbers were computed on, in every row (issue 30)
+    rows = [{**row, "seconds": timing[(row["case_id"], row["stream"])][0], "steps": timing[(row["case_id"], row["stream"])][1],
+             "hardware": hardware}
             for row in result_rows.per_case(cell.case_rows)]
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -574,6 +650,7 @@ def _edit(args: argparse.Namespace) -> int:
                         f"edited {check.edited_mean:.3f} (per stream: {per_stream})")
     if cell.selection_note:
         Console().print(f"note: {cell.selection_note}")
+    Console().print(f"note: computed on {escape(hardware_label(hardware))}")
     for note in result.notes:
         Console().print(f"note: {note}")
     print(json.dumps({"hparams": hparams_dict(hparams), "peak_rss_mb": round(result.peak_rss_mb, 1)}), file=sys.stderr)

@@ -31,6 +31,7 @@ from methods.hparams import build_hparams, hparams_dict, hparams_origin, load_hp
 from kebench.core.errors import KebenchError
 from kebench.core.models import (DEFAULT_DTYPE, DTYPE_CHOICES, Precision, canonical_model, check_model_name, model_facts,
                                   model_revision, resolve_precision)
+from kebench.core.numerics import DEFAULT_NUMERICS, PORTABLE, check_numerics
 from orchestrator import _config as cfg
 from benchmarks.protocols import cell_protocols, protocol_names
 from kebench.core.scenarios import get_scenario_kind, is_scenario, scenario_names
@@ -39,7 +40,7 @@ from orchestrator.scenarios import COMMON_KEYS, Scenario
 
 CODE_VERSION_ENV = "KEBENCH_CODE_VERSION"
 TOP_KEYS = ("name", "store", "resources", "models", "benchmarks", "scenarios", "methods", "seeds", "max_retries",
-            "data_dir", "dtype", "protocols", "timeout_s")
+            "data_dir", "dtype", "protocols", "numerics", "timeout_s")
 REQUIRED_TOP_KEYS = ("name", "models", "benchmarks", "scenarios", "methods")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
 BENCHMARK_KEYS = ("name", "split", "n", "offset", "protocols")
@@ -129,6 +130,8 @@ class GridSpec:
     #: the scoring protocols of every cell (``benchmarks.protocols``) unless a benchmark entry names its own;
     #: None: the default set, which no cell id records
     protocols: tuple[str, ...] | None = None
+    #: the floating-point path of every cell (``kebench.core.numerics``: native | portable), grid-wide
+    numerics: str = DEFAULT_NUMERICS
     #: the hyperparameters of each (method entry, model, scenario kind), resolved once by ``parse_grid``
     resolved: Mapping[tuple[int, str, str], "ResolvedHparams"] = field(default_factory=dict, compare=False)
     #: seconds a cell may run (from when its worker starts it, its model load included) before the driver stops
@@ -165,6 +168,7 @@ class GridSpec:
                          **({"timeout_s": m.timeout_s} if m.timeout_s is not None else {})} for m in self.methods],
             "dtype": self.dtype,
             **({"protocols": list(self.protocols)} if self.protocols else {}),
+            "numerics": self.numerics,
             "seeds": list(self.seeds),
             "max_retries": self.max_retries,
             **({"timeout_s": self.timeout_s} if self.timeout_s is not None else {}),
@@ -206,6 +210,10 @@ class Cell:
     #: the protocols the cell is scored under when they are not its method's default set (the default
     #: protocols plus ``Editor.required_protocols``); () for the default, left out of the id as ``dtype`` is
     protocols: tuple[str, ...] = ()
+    #: the floating-point path the cell computes under (``kebench.core.numerics``).  Only ``portable`` enters
+    #: the id: a native number is what every cell computed before the setting existed (so no stored id moves),
+    #: and a portable number differs from it, so it must not share its id, whichever of the two is the default
+    numerics: str = ""
 
     @property
     def precision(self) -> Precision:
@@ -239,6 +247,7 @@ class Cell:
             **({} if self.precision.is_default else {"dtype": self.precision.key}),
             **({"parallel_cases": self.scenario.parallel_cases} if self.trains_cases_in_parallel else {}),
             **({"protocols": list(self.protocols)} if self.protocols else {}),
+            **({"numerics": PORTABLE} if self.numerics == PORTABLE else {}),
         }
 
     @property
@@ -362,7 +371,8 @@ def expand(grid: GridSpec, data_dir: str | os.PathLike[str] | None = None) -> li
                     for seed in grid.seeds:
                         cells.append(Cell(model, bench.name, bench.split, selection.n, bench.offset, scenario,
                                           method.name, method.label, resolved.json, seed, selection.data_sha256,
-                                          version, revision, resolved.source, precision.key, protocols))
+                                          version, revision, resolved.source, precision.key, protocols,
+                                          grid.numerics))
     _check_unique_ids(source, cells)
     check_hparams_file_leakage(grid, cells, root)  # an exported hparams_file must not have seen these cases
     return cells
@@ -462,6 +472,7 @@ def parse_grid(mapping: Any, source: str) -> GridSpec:
     dtype = _dtype(mapping.get("dtype", DEFAULT_DTYPE), source, "dtype")
     protocols = parse_protocols(mapping["protocols"], source, "protocols") if "protocols" in mapping else None
     timeout_s = time_limit(mapping["timeout_s"], source, "timeout_s") if "timeout_s" in mapping else None
+    numerics = check_numerics(mapping.get("numerics", DEFAULT_NUMERICS), f"{source}: numerics")
 
     for index, bench in enumerate(benchmarks):
         if bench.n is not None:
@@ -470,7 +481,7 @@ def parse_grid(mapping: Any, source: str) -> GridSpec:
     _check_methods_take(methods, scenarios, source)
     resolved = _resolve_all(methods, models, scenarios, source)
     return GridSpec(name, store, resources, models, benchmarks, scenarios, methods, seeds, max_retries, data_dir,
-                    source, dtype, protocols, resolved, timeout_s)
+                    source, dtype, protocols, numerics, resolved, timeout_s)
 
 
 def time_limit(value: Any, source: str, where: str) -> float:

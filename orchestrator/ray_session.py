@@ -83,10 +83,13 @@ def ray_initialized() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
-def start_ray(ray_address: str | None, num_cpus: int | None, num_gpus: float | None) -> bool:
+def start_ray(ray_address: str | None, num_cpus: int | None, num_gpus: float | None,
+              env_vars: dict[str, str] | None = None) -> bool:
     """Connect to Ray; returns True when this call started a local instance (and so must shut it down).
 
-    Nothing happens when this process already holds a session (a test, or a caller that set one up)."""
+    ``env_vars``: the job's environment in every worker (the numerics of ``kebench.core.numerics``, which must be
+    there before a worker imports torch).  Nothing happens when this process already holds a session (a test, or
+    a caller that set one up)."""
     import ray  # seconds to import: off the command line's start-up path (see the module docstring)
 
     if ray.is_initialized():
@@ -94,7 +97,8 @@ def start_ray(ray_address: str | None, num_cpus: int | None, num_gpus: float | N
     if ray_address:
         check_ray_address(ray_address)
         try:
-            ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": dict(env_vars)} if env_vars else None)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
             raise KebenchError(f"--ray-address {ray_address}: {' '.join(str(exc).split())[:300]}") from None
         return False
@@ -105,7 +109,8 @@ def start_ray(ray_address: str | None, num_cpus: int | None, num_gpus: float | N
     local_ray_loopback()  # 127.0.0.1 only: the variable alone is read too late, at `import ray`
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
              include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1", _system_config=LOCAL_SYSTEM_CONFIG)
+             _node_ip_address="127.0.0.1", _system_config=LOCAL_SYSTEM_CONFIG,
+             runtime_env={"env_vars": dict(env_vars)} if env_vars else None)
     return True
 
 

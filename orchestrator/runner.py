@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 from benchmarks.data import resolve_data_dir
 from benchmarks.protocols import cell_protocols, get_protocol, register_protocol
 from kebench.core.models import configure_threads
+from kebench.core.numerics import numerics_env
 from kebench.core.scenarios import ScenarioKind, get_scenario_kind, register_scenario
 from methods.stats import missing_jobs, run_job
 from orchestrator.cell import FAILED, OK, CellOutcome, ModelCache, execute_cell
@@ -264,7 +265,8 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
         # No restarts and no retries by Ray: the supervisor decides what a lost worker's cell becomes
         # (orchestrator.supervisor explains why).
         worker_class = ray.remote(CellWorker).options(
-            num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus, max_restarts=0, max_task_retries=0)
+            num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus, max_restarts=0, max_task_retries=0,
+            runtime_env=numerics_runtime_env(grid))
         plugins = plugin_declarations(todo)
         left = [len(todo)]
 
@@ -326,6 +328,13 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
         report.interrupted, report.signal = True, signals.signum
 
 
+def numerics_runtime_env(grid: GridSpec) -> dict[str, Any]:
+    """The Ray runtime environment of the grid's workers: its numerics (``kebench.core.numerics``) as environment
+    variables, which ATen, MKL and oneDNN read when they first run, so they must be in the worker process
+    from its start (a worker imports torch when it unpickles its task); each cell checks they took effect."""
+    return {"env_vars": numerics_env(grid.numerics)}
+
+
 def _interrupt_cause(exc: BaseException) -> BaseException | None:
     """The GridInterrupted or KeyboardInterrupt in ``exc``'s chain of causes, if any."""
     seen: set[int] = set()
@@ -362,7 +371,7 @@ def _precompute_statistics(grid: GridSpec, cells: list[Cell], data_dir: str | No
     if not jobs:
         return
     task = ray.remote(run_job).options(num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus,
-                                       max_retries=grid.max_retries)
+                                       max_retries=grid.max_retries, runtime_env=numerics_runtime_env(grid))
     refs = {task.remote(job, data_dir): job for job in jobs}
     for ref, job in refs.items():
         try:

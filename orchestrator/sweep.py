@@ -71,6 +71,7 @@ from benchmarks.registry import get_benchmark, select_cases
 from kebench.core.errors import KebenchError
 from kebench.core.metrics import average, get_metric, is_metric, metric_names
 from kebench.core.metrics import label as metric_label
+from kebench.core.numerics import DEFAULT_NUMERICS, numerics_env
 from methods.base import get_method
 from methods.hparams import hparams_dict, load_hparams
 from orchestrator.cell import CellRequest, CellResult, ModelCache, run_cell
@@ -474,7 +475,8 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
     os.environ.setdefault(_CHECKPOINT_ENV, str(STATE_PERIOD_S))  # Tune's experiment state, kept fresh
     started_here = False
     try:
-        started_here = start_ray(ray_address, num_cpus, num_gpus)
+        # trials compute under the default numerics (kebench.core.numerics), recorded in every trial's row
+        started_here = start_ray(ray_address, num_cpus, num_gpus, numerics_env(DEFAULT_NUMERICS))
         stored = stored_trials(store, spec) if resumable else {}
         trainable = tune.with_resources(tune.with_parameters(trial, spec=spec, data_dir=data_dir, stored=stored),
                                         {"cpu": spec.num_cpus, "gpu": spec.num_gpus})

@@ -36,7 +36,8 @@ from kebench.core import metrics as metric_registry
 from kebench.core.scenarios import get_scenario_kind, is_scenario, scenario_kinds
 from kebench.core.errors import KebenchError
 from results import plots
-from results.bootstrap import AVG, Estimate, bootstrap_group, check_resamples, resample_indices
+from kebench.core.numerics import hardware_label
+from results.bootstrap import AVG, Estimate, bootstrap_group, check_resamples, hierarchical_draws
 from results.registry import REFERENCE_LABEL
 from results.render import RENDERERS, md_text
 from results.tables import build_table, table_names
@@ -64,6 +65,9 @@ _FAILED_CELLS_SQL = """
 SELECT model, benchmark, split, scenario, "T", "B", label, coalesce(error, 'failed') AS error, count(*) AS cells
 FROM cells_latest WHERE status = 'failed' GROUP BY ALL ORDER BY ALL
 """
+_HARDWARE_SQL = """
+SELECT DISTINCT model, benchmark, split, scenario, "T", "B", hardware FROM cells_latest WHERE status = 'ok'
+"""
 _OK_CELLS_SQL = """
 SELECT cell_id, attempt, model, benchmark, split, scenario, "T", "B", label, method
 FROM cells_latest WHERE status = 'ok'
@@ -89,6 +93,21 @@ class Group:
     entries: list[Entry]
     failed: dict[str, str] = field(default_factory=dict)  # label -> error of a failed cell
     per_case: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # label -> case -> metric -> value
+    seeds: tuple[int, ...] = (0,)  # the seeds the group's values are taken over
+    cases: int = 0  # the cases of the group (its case list)
+    #: the hardware labels (``kebench.core.numerics.hardware_label``) of the group's ok cells: more than one
+    #: means its numbers were not all computed on one floating-point path
+    hardware: tuple[str, ...] = ()
+
+    @property
+    def noise(self) -> str:
+        """Which noise the group's intervals (and so its ties) measure."""
+        seeds = ", ".join(str(seed) for seed in self.seeds)
+        if len(self.seeds) > 1:
+            return (f"{len(self.seeds)} seeds ({seeds}) × {self.cases} cases: mean over seeds ± sd over seeds; "
+                    "intervals resample the seeds, then the cases within each (hierarchical)")
+        return (f"1 seed ({seeds}) × {self.cases} cases: intervals resample the cases only (no seed spread "
+                "measured; kebench noise measures seed, thread and ISA spreads)")
 
     @property
     def title(self) -> str:
@@ -110,13 +129,17 @@ def leaderboard_groups(con: duckdb.DuckDBPyConnection, resamples: int = 1000, se
     """Every group's entries with bootstrap intervals, reference first, then ranked by Avg.  A cell scored at
     checkpoints enters at its last one; ``every_checkpoint``: only such cells, at each of their checkpoints (one
     group per checkpoint, for the curves)."""
-    values: dict[tuple, dict[str, dict[str, dict[str, list[float]]]]] = defaultdict(
+    # group -> label -> (seed, case) -> metric -> values (a label's cells of one seed pool their cases)
+    values: dict[tuple, dict[str, dict[tuple[int, str], dict[str, list[float]]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
     methods: dict[str, str] = {}
     for row in records(con, _VALUES_SQL, {"every_checkpoint": every_checkpoint}):
         key = tuple(row[name] for name in GROUP_KEYS)
-        values[key][row["label"]][row["case_id"]][row["metric"]].append(row["value"])
+        values[key][row["label"]][(row["seed"], row["case_id"])][row["metric"]].append(row["value"])
         methods[row["label"]] = row["method"]
+    hardware: dict[tuple, set[str]] = defaultdict(set)  # cell keys -> hardware labels of its ok cells
+    for row in records(con, _HARDWARE_SQL):
+        hardware[tuple(row[name] for name in _CELL_KEYS)].add(hardware_label(_json_or_none(row["hardware"])))
     failed: dict[tuple, dict[str, str]] = defaultdict(dict)  # a cell row has no checkpoint: keyed without it
     for row in records(con, _FAILED_SQL):
         failed[tuple(row[name] for name in _CELL_KEYS)][row["label"]] = row["error"] or "failed"
@@ -124,22 +147,45 @@ def leaderboard_groups(con: duckdb.DuckDBPyConnection, resamples: int = 1000, se
     groups = []
     for key in sorted(values, key=_group_order):
         by_label = values[key]
-        cases = sorted({case for per_case in by_label.values() for case in per_case})
-        check_resamples(resamples, len(cases))
+        seeds = sorted({s for per_case in by_label.values() for s, _ in per_case})
+        cases = sorted({case for per_case in by_label.values() for _, case in per_case})
+        check_resamples(resamples, len(cases) * len(seeds))
         metrics = sorted({m for per_case in by_label.values() for scores in per_case.values() for m in scores})
-        indices = resample_indices(len(cases), resamples, seed)
-        laid_out = {label: {m: [float(np.mean(per_case[c][m])) if per_case.get(c, {}).get(m) else np.nan for c in cases]
+        draws = hierarchical_draws(len(seeds), len(cases), resamples, seed)
+        laid_out = {label: {m: np.array([[_mean(per_case.get((s, c), {}).get(m)) for c in cases] for s in seeds])
                             for m in metrics}
                     for label, per_case in by_label.items()}
-        estimates = bootstrap_group(laid_out, indices)
-        entries = [Entry(label, methods[label], estimates[label], len(by_label[label])) for label in by_label]
+        estimates = bootstrap_group(laid_out, draws)
+        entries = [Entry(label, methods[label], estimates[label], len({c for _, c in by_label[label]}))
+                   for label in by_label]
         _rank(entries)
-        per_case = {label: {case: {m: float(np.mean(v)) for m, v in scores.items()} for case, scores in pc.items()}
-                    for label, pc in by_label.items()}
+        per_case = {label: _over_seeds(pc) for label, pc in by_label.items()}
         group_key = dict(zip(GROUP_KEYS, key))
-        groups.append(Group(group_key, entries, failed.get(tuple(group_key[name] for name in _CELL_KEYS), {}),
-                            per_case))
+        cell_key = tuple(group_key[name] for name in _CELL_KEYS)
+        groups.append(Group(group_key, entries, failed.get(cell_key, {}), per_case, tuple(seeds), len(cases),
+                            tuple(sorted(hardware.get(cell_key, ())))))
     return groups
+
+
+def _mean(values: list[float] | None) -> float:
+    return float(np.mean(values)) if values else np.nan
+
+
+def _over_seeds(per_case: dict[tuple[int, str], dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """case -> metric -> the mean over the seeds (and pooled cells) that scored it, for the drill-down."""
+    pooled: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (_, case), scores in per_case.items():
+        for metric, values in scores.items():
+            pooled[case][metric].append(float(np.mean(values)))
+    return {case: {m: float(np.mean(v)) for m, v in scores.items()} for case, scores in pooled.items()}
+
+
+def _json_or_none(text: str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 #: the group keys a cell row has (a failed cell has no case rows, so no checkpoint)
@@ -330,14 +376,48 @@ FROM cells_latest GROUP BY ALL ORDER BY model, label
 """
 _DATA_SQL = "SELECT DISTINCT benchmark, split, data_sha256 FROM cells_latest ORDER BY ALL"
 _NOTES_SQL = "SELECT DISTINCT provenance FROM cells_latest WHERE coalesce(provenance, '') <> '' ORDER BY 1"
+_MACHINES_SQL = """
+SELECT hardware, model, label, count(*) AS cells FROM cells_latest WHERE status = 'ok' GROUP BY ALL ORDER BY ALL
+"""
 
 
-def _provenance(con: duckdb.DuckDBPyConnection) -> dict[str, list[dict[str, Any]] | list[str]]:
+@dataclass(frozen=True)
+class Machine:
+    """One hardware configuration (a floating-point path) and the ok cells computed on it."""
+
+    label: str
+    record: dict[str, Any] | None
+    cells: int
+    methods: tuple[str, ...]  # "model · label"
+
+
+def _machines(con: duckdb.DuckDBPyConnection) -> list[Machine]:
+    """The store's ok cells grouped by hardware (``kebench.core.numerics.hardware_label``); a cell stored before
+    the record existed is "not recorded"."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for row in records(con, _MACHINES_SQL):
+        record = _json_or_none(row["hardware"])
+        entry = grouped.setdefault(hardware_label(record), {"record": record, "cells": 0, "methods": set()})
+        entry["cells"] += row["cells"]
+        entry["methods"].add(f"{row['model']} · {row['label']}")
+    return [Machine(label, entry["record"], entry["cells"], tuple(sorted(entry["methods"])))
+            for label, entry in sorted(grouped.items())]
+
+
+def _provenance(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     return {
         "cells": records(con, _PROVENANCE_SQL),
         "data": records(con, _DATA_SQL),
         "notes": [row["provenance"] for row in records(con, _NOTES_SQL)],
+        "machines": _machines(con),
+        "mixed": [],  # titles of the groups and tables whose cells ran on more than one machine (write_leaderboard)
     }
+
+
+def _mixed(groups: Sequence[Group], tables: Sequence[tuple[str, Any]]) -> list[str]:
+    """The leaderboard groups and paper tables whose ok cells were computed on more than one hardware configuration."""
+    return ([f"leaderboard group {group.title}" for group in groups if len(group.hardware) > 1]
+            + [f"table {built.title}" for _, built in tables if len(built.hardware) > 1])
 
 
 @dataclass
@@ -390,6 +470,7 @@ def write_leaderboard(store: Path, out: Path, resamples: int = 1000, seed: int =
         figures = _figures(groups, artifacts, leaderboard_groups(con, resamples, seed, every_checkpoint=True))
         failures = _drilldown(groups, artifacts, omitted.artifacts)
         provenance = _provenance(con)
+        provenance["mixed"] = _mixed(groups, tables)
         omitted.failed = records(con, _FAILED_CELLS_SQL)
     for line in omitted.warnings():
         if on_warning is not None:
@@ -406,15 +487,34 @@ def write_leaderboard(store: Path, out: Path, resamples: int = 1000, seed: int =
 
 
 def _fmt(estimate: Estimate | None) -> str:
-    return "–" if estimate is None else f"{estimate.mean:.2f} [{estimate.low:.2f}, {estimate.high:.2f}]"
+    if estimate is None:
+        return "–"
+    return f"{estimate.mean:.2f}{_sd_text(estimate)} [{estimate.low:.2f}, {estimate.high:.2f}]"
+
+
+def _sd_text(estimate: Estimate) -> str:
+    return "" if estimate.sd is None else f" ± {estimate.sd:.2f}"
 
 
 def _intro(meta: dict[str, Any]) -> str:
-    return (f"Store `{meta['store']}`, generated {meta['generated']}. Each value: mean over cases "
-            f"[95% paired percentile bootstrap interval, {meta['resamples']} resamples of the cases, seed "
-            f"{meta['seed']}; the same resampled cases for every method of a group]. `unedited` is the "
+    return (f"Store `{meta['store']}`, generated {meta['generated']}. Each value: mean over cases, and where a "
+            "group has several seeds the mean over seeds of the per-seed means ± their sd over seeds "
+            f"[95% paired percentile bootstrap interval, {meta['resamples']} resamples, seed {meta['seed']}: "
+            "with one seed the cases are resampled; with several, the seeds and then the cases within each "
+            "(hierarchical); the same resampled seeds and cases for every method of a group]. `unedited` is the "
             "reference (no edit; Loc = 1.00 by definition) and is not ranked; a method whose Avg. interval "
-            "overlaps the leader's is tied with it.")
+            "overlaps the leader's is tied with it: within the noise the group's line names (cases, or seeds "
+            "and cases). Numeric noise (ISA level, thread count) is not in these intervals: `kebench noise` "
+            "measures it, and every cell's hardware is in the provenance section.")
+
+
+def _group_notes(group: Group) -> list[str]:
+    """The group's noise and, where its cells ran on more than one floating-point path, a warning."""
+    notes = [f"Noise: {group.noise}."]
+    if len(group.hardware) > 1:
+        notes.append(f"Warning: this group mixes {len(group.hardware)} hardware configurations "
+                     f"({'; '.join(group.hardware)}): its numbers are not comparable bit for bit.")
+    return notes
 
 
 def _markdown(meta, groups: list[Group], tables, figures: list[Figure], failures, provenance,
@@ -427,6 +527,7 @@ def _markdown(meta, groups: list[Group], tables, figures: list[Figure], failures
     for group in groups:
         metrics = group.metrics
         out += [f"## {md_text(group.title)}", ""]
+        out += [md_text(note) for note in _group_notes(group)] + [""]
         header = ["Rank", "Method"] + [metric_registry.label(m) for m in metrics] + ["Avg.", "Cases", ""]
         out += ["| " + " | ".join(header) + " |", "| ---: | --- |" + " ---: |" * (len(metrics) + 2) + " --- |"]
         rank = 0
@@ -504,7 +605,17 @@ def _markdown_drilldown(failures) -> list[str]:
 
 
 def _markdown_provenance(provenance) -> list[str]:
-    out = ["# Provenance", "", "| Model | Method | Cells | Code | Device | Dtype |", "| --- | --- | ---: | --- | --- | --- |"]
+    out = ["# Provenance", "", "## Hardware", "",
+           "The floating-point path every ok cell was computed on; cells on different lines are not comparable bit "
+           "for bit (the full record of each is below).", "",
+           "| Hardware | Cells | Methods |", "| --- | ---: | --- |"]
+    out += [f"| {_md_cell(m.label)} | {m.cells} | {_md_cell(', '.join(m.methods))} |" for m in provenance["machines"]]
+    warnings = [f"- Warning: the {md_text(title)} mixes hardware configurations" for title in provenance["mixed"]]
+    out += ([""] + warnings if warnings else [])
+    out += ["", "<details><summary>Hardware records</summary>", ""]
+    out += [f"- {md_text(m.label)}: `{md_text(json.dumps(m.record, sort_keys=True))}`" for m in provenance["machines"]]
+    out += ["", "</details>", "", "## Cells", ""]
+    out += ["| Model | Method | Cells | Code | Device | Dtype |", "| --- | --- | ---: | --- | --- | --- |"]
     out += [f"| {_md_cell(r['model'])} | {_md_cell(r['label'])} | {r['cells']} | {_md_cell(r['code_version'])} | "
             f"{_md_cell(r['device'] or '–')} | {_md_cell(r['dtype'] or '–')} |" for r in provenance["cells"]]
     out += ["", "Data files (sha256 of the files each split reads):", ""]
@@ -566,6 +677,7 @@ def _html(meta, groups: list[Group], tables, figures: list[Figure], failures, pr
     for index, group in enumerate(groups):
         metrics = group.metrics
         out.append(f'<section class="group" id="group-{index}"><h2>{esc(group.title)}</h2>')
+        out += [f'<p class="note">{esc(note)}</p>' for note in _group_notes(group)]
         out.append('<table class="leaderboard" data-group="' + esc(group.title) + '"><thead><tr><th>Rank</th><th>Method</th>'
                    + "".join(f"<th>{esc(metric_registry.label(m))}</th>" for m in metrics)
                    + "<th>Avg.</th><th>Cases</th><th></th></tr></thead><tbody>")
@@ -616,7 +728,17 @@ def _html(meta, groups: list[Group], tables, figures: list[Figure], failures, pr
                        f"<td class=\"text\"><code>{esc(failure.details.get('rel_output', ''))}</code></td>"
                        f"<td class=\"text\">{loc}</td></tr>")
         out.append("</tbody></table></details>")
-    out.append('</section><section id="provenance"><h1>Provenance</h1>')
+    out.append('</section><section id="provenance"><h1>Provenance</h1><h2>Hardware</h2>')
+    out.append('<p class="note">The floating-point path every ok cell was computed on; cells on different rows are not '
+               'comparable bit for bit.</p><table class="hardware"><thead><tr><th>Hardware</th><th>Cells</th>'
+               '<th>Methods</th><th>Record</th></tr></thead><tbody>')
+    out += [f'<tr><td class="text">{esc(m.label)}</td><td>{m.cells}</td><td class="text">{esc(", ".join(m.methods))}'
+            f'</td><td class="text"><details><summary>JSON</summary><code>{esc(json.dumps(m.record, sort_keys=True))}'
+            "</code></details></td></tr>" for m in provenance["machines"]]
+    out.append("</tbody></table>")
+    out += [f'<p class="note"><b>Warning:</b> the {esc(title)} mixes hardware configurations</p>'
+            for title in provenance["mixed"]]
+    out.append("<h2>Cells</h2>")
     out.append("<table><thead><tr><th>Model</th><th>Method</th><th>Cells</th><th>Code</th><th>Device</th><th>Dtype</th>"
                "</tr></thead><tbody>")
     out += [f"<tr><td>{esc(r['model'])}</td><td class=\"method\">{esc(r['label'])}</td><td>{r['cells']}</td>"
@@ -634,5 +756,7 @@ def _html(meta, groups: list[Group], tables, figures: list[Figure], failures, pr
 def _ci_cell(metric: str, estimate: Estimate | None) -> str:
     if estimate is None:
         return f'<td class="ci" data-metric="{metric}">–</td>'
+    sd = "" if estimate.sd is None else f' data-sd="{estimate.sd:.6f}"'
     return (f'<td class="ci" data-metric="{metric}" data-mean="{estimate.mean:.6f}" data-low="{estimate.low:.6f}" '
-            f'data-high="{estimate.high:.6f}">{estimate.mean:.2f} <small>[{estimate.low:.2f}, {estimate.high:.2f}]</small></td>')
+            f'data-high="{estimate.high:.6f}"{sd}>{estimate.mean:.2f}{_sd_text(estimate)} '
+            f'<small>[{estimate.low:.2f}, {estimate.high:.2f}]</small></td>')

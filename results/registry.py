@@ -30,6 +30,7 @@ REFERENCE_LABEL = "unedited"  # the reference row (methods/unedited.py): shown f
 class Cell:
     text: str
     mark: str = ""  # "best" (bold) | "second" (underlined) | ""
+    sd: str = ""  # the sd over seeds, printed "text ± sd" ("" with one seed)
 
 
 @dataclass
@@ -52,7 +53,9 @@ class Block:
 class Table:
     title: str
     blocks: list[Block]
-    notes: list[str]
+    notes: list[str]  # footnotes, each printed once (numbered by ``results.tables``)
+    #: the hardware labels (``kebench.core.numerics.hardware_label``) of the table's cells
+    hardware: list[str] = field(default_factory=list)
 
 
 BuildFn = Callable[[duckdb.DuckDBPyConnection], list[Block]]

@@ -8,7 +8,7 @@ import io
 from typing import Callable
 
 
-from results.registry import FAILED, NOT_RUN, Block, Table
+from results.registry import FAILED, NOT_RUN, Block, Cell, Table
 
 FORMATS = ("md", "latex", "csv", "html")
 
@@ -27,6 +27,8 @@ def _flat_header(block: Block) -> list[str]:
 def _legend(table: Table) -> list[str]:
     texts = {cell.text for block in table.blocks for _, cells in block.rows for cell in cells}
     legend = []
+    if any(cell.sd for block in table.blocks for _, cells in block.rows for cell in cells):
+        legend.append("a ± b: mean over seeds ± sd over seeds (of the per-seed means)")
     if NOT_RUN in texts:
         legend.append(f"{NOT_RUN}: not run (or metric not measured)")
     if FAILED in texts:
@@ -45,7 +47,8 @@ def _markdown(table: Table) -> str:
             out += [f"### {md_text(block.title)}", ""]
         header = ["Method"] + [md_text(text) for text in _flat_header(block)]
         out += [line(header), "| --- |" + " ---: |" * (len(header) - 1)]
-        out += [line([md_text(label)] + [marks[cell.mark].format(md_text(cell.text)) for cell in cells])
+        out += [line([md_text(label)] + [marks[cell.mark].format(md_text(cell.text)) + _sd_suffix(cell, md_text)
+                                          for cell in cells])
                 for label, cells in block.rows]
         out.append("")
     notes = table.notes + _legend(table)
@@ -77,8 +80,9 @@ def _latex(table: Table) -> str:
         out.append("".join(rf"\cmidrule(lr){{{s}-{s + w - 1}}}" for s, w in zip(starts, widths)))
         out.append(" & ".join(["Method"] + [_tex(c) for g in block.groups for c in g.columns]) + r" \\")
         out.append(r"\midrule")
-        out += [" & ".join([_tex(label)] + [marks[c.mark] % _tex(c.text) for c in cells]) + r" \\"
-                for label, cells in block.rows]
+        out += [" & ".join([_tex(label)] + [marks[c.mark] % _tex(c.text)
+                                             + (rf" {{\scriptsize $\pm$ {_tex(c.sd)}}}" if c.sd else "") for c in cells])
+                + r" \\" for label, cells in block.rows]
         out += [r"\bottomrule", r"\end{tabular}", ""]
     out += [rf"\par\noindent{{\footnotesize Note: {_tex(note)}}}" for note in table.notes + _legend(table)]
     return "\n".join(out).rstrip()
@@ -99,7 +103,8 @@ def _html(table: Table) -> str:
         out.append("</thead>")
         out.append("<tbody>")
         for label, cells in block.rows:
-            tds = "".join(f"<td>{marks[c.mark].format(esc(c.text))}</td>" for c in cells)
+            tds = "".join(f"<td>{marks[c.mark].format(esc(c.text))}{_sd_suffix(c, esc, '<small>', '</small>')}</td>"
+                          for c in cells)
             out.append(f"<tr><td>{esc(label)}</td>{tds}</tr>")
         out += ["</tbody>", "</table>"]
     out += [f'<p class="note">Note: {esc(note)}</p>' for note in table.notes + _legend(table)]
@@ -109,22 +114,32 @@ def _html(table: Table) -> str:
 def _csv(table: Table) -> str:
     """One CSV for all blocks: the block's key columns, the method, then "<group> <metric>" columns.
 
-    Notes follow as ``# `` comment lines (pandas: ``read_csv(..., comment="#")``).
+    Notes follow as ``# `` comment lines (pandas: ``read_csv(..., comment="#")``).  A column some of whose cells
+    have a seed sd is followed by "<column> sd" (numbers stay numbers).
     """
     key_names = list(table.blocks[0].keys)
+    with_sd = {name for block in table.blocks for _, cells in block.rows
+               for name, cell in zip(_flat_header(block), cells) if cell.sd}
     columns: list[str] = []
     for block in table.blocks:
-        columns += [name for name in _flat_header(block) if name not in columns]
+        for name in _flat_header(block):
+            if name not in columns:
+                columns += [name, f"{name} sd"] if name in with_sd else [name]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(key_names + ["method"] + columns)
     for block in table.blocks:
         for label, cells in block.rows:
             by_column = dict(zip(_flat_header(block), (cell.text for cell in cells)))
+            by_column.update((f"{name} sd", cell.sd) for name, cell in zip(_flat_header(block), cells) if cell.sd)
             keys = [block.keys[name] for name in key_names]
             writer.writerow(keys + [label] + [by_column.get(column, "") for column in columns])
     buffer.writelines(f"# {note}\n" for note in table.notes)
     return buffer.getvalue().rstrip("\n")
+
+
+def _sd_suffix(cell: Cell, escape: Callable[[str], str], before: str = "", after: str = "") -> str:
+    return f" {before}± {escape(cell.sd)}{after}" if cell.sd else ""
 
 
 RENDERERS: dict[str, Callable[[Table], str]] = {"md": _markdown, "latex": _latex, "csv": _csv, "html": _html}

@@ -83,7 +83,9 @@ def cell_row(key: Mapping[str, Any], *, attempt: int, status: str, error: str | 
     """The store's row for one cell attempt, ok or failed: ``key`` says which cell (``cell_id``, the identifying
     columns, ``hparams``, ``code_version``, ``data_sha256``, and for a sweep trial ``kind``/``sweep``/``trial_id``);
     ``fields`` what its computation measured and when (timings, parameter counts, device, dtype, downstream
-    scores, ``packages``, ``peak_rss_mb``, ``started_at``/``finished_at``); ``provenance`` the notes on what the
-    numbers depend on.  A failed cell leaves out what it never measured (device and dtype stay "")."""
+    scores, ``packages``, ``peak_rss_mb``, ``started_at``/``finished_at``, and what computed it: ``hardware``,
+    the record of ``kebench.core.numerics.hardware_record``, ``numerics``, and ``notes``, the provenance notes
+    one by one); ``provenance`` the notes on what the numbers depend on, joined.  A failed cell leaves out what it
+    never measured (device and dtype stay "", hardware, numerics and notes NULL)."""
     return {**key, "attempt": attempt, "device": "", "dtype": "", **(fields or {}), "provenance": provenance,
             "status": status, "error": error}

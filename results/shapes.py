@@ -2,9 +2,12 @@
 
 ``single`` (Table 1), ``continual`` (Table 2), ``batched`` (Tables 6-7), ``lifelong`` (each metric after
 each checkpoint of a never-restored stream, AlphaEdit's protocol), ``params`` (Table 3, with peak memory)
-and ``downstream`` (Table 8: e.g. PIQA accuracy after a stream, beside the unedited model). Values are means over all case rows of the latest ok attempts (so over cases and seeds) of
-the cells that share a method label; Avg. is the mean of the metric means a row has. Rows never pool
-different ``protocol`` values: a label measured under several protocols gets one row per protocol.
+and ``downstream`` (Table 8: e.g. PIQA accuracy after a stream, beside the unedited model). A metric's value
+is its mean over the case rows of the latest ok attempts of the cells that share a method label, taken per
+seed and then averaged over the seeds; where a row has several seeds, its cells also carry the sample sd
+(ddof 1) of the per-seed means (printed "0.71 ± 0.03").  Avg. is the mean of the metric means a row has, and
+its sd the sd over seeds of the per-seed Avg.  Rows never pool different ``protocol`` values: a label
+measured under several protocols gets one row per protocol.
 "–" marks a (method, group) that was never run (or a metric it lacks), "×" one with a cell whose
 latest attempt failed: a mean over the seeds that happened to succeed would look like a complete
 result. The reference row ``unedited`` comes first and is never marked best.
@@ -12,6 +15,7 @@ result. The reference row ``unedited`` comes first and is never marked best.
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +46,7 @@ def scenario_spec(kind: ScenarioKind) -> _Spec:
 CASE_KEYS = frozenset({"checkpoint"})
 
 _MEANS_SQL = """
-SELECT model, benchmark, split, "B", "T", checkpoint, label, protocol, metric, avg(value) AS mean
+SELECT model, benchmark, split, "B", "T", checkpoint, label, protocol, metric, seed, avg(value) AS mean
 FROM cases_latest
 WHERE cell_id IN (SELECT cell_id FROM cells_latest WHERE scenario = $scenario AND status = 'ok')
 GROUP BY ALL
@@ -84,7 +88,7 @@ def _key(row: dict[str, Any], names: tuple[str, ...]) -> tuple:
 def _metric_blocks(con: duckdb.DuckDBPyConnection, spec: _Spec) -> list[Block]:
     params = {"scenario": spec.scenario}
     status = records(con, _STATUS_SQL, params)  # one row per (block, group, label): any cell failed?
-    means = records(con, _MEANS_SQL, params)  # one row per (block, group, label, protocol, metric)
+    means = records(con, _MEANS_SQL, params)  # one row per (block, group, label, protocol, metric, seed)
     splits: dict[str, set[str]] = defaultdict(set)
     for row in status:
         splits[row["benchmark"]].add(row["split"])
@@ -104,25 +108,27 @@ def _metric_block(spec: _Spec, keys: dict[str, Any], status: list[dict[str, Any]
     by_case = bool(CASE_KEYS & set(spec.group_keys))
     failed_labels = {row["label"] for row in status if row["failed"]}
     failed = {(_key(row, spec.group_keys), row["label"]) for row in status if row["failed"]} if not by_case else set()
-    values: dict[tuple, dict[str, float]] = defaultdict(dict)  # (group, label, protocol) -> metric -> mean
+    # (group, label, protocol) -> seed -> metric -> the mean over that seed's case rows
+    per_seed: dict[tuple, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     protocols: dict[str, set[str]] = {row["label"]: set() for row in status}
     for row in means:
-        values[(_key(row, spec.group_keys), row["label"], row["protocol"])][row["metric"]] = row["mean"]
+        per_seed[(_key(row, spec.group_keys), row["label"], row["protocol"])][row["seed"]][row["metric"]] = row["mean"]
         protocols[row["label"]].add(row["protocol"])
+    values = {key: SeedSummary.of(seeds) for key, seeds in per_seed.items()}
     row_keys = sorted(((label, protocol) for label, found in protocols.items() for protocol in sorted(found) or [None]),
                       key=lambda key: (*row_order(key[0]), key[1] or ""))
-    block_metrics = _present_metrics(values.values()) or list(spec.default_metrics)
+    block_metrics = _present_metrics(v.means for v in values.values()) or list(spec.default_metrics)
 
     groups: list[Group] = []
     row_cells: list[list[Cell]] = [[] for _ in row_keys]
     for group in sorted({_key(row, spec.group_keys) for row in (means if by_case else status)}):
-        metrics = _present_metrics(v for (g, _, _), v in values.items() if g == group) or block_metrics
+        metrics = _present_metrics(v.means for (g, _, _), v in values.items() if g == group) or block_metrics
         texts = [_group_texts(values.get((group, label, protocol)),
                               label in failed_labels if by_case else (group, label) in failed, metrics)
                  for label, protocol in row_keys]
-        ranked = _mark_best([t[-1] for t in texts], [label == REFERENCE_LABEL for label, _ in row_keys])
+        ranked = _mark_best([t[-1].text for t in texts], [label == REFERENCE_LABEL for label, _ in row_keys])
         for cells, row_texts, avg in zip(row_cells, texts, ranked):
-            cells += [Cell(text) for text in row_texts[:-1]] + [avg]
+            cells += row_texts[:-1] + [Cell(avg.text, avg.mark, row_texts[-1].sd)]
         name = _group_name(dict(zip(spec.group_keys, group)), multi_split)
         groups.append(Group(name, [metric_registry.label(metric) for metric in metrics] + ["Avg."]))
     rows = [(_row_label(label, protocol, protocols[label]), cells)
@@ -130,13 +136,42 @@ def _metric_block(spec: _Spec, keys: dict[str, Any], status: list[dict[str, Any]
     return Block(keys, _block_title(keys, multi_split), groups, rows)
 
 
-def _group_texts(found: dict[str, float] | None, failed: bool, metrics: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class SeedSummary:
+    """One table row's values in one column group: each metric's mean over seeds of its per-seed mean, the sd
+    over seeds of those (metrics measured under fewer than two seeds have none), and the same for Avg."""
+
+    means: dict[str, float]
+    sds: dict[str, float]
+    avg: float | None
+    avg_sd: float | None
+
+    @classmethod
+    def of(cls, per_seed: dict[int, dict[str, float]]) -> "SeedSummary":
+        metrics = {metric for values in per_seed.values() for metric in values}
+        means, sds = {}, {}
+        for metric in metrics:
+            values = [by_metric[metric] for by_metric in per_seed.values() if metric in by_metric]
+            means[metric] = sum(values) / len(values)
+            if len(values) > 1:
+                sds[metric] = statistics.stdev(values)
+        averages = [a for a in (metric_registry.average(values) for values in per_seed.values()) if a is not None]
+        return cls(means, sds, metric_registry.average(means),
+                   statistics.stdev(averages) if len(averages) > 1 else None)
+
+
+def _group_texts(found: SeedSummary | None, failed: bool, metrics: list[str]) -> list[Cell]:
     """One row's metric cells and Avg. (the mean of the metric means it has) in one column group."""
     if failed:
-        return [FAILED] * (len(metrics) + 1)
-    if not found:
-        return [NOT_RUN] * (len(metrics) + 1)
-    return [_number(found.get(metric)) for metric in metrics] + [_number(metric_registry.average(found))]
+        return [Cell(FAILED)] * (len(metrics) + 1)
+    if not found or not found.means:
+        return [Cell(NOT_RUN)] * (len(metrics) + 1)
+    cells = [Cell(_number(found.means.get(metric)), sd=_sd(found.sds.get(metric))) for metric in metrics]
+    return cells + [Cell(_number(found.avg), sd=_sd(found.avg_sd))]
+
+
+def _sd(value: float | None) -> str:
+    return "" if value is None else f"{round(value, 2) + 0.0:.2f}"
 
 
 def _present_metrics(metric_maps: Any) -> list[str]:

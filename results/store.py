@@ -151,6 +151,14 @@ CELLS_SCHEMA = pa.schema(
         # How many times the driver started this attempt again because its worker process or node died
         # (orchestrator/runner.py); NULL for sweep trials and in stores written before the column.
         pa.field("retries", pa.int32(), nullable=True),
+        # What the numbers were computed on (issue 30; NULL in stores written before, and for a cell that failed
+        # before it ran): the hardware record of ``kebench.core.numerics.hardware_record`` as JSON (CPU model, the
+        # ISA torch dispatched to, BLAS/MKL/oneDNN versions, MKL's branch, the numerics environment, threads; the
+        # GPU and its settings), the numerics setting (``native`` | ``portable``), and the provenance notes one
+        # by one as a JSON list (``provenance`` joins them with "; ", which a note may contain itself).
+        pa.field("hardware", pa.string(), nullable=True),
+        pa.field("numerics", pa.string(), nullable=True),
+        pa.field("notes", pa.string(), nullable=True),
     ]
 )
 
@@ -159,6 +167,7 @@ CELLS_SCHEMA = pa.schema(
 INHERITED_CASE_COLUMNS = ("cell_id", "attempt", "model", "benchmark", "split", "scenario", "T", "B",
                           "method", "label", "seed")
 _JSON_COLUMNS = ("hparams", "packages")
+_NULLABLE_JSON_COLUMNS = ("hardware", "notes")
 _TIMESTAMP_COLUMNS = ("started_at", "finished_at")
 #: columns whose values come from a fixed list; the scenario kinds are whatever is declared
 #: (``kebench.core.scenarios``), read at write time so a plug-in's kind is stored like a built-in one
@@ -538,6 +547,9 @@ def _complete_cell_row(row: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"cell row: missing column {column.name!r}")
     for name in _JSON_COLUMNS:
         out[name] = _json_text(name, out[name])
+    for name in _NULLABLE_JSON_COLUMNS:
+        if out[name] is not None:
+            out[name] = _json_text(name, out[name])
     for name in _TIMESTAMP_COLUMNS:
         out[name] = _utc_timestamp(name, out[name])
     _check_values(CELLS_SCHEMA, out, "cell row")
@@ -608,9 +620,9 @@ def _json_text(name: str, value: Any) -> str:
         except json.JSONDecodeError as exc:
             raise ValueError(f"cell row: column {name!r} is not valid JSON: {exc}") from None
         return value
-    if isinstance(value, Mapping):
-        return json.dumps(value, sort_keys=True, default=str)
-    raise ValueError(f"cell row: column {name!r} must be a JSON string or a dict, got {type(value).__name__}")
+    if isinstance(value, (Mapping, list, tuple)):
+        return json.dumps(value, sort_keys=isinstance(value, Mapping), default=str)
+    raise ValueError(f"cell row: column {name!r} must be a JSON string, a dict or a list, got {type(value).__name__}")
 
 
 def _utc_timestamp(name: str, value: Any) -> dt.datetime:

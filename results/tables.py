@@ -8,13 +8,15 @@ side imports the other back.  A plug-in's table is one ``@register_table`` funct
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Collection
+from typing import Any, Collection, Mapping, Sequence
 
 import duckdb
 
 import results.sweeps  # noqa: F401  (registers the sweep table: Ray Tune trials)
 from kebench.core.errors import KebenchError
+from kebench.core.numerics import hardware_label
 from kebench.core.scenarios import scenario_kinds
 from results.registry import Table, TableDef, register_table, registered_tables
 from results.render import FORMATS, RENDERERS
@@ -25,9 +27,9 @@ from results.views import connect, records
 __all__ = ["FORMATS", "RENDERERS", "build_table", "connect", "get_table", "register_table", "render", "table_names"]
 
 _NOTES_SQL = """
-SELECT DISTINCT provenance FROM cells_latest
-WHERE ($scenario IS NULL OR scenario = $scenario) AND coalesce(provenance, '') <> ''
-ORDER BY provenance
+SELECT DISTINCT label, provenance, notes, hardware, status FROM cells_latest
+WHERE ($scenario IS NULL OR scenario = $scenario)
+ORDER BY ALL
 """
 
 
@@ -56,8 +58,50 @@ def build_table(con: duckdb.DuckDBPyConnection, table: str) -> Table | None:
     blocks = definition.build(con)
     if not blocks:
         return None
-    notes = [row["provenance"] for row in records(con, _NOTES_SQL, {"scenario": definition.scenario})]
-    return Table(definition.title, blocks, notes)
+    notes, hardware = footnotes(records(con, _NOTES_SQL, {"scenario": definition.scenario}))
+    return Table(definition.title, blocks, notes, hardware)
+
+
+def footnotes(cells: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """A table's footnotes, each distinct note once, numbered, with the rows (method labels) it holds for; and the
+    hardware its ok cells were computed on, named in a footnote (with a warning when there is more than one: the
+    table then mixes floating-point paths).  ``cells``: label, provenance, notes (a JSON list; NULL in stores
+    written before it, where the whole provenance text is one note), hardware (JSON) and status per cell.
+    The full record of each cell is the leaderboard's provenance section."""
+    labels = sorted({cell["label"] for cell in cells}, key=str.lower)
+    holds: dict[str, set[str]] = {}  # note -> labels, in first-seen order
+    machines: dict[str, set[str]] = {}  # hardware label -> labels
+    for cell in cells:
+        for note in _cell_notes(cell):
+            holds.setdefault(note, set()).add(cell["label"])
+        if cell["status"] == "ok" and cell["hardware"]:
+            record = _json(cell["hardware"])
+            machines.setdefault(hardware_label(record if isinstance(record, dict) else None), set()).add(cell["label"])
+    everywhere = [(note, rows) for note, rows in holds.items() if rows == set(labels)]  # the notes of all rows first
+    elsewhere = [(note, rows) for note, rows in holds.items() if rows != set(labels)]
+    out = []
+    for text, rows in [*((f"computed on {label}", rows) for label, rows in machines.items()), *everywhere, *elsewhere]:
+        where = "all rows" if len(labels) > 1 and rows == set(labels) else ", ".join(sorted(rows, key=str.lower))
+        out.append(f"[{len(out) + 1}] {text} ({where})")
+    if len(machines) > 1:
+        out.append(f"Warning: this table mixes {len(machines)} hardware configurations (footnotes 1-{len(machines)}): "
+                   "its numbers are not comparable bit for bit")
+    return out, list(machines)
+
+
+def _cell_notes(cell: Mapping[str, Any]) -> list[str]:
+    listed = _json(cell.get("notes"))
+    if isinstance(listed, list):
+        return [str(note) for note in listed if str(note).strip()]
+    text = (cell.get("provenance") or "").strip()
+    return [text] if text else []
+
+
+def _json(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
 
 
 def render(store: Path, table: str, fmt: str, skip: Collection[Path] = ()) -> str:

@@ -15,14 +15,17 @@ def put_cell(store: Path, label: str, T: int, values: dict[str, list[float]] | N
              attempt: int = 1, scenario: str = "continual", seed: int = 0, B: int = 1, benchmark: str = "zsre",
              model: str = "smollm2-135m", protocol: str = "teacher_forced", provenance: str = "",
              seconds: float | None = 1.0, params: int | None = 100, downstream: tuple | None = None,
-             method: str | None = None, artifact: dict | None = None) -> str:
-    """Store one cell attempt whose case q<i> scores values[metric][i]; returns its cell_id."""
+             method: str | None = None, artifact: dict | None = None, notes: list[str] | None = None,
+             hardware: dict | None = None) -> str:
+    """Store one cell attempt whose case q<i> scores values[metric][i]; returns its cell_id.  ``notes``: the
+    provenance notes one by one (``provenance`` then defaults to them joined); ``hardware``: its record."""
     cell_id = f"{model}-{benchmark}-{scenario}-{label}-T{T}-B{B}-s{seed}-{protocol}"
     cell = dict(cell_id=cell_id, attempt=attempt, status=status, error=None if status == "ok" else "OOM",
                 model=model, benchmark=benchmark, split="test", n=2, offset=0, scenario=scenario, T=T, B=B,
                 method=method or label.lower(), label=label, seed=seed, hparams="{}", seconds_per_edit=seconds,
                 trainable_params=params, peak_rss_mb=None, device="cpu", dtype="float32", code_version="v",
-                data_sha256="x", provenance=provenance, packages="{}", started_at=NOW, finished_at=NOW)
+                data_sha256="x", provenance=provenance or "; ".join(notes or []), packages="{}", started_at=NOW,
+                finished_at=NOW, notes=notes, hardware=hardware)
     if downstream is not None:  # (name, items, unedited, edited); a failed cell carries only the name
         cell.update(zip(("downstream", "downstream_items", "downstream_unedited", "downstream_edited"), downstream))
     cases = [dict(stream=0, case_id=f"q{index}", metric=metric, value=value, protocol=protocol)

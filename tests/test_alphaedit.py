@@ -243,21 +243,25 @@ def test_layer_rule_reproduces_the_shipped_yamls():
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(3600)  # one batched edit: 9 CPU-minutes; 24 min of wall time at load 12 on 2 cores
 def test_a_batched_edit_on_smollm2_raises_rel_and_restores(smol_lm):
+    """Official settings, two ZsRE test cases in one call: Rel 0.2 -> 0.8 for both (measured 2026-12-06).
+    (With MEMIT's SmolLM2 z* settings, lr 0.5, clamp 4, 50 steps: 1.0 for both.)"""
     from benchmarks.evaluate import compute_pre_edit, score_cases
     from benchmarks.registry import select_cases
 
-    cases = select_cases("zsre", "test", n=3).cases
+    cases = [c for c in select_cases("zsre", "test", n=20).cases if c.case_id in ("zsre-13", "zsre-16")]
     plain = lambda batch: smol_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # noqa: E731
     pre = compute_pre_edit(plain, smol_lm.tokenizer, smol_lm.pad_token_id, smol_lm.device, cases)
     state = state_snapshot(smol_lm)
     before = [s.rel for s in score_cases(plain, smol_lm.tokenizer, smol_lm.pad_token_id, smol_lm.device, cases, pre)]
     editor = make_editor(smol_lm, "alphaedit", "batched")
     try:
-        editor.apply(cases)  # one call of three cases, solved jointly
+        editor.apply(cases)  # one call of two cases, solved jointly
         after = [s.rel for s in score_cases(editor.logits, smol_lm.tokenizer, smol_lm.pad_token_id, smol_lm.device,
                                             cases, pre)]
     finally:
         editor.restore()
-    assert sum(after) > sum(before) + 0.5, (before, after)
+    assert len(cases) == 2 and all(b < 0.3 for b in before), before
+    assert all(a >= b + 0.4 for a, b in zip(after, before)), (before, after)
     assert not changed_keys(smol_lm, state)

@@ -226,7 +226,7 @@ def test_grid_runs_every_method_on_both_folders(checkpoints, tmp_path: Path) -> 
         outcome = execute_cell(cell, 1, cache)
         row = outcome.cell_row
         assert row["provenance"].startswith(f"model {model_revision(cell.model)}")
-        assert f"torch threads: {torch.get_num_threads()}" in row["provenance"]  # CPU numbers depend on it
+        assert row["hardware"]["threads"] == torch.get_num_threads()  # CPU numbers depend on it (issue 30)
         assert cell.model_revision == model_revision(cell.model) and cell.model_revision.startswith("sha256:")
         if row["status"] != "ok":
             failures.append((cell.title, row["error"]))

@@ -46,6 +46,12 @@ def test_grid_sweep_and_edit_compute_one_cell_alike() -> None:
 
     assert grid.case_rows == swept.case_rows == edit.case_rows
     assert grid.cell_row["provenance"] == swept.provenance == edit.provenance
-    assert "torch threads: " in edit.provenance and cell.hparams_source in edit.provenance
+    assert cell.hparams_source in edit.provenance
+    # every row says what computed it: CPU, the ISA torch dispatched to, BLAS/MKL/oneDNN, threads (issue 30)
+    for record in (grid.cell_row["hardware"], swept.fields["hardware"], edit.fields["hardware"]):
+        assert record == grid.cell_row["hardware"]
+        assert record["cpu"] and record["isa"] and record["torch"] and record["threads"] >= 1
+        assert {"mkl", "mkl_cnr", "onednn", "blas", "env", "numerics"} <= set(record)
+    assert grid.cell_row["notes"] == edit.notes and "; ".join(edit.notes) == edit.provenance
     assert {key: grid.cell_row[key] for key in ("trainable_params", "dtype", "device")} == \
         {key: swept.fields[key] for key in ("trainable_params", "dtype", "device")}

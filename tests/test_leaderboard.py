@@ -52,6 +52,82 @@ def test_bootstrap_intervals_equal_hand_computed_ones(tmp_path: Path) -> None:
     assert (group.entries[1].status == "tied") == expected_tie
 
 
+def _hand_hierarchical(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """The hierarchical bootstrap by hand, loop by loop: the documented draws (cases, then seeds, from one
+    generator), each resample the mean over its seed slots of the slot's mean over its drawn cases."""
+    n_seeds, n_cases = values.shape
+    rng = np.random.default_rng(seed)
+    cases = rng.integers(0, n_cases, size=(resamples, n_seeds, n_cases))
+    seeds = rng.integers(0, n_seeds, size=(resamples, n_seeds))
+    stats = []
+    for r in range(resamples):
+        slot_means = [np.mean([values[seeds[r, j], cases[r, j, k]] for k in range(n_cases)]) for j in range(n_seeds)]
+        stats.append(np.mean(slot_means))
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def test_three_seeds_mean_sd_and_hierarchical_interval_by_hand(tmp_path: Path) -> None:
+    # [seed][case]: method A varies from seed to seed, B less so
+    rel = {"A": [[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.5], [1.0, 1.0, 1.0, 0.0]],
+           "B": [[0.0, 0.5, 0.0, 1.0], [0.0, 0.5, 0.5, 1.0], [0.5, 0.5, 0.0, 1.0]]}
+    loc = {"A": [[1.0, 1.0, 0.5, 1.0], [1.0, 0.0, 1.0, 1.0], [0.5, 1.0, 1.0, 1.0]],
+           "B": [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.5], [1.0, 1.0, 1.0, 1.0]]}
+    for label in ("A", "B"):
+        for seed in (0, 1, 2):
+            put_cell(tmp_path, label, 10, {"rel": rel[label][seed], "loc": loc[label][seed]}, seed=seed)
+    with connect(tmp_path) as con:
+        (group,) = leaderboard_groups(con, resamples=200, seed=3)
+    assert group.seeds == (0, 1, 2) and group.cases == 4 and "3 seeds (0, 1, 2) × 4 cases" in group.noise
+    by_label = {entry.label: entry.estimates for entry in group.entries}
+    for label in ("A", "B"):
+        r, lo = np.asarray(rel[label]), np.asarray(loc[label])
+        for metric, values in (("rel", r), ("loc", lo), ("avg", (r + lo) / 2)):
+            estimate = by_label[label][metric]
+            per_seed = values.mean(axis=1)  # each seed's mean over its cases
+            assert estimate.mean == pytest.approx(per_seed.mean()) and estimate.seeds == 3
+            assert estimate.sd == pytest.approx(np.std(per_seed, ddof=1))
+            # the same draws for both methods (paired), so each interval is the hand computation over them
+            assert (estimate.low, estimate.high) == pytest.approx(_hand_hierarchical(values, 200, 3))
+    assert by_label["A"]["rel"].mean == pytest.approx((0.75 + 0.375 + 0.75) / 3)
+    assert by_label["A"]["rel"].sd == pytest.approx(np.std([0.75, 0.375, 0.75], ddof=1))
+    page_md, _ = write_leaderboard(tmp_path, tmp_path / "lb", resamples=200, seed=3)
+    text = page_md.read_text()
+    a_rel = by_label["A"]["rel"]
+    assert f"{a_rel.mean:.2f} ± {a_rel.sd:.2f} [{a_rel.low:.2f}, {a_rel.high:.2f}]" in text
+    assert "Noise: 3 seeds (0, 1, 2) × 4 cases: mean over seeds ± sd over seeds; intervals resample the seeds" in text
+
+
+def test_one_seed_keeps_the_one_level_case_bootstrap(tmp_path: Path) -> None:
+    """With one seed the hierarchical draws are the case draws of before: intervals do not move."""
+    put_cell(tmp_path, "A", 1, {"rel": [1.0, 0.0, 1.0, 0.5, 0.0]}, scenario="single")
+    with connect(tmp_path) as con:
+        (group,) = leaderboard_groups(con, resamples=300, seed=5)
+    estimate = group.entries[0].estimates["rel"]
+    indices = np.random.default_rng(5).integers(0, 5, size=(300, 5))
+    assert (estimate.low, estimate.high) == pytest.approx(_hand_interval([1.0, 0.0, 1.0, 0.5, 0.0], indices))
+    assert estimate.sd is None and estimate.seeds == 1 and "1 seed (0) × 5 cases" in group.noise
+
+
+def test_hardware_is_grouped_and_a_mixed_group_is_flagged(tmp_path: Path) -> None:
+    from kebench.core.numerics import hardware_label
+
+    portable = {"cpu": "AMD EPYC", "torch": "2.13.0+cpu", "isa": "AVX2", "mkl": "2024.2", "mkl_cnr": "COMPATIBLE",
+                "numerics": "portable", "threads": 1}
+    native = {**portable, "isa": "AVX512", "mkl_cnr": "OFF", "numerics": "native"}
+    for label, record in (("A", portable), ("B", native)):
+        put_cell(tmp_path, label, 1, {"rel": [1.0, 0.5]}, scenario="single", hardware=record)
+    with connect(tmp_path) as con:
+        (group,) = leaderboard_groups(con, resamples=50)
+    assert group.hardware == tuple(sorted([hardware_label(portable), hardware_label(native)]))
+    page_md, page_html = write_leaderboard(tmp_path, tmp_path / "lb", resamples=50)
+    text = page_md.read_text()
+    assert "Warning: this group mixes 2 hardware configurations" in text
+    assert f"| {hardware_label(native)} | 1 | smollm2-135m · B |" in text
+    assert "- Warning: the table Single editing mixes hardware configurations" in text
+    assert "mixes hardware configurations" in page_html.read_text()
+
+
 def test_reference_first_ties_failed_cells_and_drilldown(tmp_path: Path) -> None:
     artifact = {"cases": {"q1": {"prompt": "Who wrote Hamlet?", "target": "Marlowe", "rephrase": [], "stream": 0,
                                  "details": {"teacher_forced": {"rel_output": " Shakes"}}}}, "streams": [{}]}

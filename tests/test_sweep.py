@@ -284,7 +284,7 @@ def test_asha_stopped_trials_are_stored_with_the_cases_they_ran(tmp_path, ray_lo
 @pytest.mark.ray
 def test_a_trial_is_a_cell_with_the_grids_precision_and_provenance(tmp_path, ray_local):
     """A trial runs through the grid's cell body: the precision policy (here bfloat16, as a grid entry with
-    ``dtype: bfloat16`` would run), the hyperparameter file and its hash, and the torch thread count."""
+    ``dtype: bfloat16`` would run), the hyperparameter file and its hash, and the hardware record."""
     import torch
 
     store = tmp_path / "bf16"
@@ -295,7 +295,10 @@ def test_a_trial_is_a_cell_with_the_grids_precision_and_provenance(tmp_path, ray
     assert outcome.stored == 1 and outcome.failed == 0
     (row,) = _trial_rows(store)
     assert row["dtype"] == "bfloat16" and row["device"] == "cpu"
-    assert spec.hparams_source in row["provenance"] and "torch threads: " in row["provenance"]
+    assert spec.hparams_source in row["provenance"]
+    hardware = json.loads(row["hardware"])  # the CPU, the ISA torch dispatched to and the libraries (issue 30)
+    assert hardware["cpu"] and hardware["isa"] and hardware["torch"] == torch.__version__ and hardware["threads"] >= 1
+    assert {"mkl", "onednn", "blas", "mkl_cnr"} <= set(hardware) and row["numerics"] == hardware["numerics"]
     assert "model seed=1234" in row["provenance"] and "kebench-sweep " in row["provenance"]
     assert json.loads(row["hparams"])["rank"] == 2 and row["trainable_params"] > 0
     assert torch.get_default_dtype() == torch.float32  # the driver itself is untouched

