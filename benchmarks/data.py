@@ -228,12 +228,32 @@ def require(record: Any, key: str, kind: type | tuple[type, ...], where: str) ->
     return value
 
 
+#: the longest text a record may hold (characters; ``$KEBENCH_MAX_TEXT_CHARS`` overrides).  The shipped
+#: benchmarks' longest is under 700; one 22,000-character prompt drove cell workers to 8-12 GB (issue 31)
+MAX_TEXT_CHARS = 4000
+MAX_TEXT_ENV = "KEBENCH_MAX_TEXT_CHARS"
+
+
+def max_text_chars() -> int:
+    value = os.environ.get(MAX_TEXT_ENV, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else MAX_TEXT_CHARS
+
+
+def _check_length(value: str, where: str, field: str) -> None:
+    limit = max_text_chars()
+    if len(value) > limit:
+        raise KebenchError(f"{where}: {field} has {len(value):,} characters, more than {limit:,} (a text that long "
+                           f"can take a cell to many GB of memory; shorten the record, or raise ${MAX_TEXT_ENV})")
+
+
 def require_text(record: Any, key: str, where: str) -> str:
     """``record[key]`` as a string that is not empty or blank: a prompt, rephrase or target that would
-    otherwise fail as "produced no tokens" deep inside a run (or be scored silently as empty)."""
+    otherwise fail as "produced no tokens" deep inside a run (or be scored silently as empty); nor longer
+    than ``max_text_chars()``."""
     value = require(record, key, str, where)
     if not value.strip():
         raise KebenchError(f"{where}: field '{key}' is empty")
+    _check_length(value, where, f"field '{key}'")
     return value
 
 
@@ -249,4 +269,5 @@ def require_texts(record: Any, key: str, where: str, allow_empty_list: bool = Tr
             raise KebenchError(f"{where}: {key}[{index}] should be str, got {type(value).__name__}")
         if not value.strip():
             raise KebenchError(f"{where}: {key}[{index}] is empty")
+        _check_length(value, where, f"{key}[{index}]")
     return values

@@ -229,10 +229,33 @@ def execute_cell(cell: Cell, attempt: int, cache: ModelCache, data_dir: str | No
         status, error = FAILED, f"non-finite: {exc}"
     except Exception as exc:  # a failing cell must not stop the grid
         status, error = FAILED, failure_text(exc)
+        if is_out_of_memory(exc):
+            error = f"out of memory: {error}"
+            _release_accelerator_memory()  # the next cell on this worker starts from a clean allocator
     measured.update(peak_rss_mb=_peak_rss_mb(), started_at=started, finished_at=dt.datetime.now(dt.timezone.utc))
     row = rows.cell_row(cell.row_key(), attempt=attempt, status=status, error=error, fields=measured,
                         provenance=provenance)
     return CellOutcome(row, case_rows, os.getpid(), cache.loads, time.perf_counter() - clock, artifact)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed inside the cell: Python's ``MemoryError``, a CUDA (or other device)
+    ``torch.OutOfMemoryError``, torch's CPU allocator giving up, or Ray's memory-monitor error raised in the
+    cell's own process.  (A worker the memory monitor kills never gets here: ``orchestrator.supervisor``.)"""
+    import torch  # imported by the cell already; not at module import, which must leave the numerics unset
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("DefaultCPUAllocator: can't allocate memory" in text
+                                              or "CUDA out of memory" in text)
+
+
+def _release_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def failure_text(exc: BaseException) -> str:

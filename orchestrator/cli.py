@@ -298,10 +298,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         if type(exc).__name__ == "NonFiniteError":  # methods.base: an edit diverged (not a bug, not bad input)
+            _debug_traceback(args)
             print(f"kebench: error: non-finite: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+        if _out_of_memory(exc):  # found only while working, like a failed cell's "out of memory: ..."
+            _debug_traceback(args)
+            print(f"kebench: error: out of memory: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                  file=sys.stderr)
             return 1
         raise
     return 0
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """``orchestrator.cell.is_out_of_memory``, asked only where torch is loaded already (it imports torch)."""
+    if "torch" not in sys.modules:
+        return isinstance(exc, MemoryError)
+    from orchestrator.cell import is_out_of_memory
+
+    return is_out_of_memory(exc)
 
 
 def _edit_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -421,10 +436,16 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    # Ray Tune and torch: off the command line's start-up path
-    from orchestrator.sweep import sweep_command
+    # The sweep file and --export are checked before Ray Tune is imported (seconds): a bad value is one line at once.
+    from orchestrator.exports import check_export_target
+    from orchestrator.sweep_spec import load_sweep
 
-    return sweep_command(args)
+    spec = load_sweep(args.sweep)
+    if args.export is not None:
+        check_export_target(args.export)
+    from orchestrator.sweep import sweep_command  # Ray Tune: off the command line's start-up path
+
+    return sweep_command(args, spec)
 
 
 def _table(args: argparse.Namespace) -> int:
@@ -500,8 +521,10 @@ def run_grid_command(args: argparse.Namespace) -> int:
               f"stored ({report.ok + report.failed} this run, {report.failed} failed), workers stopped; run the same "
               "command again to resume", file=sys.stderr)
         return 128 + int(signum)
+    retried = f" · {report.retried} run again after a lost worker" if report.retried else ""
     console.print(f"{grid.name}: {report.total} cells · ran {report.ok + report.failed} (ok {report.ok}, "
-                  f"failed {report.failed}) · skipped {report.skipped} already in {store} · {report.wall_seconds:.0f} s")
+                  f"failed {report.failed}){retried} · skipped {report.skipped} already in {store} · "
+                  f"{report.wall_seconds:.0f} s")
     for title, error in report.failures:
         console.print(f"  × {title}: {error}")
     for name in wanted:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -38,6 +39,26 @@ def write_export(path: str | os.PathLike[str], header: Sequence[str], identity: 
     temporary = target.with_name(f".tmp-{target.name}")
     temporary.write_text("\n".join(lines) + "\n" + body, encoding="utf-8")
     os.replace(temporary, target)
+
+
+def check_export_target(path: str | os.PathLike[str], flag: str = "--export") -> None:
+    """The export file can be written: not a directory, not under a file, and a file can be created in the
+    nearest existing folder (a probe file, created and removed: root passes ``os.access`` on a read-only mount
+    or ``/proc``, where creating a file still fails).  Checked before a sweep's trials run."""
+    target = Path(path)
+    if target.is_dir():
+        raise KebenchError(f"{flag} {target} is a directory; name a YAML file")
+    folder = next((parent for parent in target.parents if parent.exists()), Path("."))
+    if not folder.is_dir():
+        raise KebenchError(f"{flag} {target}: {folder} is a file, not a directory")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".kebench-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise KebenchError(f"{flag} {target}: cannot create a file in {folder} ({exc.strerror or exc})") from None
+    if target.exists() and not os.access(target, os.W_OK):
+        raise KebenchError(f"{flag} {target} is not writable")
 
 
 def case_ids_sha256(ids: Sequence[str]) -> str:

@@ -40,11 +40,11 @@ from orchestrator.scenarios import COMMON_KEYS, Scenario
 
 CODE_VERSION_ENV = "KEBENCH_CODE_VERSION"
 TOP_KEYS = ("name", "store", "resources", "models", "benchmarks", "scenarios", "methods", "seeds", "max_retries",
-            "data_dir", "dtype", "protocols", "numerics")
+            "data_dir", "dtype", "protocols", "numerics", "timeout_s")
 REQUIRED_TOP_KEYS = ("name", "models", "benchmarks", "scenarios", "methods")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
 BENCHMARK_KEYS = ("name", "split", "n", "offset", "protocols")
-METHOD_KEYS = ("name", "label", "hparams", "hparams_file", "dtype")
+METHOD_KEYS = ("name", "label", "hparams", "hparams_file", "dtype", "timeout_s")
 DEFAULT_SEEDS = (0,)
 DEFAULT_MAX_RETRIES = 2
 _CELL_ID_CHARS = 16
@@ -93,6 +93,9 @@ class MethodSpec:
     hparams_file: str | None = None
     #: this entry's precision (float32, bfloat16, float16, auto); None: the grid's ``dtype``
     dtype: str | None = None
+    #: this entry's per-cell time limit in seconds; None: the grid's ``timeout_s`` (not in the cell id: a limit
+    #: decides whether a cell finishes, never its numbers)
+    timeout_s: float | None = None
 
     def overrides_dict(self) -> dict[str, Any]:
         return dict(self.overrides)
@@ -131,6 +134,14 @@ class GridSpec:
     numerics: str = DEFAULT_NUMERICS
     #: the hyperparameters of each (method entry, model, scenario kind), resolved once by ``parse_grid``
     resolved: Mapping[tuple[int, str, str], "ResolvedHparams"] = field(default_factory=dict, compare=False)
+    #: seconds a cell may run (from when its worker starts it, its model load included) before the driver stops
+    #: its worker and stores it as failed; None: no limit.  A method entry's ``timeout_s`` wins.
+    timeout_s: float | None = None
+
+    def timeout_for(self, label: str) -> float | None:
+        """The time limit of the cells of the method entry labelled ``label``."""
+        entry = next((method for method in self.methods if method.label == label), None)
+        return entry.timeout_s if entry is not None and entry.timeout_s is not None else self.timeout_s
 
     def hparams_for(self, index: int, model: str, kind: str) -> "ResolvedHparams":
         """Method entry ``index``'s hyperparameters on ``model`` for ``kind`` (resolved at parse time; a spec
@@ -153,12 +164,14 @@ class GridSpec:
             "scenarios": [s.identity() for s in self.scenarios],
             "methods": [{"name": m.name, "label": m.label, "hparams": cfg.thaw(m.overrides_dict()),
                          **({"hparams_file": m.hparams_file} if m.hparams_file else {}),
-                         **({"dtype": m.dtype} if m.dtype else {})} for m in self.methods],
+                         **({"dtype": m.dtype} if m.dtype else {}),
+                         **({"timeout_s": m.timeout_s} if m.timeout_s is not None else {})} for m in self.methods],
             "dtype": self.dtype,
             **({"protocols": list(self.protocols)} if self.protocols else {}),
             "numerics": self.numerics,
             "seeds": list(self.seeds),
             "max_retries": self.max_retries,
+            **({"timeout_s": self.timeout_s} if self.timeout_s is not None else {}),
             "data_dir": self.data_dir,
             "source": self.source,
         }
@@ -458,6 +471,7 @@ def parse_grid(mapping: Any, source: str) -> GridSpec:
         data_dir = cfg.string(data_dir, source, "data_dir")
     dtype = _dtype(mapping.get("dtype", DEFAULT_DTYPE), source, "dtype")
     protocols = parse_protocols(mapping["protocols"], source, "protocols") if "protocols" in mapping else None
+    timeout_s = time_limit(mapping["timeout_s"], source, "timeout_s") if "timeout_s" in mapping else None
     numerics = check_numerics(mapping.get("numerics", DEFAULT_NUMERICS), f"{source}: numerics")
 
     for index, bench in enumerate(benchmarks):
@@ -467,7 +481,15 @@ def parse_grid(mapping: Any, source: str) -> GridSpec:
     _check_methods_take(methods, scenarios, source)
     resolved = _resolve_all(methods, models, scenarios, source)
     return GridSpec(name, store, resources, models, benchmarks, scenarios, methods, seeds, max_retries, data_dir,
-                    source, dtype, protocols, numerics, resolved)
+                    source, dtype, protocols, numerics, resolved, timeout_s)
+
+
+def time_limit(value: Any, source: str, where: str) -> float:
+    """A per-cell time limit: a finite number of seconds > 0 (null is not a limit; leave the key out)."""
+    seconds = cfg.number(value, source, where)
+    if seconds <= 0:
+        raise KebenchError(f"{source}: {where} must be a number of seconds > 0, got {cfg.describe(value)}")
+    return seconds
 
 
 def parse_protocols(value: Any, source: str, where: str) -> tuple[str, ...]:
@@ -634,7 +656,8 @@ def _methods(value: Any, source: str) -> tuple[MethodSpec, ...]:
                                    "(relative paths are read from the current directory)")
             hparams_file = str(file.resolve())
         dtype = _dtype(raw["dtype"], source, f"{where}.dtype") if "dtype" in raw else None
-        specs.append(MethodSpec(name, label, overrides, hparams_file, dtype))
+        timeout_s = time_limit(raw["timeout_s"], source, f"{where}.timeout_s") if "timeout_s" in raw else None
+        specs.append(MethodSpec(name, label, overrides, hparams_file, dtype, timeout_s))
     return tuple(specs)
 
 

@@ -25,6 +25,11 @@ import sys
 from kebench.core.errors import KebenchError
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+#: a task that Ray's memory monitor kills is retried without end by default ("infinite oom retries"): the
+#: statistics tasks get one more try, then their cells compute (or fail) on their own.  Cell workers are actors
+#: that Ray never restarts (``orchestrator.supervisor``); a cluster is configured where it starts
+#: (``RAY_task_oom_retries=1`` in its environment, see docs/cluster.md).
+LOCAL_SYSTEM_CONFIG = {"task_oom_retries": 1}
 
 
 def local_ray_loopback() -> None:
@@ -104,7 +109,8 @@ def start_ray(ray_address: str | None, num_cpus: int | None, num_gpus: float | N
     local_ray_loopback()  # 127.0.0.1 only: the variable alone is read too late, at `import ray`
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus,
              include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": dict(env_vars)} if env_vars else None)
+             _node_ip_address="127.0.0.1", _system_config=LOCAL_SYSTEM_CONFIG,
+             runtime_env={"env_vars": dict(env_vars)} if env_vars else None)
     return True
 
 

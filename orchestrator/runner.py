@@ -6,8 +6,12 @@ them.  Only the driver writes the store, one file per finished cell attempt, so 
 (Ctrl-C, or the driver killed outright) keeps every cell that finished and the next run skips them.
 
 An exception inside a cell makes that cell ``failed`` with its error text; the rest of the grid goes
-on.  A worker process that dies is restarted by Ray and its cell retried up to ``max_retries`` times
-before the cell is recorded as failed.
+on.  A worker process or node that dies, a worker that runs out of memory and a cell past its ``timeout_s``
+are handled by the driver, never by Ray's restarts (``orchestrator.supervisor``: why, and what each becomes):
+a lost worker's cell runs again on the nodes left, up to ``max_retries`` times (its row's ``retries``),
+else it is stored as failed with the reason; the grid always finishes.  With ``--ray-address`` the driver
+passes the data directory it resolved to the workers and checks first that every other node reads the
+cells' files (``check_nodes_read_data``: one line naming the node).
 
 Ctrl-C (SIGINT) and SIGTERM stop the workers (``ray.kill``), shut down the local Ray instance this run
 started, and return a report with ``interrupted`` set to the signal; the command exits 128 + signal.
@@ -20,7 +24,9 @@ against what a local instance will have, and whether a ``--ray-address`` answers
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from benchmarks.data import resolve_data_dir
 from benchmarks.protocols import cell_protocols, get_protocol, register_protocol
 from kebench.core.models import configure_threads
 from kebench.core.numerics import numerics_env
@@ -36,6 +43,7 @@ from methods.stats import missing_jobs, run_job
 from orchestrator.cell import FAILED, OK, CellOutcome, ModelCache, execute_cell
 from orchestrator.grid import Cell, GridSpec, expand
 from orchestrator.ray_session import check_local_resources, check_ray_address, pool_size, ray_initialized, start_ray
+from orchestrator.supervisor import Loss, Supervisor, check_nodes_read_data
 from results import rows
 from results.store import (StoreLock, check_store_writable, next_attempt, package_versions, quarantine, scan_store,
                            write_cell_attempt)
@@ -53,6 +61,11 @@ class CellWorker:
         self.cache = ModelCache()
         self.data_dir = data_dir
         configure_threads()
+
+    def ready(self) -> int:
+        """Returns once the worker is up (the pool hands it a cell only then, so a worker that never gets
+        scheduled holds none); its PID."""
+        return os.getpid()
 
     def run(self, cell: Cell, attempt: int) -> CellOutcome:
         return execute_cell(cell, attempt, self.cache, self.data_dir)
@@ -90,6 +103,8 @@ class GridReport:
     compute_seconds: float = 0.0
     loads_per_worker: dict[int, int] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (cell title, error)
+    #: cells run again because their worker process or node died (each time counted)
+    retried: int = 0
     #: unreadable store files moved aside as ``*.corrupt`` before the run (their cells re-run)
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (new path, reason)
     #: where the driver's wall time went, in order (seconds): Ray start, statistics tasks, worker start-up
@@ -203,6 +218,7 @@ def run_grid(
     store = Path(store)
     data_dir = data_dir or grid.data_dir
     cells = expand(grid, data_dir)  # validates everything before anything is written
+    data_dir = _workers_data_dir(data_dir)
     check_store_writable(store)
     local = ray_address is None and not ray_initialized()
     if local:
@@ -230,77 +246,58 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
                ray_address: str | None, num_cpus: int | None, num_gpus: float | None, data_dir: str | None,
                on_update: Callable[[GridReport, int], None] | None) -> None:
     import ray  # Ray only where cells run: `kebench plan` imports this module and starts nothing
-    from ray.exceptions import RayActorError, RayTaskError
 
     signals = _Signals()
     signals.install()  # before Ray starts: a Ctrl-C during start-up is an interrupt too
     clock = time.perf_counter()
     started_here = False
-    actors: list[Any] = []
+    pool: Supervisor | None = None
     try:
         started_here = start_ray(ray_address, num_cpus, num_gpus)
         signals.install()  # ray.init installs its own SIGTERM handler: take it back
         mark = _phase_clock(report.phases, clock)
         mark("ray start")
         size = pool_size(grid.source, grid.resources.num_cpus, grid.resources.num_gpus, len(todo), workers)
+        if not started_here:  # a cluster: its other nodes must read the files the driver validated
+            check_nodes_read_data(todo, data_dir)
         _precompute_statistics(grid, todo, data_dir, report)
         mark("statistics")
+        # No restarts and no retries by Ray: the supervisor decides what a lost worker's cell becomes
+        # (orchestrator.supervisor explains why).
         worker_class = ray.remote(CellWorker).options(
-            num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus,
-            max_restarts=grid.max_retries, max_task_retries=grid.max_retries,
-            runtime_env=numerics_runtime_env(grid),
-        )
+            num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus, max_restarts=0, max_task_retries=0,
+            runtime_env=numerics_runtime_env(grid))
         plugins = plugin_declarations(todo)
-        actors.extend(worker_class.remote(data_dir, plugins) for _ in range(size))
-        actor_model: dict[int, str | None] = {index: None for index in range(size)}
-        queue = list(todo)
-        pending: dict[Any, tuple[int, Cell, int]] = {}
+        left = [len(todo)]
 
-        def submit(index: int) -> None:
-            if not queue:
-                return
-            # Prefer a cell of the model this worker already holds: one model load per worker, not per cell.
-            pick = next((i for i, c in enumerate(queue) if c.model == actor_model[index]), 0)
-            cell = queue.pop(pick)
-            attempt = next_attempt(store, cell.cell_id)
-            actor_model[index] = cell.model
-            pending[actors[index].run.remote(cell, attempt)] = (index, cell, attempt)
-
-        def record(outcome: CellOutcome, cell: Cell) -> None:
+        def record(result: CellOutcome | Loss, cell: Cell, attempt: int, retries: int) -> None:
+            outcome = result if isinstance(result, CellOutcome) else _lost_outcome(cell, attempt, result)
+            outcome.cell_row["retries"] = retries
             with signals.defer():  # a cell attempt is stored whole or not at all
                 writing = time.perf_counter()
                 write_cell_attempt(store, outcome.cell_row, outcome.case_rows, outcome.artifact)
                 report.phases["store writes"] = report.phases.get("store writes", 0.0) + time.perf_counter() - writing
                 report.compute_seconds += outcome.compute_seconds
-                report.loads_per_worker[outcome.worker_pid] = outcome.model_loads
+                if outcome.worker_pid >= 0:
+                    report.loads_per_worker[outcome.worker_pid] = outcome.model_loads
                 if outcome.cell_row["status"] == OK:
                     report.ok += 1
                 else:
                     report.failed += 1
                     report.failures.append((cell.title, outcome.cell_row["error"]))
-
-        for index in range(size):
-            submit(index)
-        while pending:
-            # A timeout so that the signal handler runs promptly even while Ray waits in C++.
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            if not done:
-                continue
-            ref = done[0]
-            index, cell, attempt = pending.pop(ref)
-            try:
-                outcome = ray.get(ref)
-            except (RayActorError, RayTaskError) as exc:
-                # The worker died past its retries: record the cell, replace the worker, go on.
-                outcome = _system_failure(cell, attempt, exc)
-                actors[index] = worker_class.remote(data_dir, plugins)
-                actor_model[index] = None
             if "first cell result" not in report.phases:
                 mark("first cell result")
-            record(outcome, cell)
+            left[0] -= 1
             if on_update is not None:
-                on_update(report, len(queue) + len(pending))
-            submit(index)
+                on_update(report, left[0])
+
+        pool = Supervisor(
+            make_worker=lambda: worker_class.remote(data_dir, plugins), size=size,
+            num_cpus=grid.resources.num_cpus, num_gpus=grid.resources.num_gpus, max_retries=grid.max_retries,
+            timeout_for=lambda cell: grid.timeout_for(cell.label), attempt_for=lambda cell: next_attempt(store, cell.cell_id),
+            record=record, notice=lambda text: print(f"kebench: {text}", file=sys.stderr, flush=True))
+        pool.run(todo)
+        report.retried = pool.retried
         mark("other cells")
     except (GridInterrupted, KeyboardInterrupt) as exc:
         report.interrupted = True
@@ -316,14 +313,12 @@ def _run_cells(grid: GridSpec, store: Path, todo: list[Cell], report: GridReport
     finally:
         signals.quiet()
         try:
+            if pool is not None:
+                report.retried = pool.retried
             if started_here:
-                ray.shutdown()  # stops the workers with the instance (and says nothing about retries)
-            else:
-                for actor in actors:  # ends the running cells too (actor tasks cannot be force-cancelled)
-                    try:
-                        ray.kill(actor, no_restart=True)
-                    except Exception:  # noqa: BLE001 - an actor that is already gone
-                        pass
+                ray.shutdown()  # stops the workers with the instance
+            elif pool is not None:
+                pool.stop()  # ends the running cells too (actor tasks cannot be force-cancelled)
         finally:
             signals.restore()
             report.wall_seconds = time.perf_counter() - clock
@@ -386,11 +381,18 @@ def _precompute_statistics(grid: GridSpec, cells: list[Cell], data_dir: str | No
             report.failures.append((job.title, f"statistics not precomputed: {message}"[:500]))
 
 
-def _system_failure(cell: Cell, attempt: int, exc: BaseException) -> CellOutcome:
-    """The row of a cell whose worker died past its retries (the cell itself never returned)."""
+def _workers_data_dir(data_dir: str | None) -> str | None:
+    """The data directory the driver read, as an absolute path for the workers: on a cluster a ``KEBENCH_DATA``
+    set only in the driver's environment (or its default beside the checkout) would otherwise not reach the
+    nodes.  None where it is not a directory (the files then come from the fetch cache or the package)."""
+    resolved = resolve_data_dir(data_dir)
+    return str(resolved.resolve()) if resolved.is_dir() else None
+
+
+def _lost_outcome(cell: Cell, attempt: int, loss: Loss) -> CellOutcome:
+    """The row of a cell that never returned (its worker died past its retries, ran out of memory or out of
+    time): failed, with the reason."""
     now = dt.datetime.now(dt.timezone.utc)
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    row = rows.cell_row(cell.row_key(), attempt=attempt, status=FAILED,
-                        error=f"worker died: {type(exc).__name__}: {message}"[:500],
+    row = rows.cell_row(cell.row_key(), attempt=attempt, status=FAILED, error=loss.reason[:500],
                         fields={"packages": package_versions(), "started_at": now, "finished_at": now})
     return CellOutcome(row, [], -1, 0, 0.0)

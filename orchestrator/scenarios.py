@@ -46,7 +46,7 @@ from benchmarks.registry import ExtraScorer, get_downstream
 from kebench.core.errors import KebenchError
 from kebench.core.models import LoadedModel
 from kebench.core.scenarios import SHAPE_PARAMS, ScenarioKind, get_scenario_kind, scenario_kinds
-from methods.base import Editor, RestoreError, get_method
+from methods.base import Editor, NonFiniteError, RestoreError, get_method
 
 #: rows per scoring batch when K cases are scored together: the full-vocabulary logits of a batch dominate
 #: a small model's scoring memory (SmolLM2: 4 rows x 40 tokens x 49,152 x 4 bytes = 31 MB), and with refill the
@@ -316,6 +316,23 @@ def _probe_logits(lm: LoadedModel) -> torch.Tensor:
         return lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 
+def check_finite_outputs(logits: Callable, lm: LoadedModel, what: str, editors: int = 0) -> None:
+    """The edited model's outputs on the probe texts are finite, or ``NonFiniteError`` naming ``what``.
+
+    Run after every edit call: an ``apply`` that leaves NaN or inf in the model (a plug-in's, or a diverged
+    update a method did not check) would otherwise score 0.00 everywhere and be stored as ``ok``.
+    ``editors``: a case-parallel group's editor count (one probe row routed through each)."""
+    if editors:
+        texts = [PROBE_TEXTS[index % len(PROBE_TEXTS)] for index in range(editors)]
+        batch = encode(lm.tokenizer, [(text, "X") for text in texts], lm.pad_token_id, groups=range(editors))
+    else:
+        batch = encode(lm.tokenizer, [(text, "X") for text in PROBE_TEXTS], lm.pad_token_id)
+    with torch.no_grad():
+        values = logits(batch.to(lm.device))
+    if not torch.isfinite(values).all():
+        raise NonFiniteError(f"{what}: the edited model's outputs are not finite (NaN or inf) on the probe texts")
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
@@ -409,6 +426,7 @@ def run_scenario(
                 started = time.perf_counter()
                 stats = editor.apply(list(call))
                 elapsed = time.perf_counter() - started
+                check_finite_outputs(editor.logits, lm, f"{method}: after edit call {done} of stream {stream_index}")
                 result.edit_seconds.append(elapsed)
                 edited.update((case.case_id, case) for case in call if case.case_id not in edited)
                 for case in call:
@@ -489,6 +507,8 @@ def _run_case_parallel(lm: LoadedModel, editor_class: type[Editor], hparams, str
         for done in edited:
             group = done.group
             share = done.seconds / len(done.cases)
+            check_finite_outputs(group.logits, lm, f"{editor_class.name}: after the edits of cases "
+                                 f"{', '.join(case.case_id for case in done.cases)}", editors=len(done.cases))
             result.edit_seconds.extend([share] * len(done.cases))
             if on_edit is not None:
                 on_edit(len(done.cases))

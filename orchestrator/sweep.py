@@ -42,9 +42,12 @@ reported cases overlap them.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -72,7 +75,8 @@ from kebench.core.numerics import DEFAULT_NUMERICS, numerics_env
 from methods.base import get_method
 from methods.hparams import hparams_dict, load_hparams
 from orchestrator.cell import CellRequest, CellResult, ModelCache, run_cell
-from orchestrator.exports import case_ids_sha256, write_export
+from kebench.core.models import model_revision
+from orchestrator.exports import case_ids_sha256, check_export_target, write_export
 from orchestrator.grid import canonical_json, code_version, precision_for
 from orchestrator.ray_session import check_local_resources, check_ray_address, ray_initialized, start_ray
 from orchestrator.scenarios import make_streams, peak_rss_mb
@@ -213,8 +217,10 @@ def trial(config: Mapping[str, Any], spec: SweepSpec, data_dir: str | None,
 # --------------------------------------------------------------------------- trials into the store
 
 def trial_cell_id(spec: SweepSpec, trial_id: str) -> str:
-    """A trial's cell id: the sweep's name and Tune's trial id (unique per experiment), never a grid cell's."""
-    text = canonical_json({"kind": "tune", "sweep": spec.name, "trial_id": trial_id})
+    """A trial's cell id: the sweep's name, its experiment and Tune's trial id, never a grid cell's (an experiment
+    from before experiments had ids hashes without one, so its trials keep their ids)."""
+    text = canonical_json({"kind": "tune", "sweep": spec.name, "trial_id": trial_id,
+                           **({"experiment": spec.experiment} if spec.experiment else {})})
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -297,8 +303,7 @@ def _trial_store_callback(spec: SweepSpec, store: Path, data_sha256: str, experi
             self._flush()
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            message = " ".join(str(getattr(trial, "error_msg", None) or "trial failed").split())
-            self.pending[trial.trial_id] = (dict(trial.config), None, message or "trial failed")
+            self.pending[trial.trial_id] = (dict(trial.config), None, _trial_error(trial))
             self._flush()
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -308,6 +313,27 @@ def _trial_store_callback(spec: SweepSpec, store: Path, data_sha256: str, experi
             self._flush(force=True)  # after Tune's final, forced save of the experiment state
 
     return TrialStore()
+
+
+def _trial_error(trial: Any) -> str:
+    """A failed trial's reason in one line, as a failed grid cell's (``orchestrator.cell.failure_text``): the
+    exception its cell raised, unwrapped from Ray's task error.  Read from the trial's local error file: Tune
+    writes it before it calls the callbacks, and copies it to the experiment's storage only later."""
+    from ray import cloudpickle
+
+    error = None
+    try:
+        path = trial.pickled_error_file
+        if path and Path(path).is_file():
+            error = cloudpickle.loads(Path(path).read_bytes())
+    except Exception:  # noqa: BLE001 - an unreadable error file: say what Tune says
+        error = None
+    cause = getattr(error, "cause", None)
+    shown = cause if isinstance(cause, BaseException) else error
+    if shown is not None:
+        lines = str(shown).strip().splitlines()
+        return f"{type(shown).__name__}: {lines[0] if lines else ''}"
+    return " ".join(str(getattr(trial, "error_msg", None) or "trial failed").split()) or "trial failed"
 
 
 def stored_trials(store: Path, spec: SweepSpec) -> dict[str, dict[str, Any]]:
@@ -342,6 +368,8 @@ class SweepOutcome:
     failed: int
     interrupted: bool
     store: Path
+    #: the sweep as it ran: with its experiment's id, which the ranking and the export are fenced by
+    spec: SweepSpec | None = None
 
     def __len__(self) -> int:
         return len(self.results)
@@ -361,25 +389,53 @@ def _experiment_dir(spec: SweepSpec) -> Path:
     return Path(spec.store).resolve() / "ray" / spec.name
 
 
-def _check_fingerprint(spec: SweepSpec, path: Path) -> None:
-    """A resumed experiment must be the same experiment: the sweep file's search may not have changed."""
-    marker = path / "kebench-sweep.json"
+#: what else makes a resumed experiment the same experiment: its data, its base hyperparameter YAML, its model
+IDENTITY_KEYS = ("data_sha256", "hparams_source", "model_revision")
+MARKER = "kebench-sweep.json"
+
+
+def sweep_identity(spec: SweepSpec, data_sha256: str) -> dict[str, str]:
+    """The hashes a sweep's numbers depend on beyond its file: the benchmark data, the method's base YAML (file
+    and sha256, in ``hparams_source``) and the model's revision."""
+    return {"data_sha256": data_sha256, "hparams_source": spec.hparams_source, "model_revision": model_revision(spec.model)}
+
+
+def _check_fingerprint(spec: SweepSpec, path: Path, identity: Mapping[str, str]) -> str:
+    """A resumed experiment must be the same experiment: neither the sweep file's search nor the data, base
+    YAML or model may have changed (a one-line error saying ``--restart``); returns the experiment's id ("" for
+    one started before experiments had ids)."""
+    marker = path / MARKER
     if not marker.is_file():
-        return
+        return ""
     try:
         before = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return
+        return ""
     now = json.loads(json.dumps(spec.fingerprint()))
-    changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
+    ignored = {*IDENTITY_KEYS, "experiment"}
+    changed = sorted(key for key in (set(before) | set(now)) - ignored if before.get(key) != now.get(key))
     if changed:
         raise KebenchError(f"{spec.source}: '{changed[0]}' changed since sweep '{spec.name}' started in {path}; "
                            "run with --restart to start afresh")
+    what = {"data_sha256": f"the benchmark data of {spec.benchmark}/{spec.split}",
+            "hparams_source": f"the base hyperparameters of {spec.method} on {spec.model}",
+            "model_revision": f"model {spec.model}"}
+    for key in IDENTITY_KEYS:  # an experiment from before these were recorded has none to compare
+        if key in before and before[key] != identity[key]:
+            raise KebenchError(f"{spec.source}: {what[key]} changed since sweep '{spec.name}' started in {path} "
+                               f"({_short(before[key])} → {_short(identity[key])}); its trials would be ranked across "
+                               "both: run with --restart to start afresh")
+    return str(before.get("experiment", ""))
 
 
-def _prepare_experiment(spec: SweepSpec, restart: bool) -> tuple[Path, bool]:
-    """The experiment directory and whether it can be resumed; a restart (or an experiment killed before
-    Tune saved any state) moves the old directory aside as ``<name>.replaced-<time>``."""
+def _short(value: str) -> str:
+    return value if len(value) <= 24 else f"{value[:12]}…"
+
+
+def _prepare_experiment(spec: SweepSpec, restart: bool, identity: Mapping[str, str]) -> tuple[Path, bool, str]:
+    """The experiment directory, whether it can be resumed, and its id; a restart (or an experiment killed
+    before Tune saved any state) moves the old directory aside as ``<name>.replaced-<time>`` and starts a new
+    experiment, whose id the old trials in the store do not carry (they never rank with the new ones)."""
 
     experiment = _experiment_dir(spec)
     resumable = experiment.is_dir() and tune.Tuner.can_restore(str(experiment))
@@ -388,8 +444,10 @@ def _prepare_experiment(spec: SweepSpec, restart: bool) -> tuple[Path, bool]:
         shutil.move(str(experiment), str(experiment.with_name(f"{spec.name}.replaced-{stamp}")))
         resumable = False
     if resumable:
-        _check_fingerprint(spec, experiment)
-    return experiment, resumable
+        return experiment, True, _check_fingerprint(spec, experiment, identity)
+    started = dt.datetime.now(dt.timezone.utc).isoformat()
+    seed = canonical_json({**spec.fingerprint(), **identity, "started": started, "pid": os.getpid()})
+    return experiment, False, hashlib.sha256(seed.encode("utf-8")).hexdigest()[:12]
 
 
 def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None = None,
@@ -400,18 +458,20 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
 
     selection = select_cases(spec.benchmark, spec.split, spec.n, spec.offset, data_dir)  # fail before Ray starts
     make_streams(selection.cases, spec.scenario)
-    store = check_store_writable(Path(spec.store).resolve())
+    identity = sweep_identity(spec, selection.data_sha256)
     if ray_address:
         check_ray_address(ray_address)
     elif not ray_initialized():
         check_local_resources(spec.source, spec.num_cpus, num_cpus, num_gpus)
-    lock = StoreLock(store)
+    store = check_store_writable(Path(spec.store).resolve())
+    lock = StoreLock(store, "sweep", f"set another 'store:' in {spec.source}")
     lock.acquire()
     try:
-        experiment, resumable = _prepare_experiment(spec, restart)
+        experiment, resumable, experiment_id = _prepare_experiment(spec, restart, identity)
     except BaseException:
         lock.release()
         raise
+    spec = dataclasses.replace(spec, experiment=experiment_id)
     os.environ.setdefault(_CHECKPOINT_ENV, str(STATE_PERIOD_S))  # Tune's experiment state, kept fresh
     started_here = False
     try:
@@ -440,10 +500,13 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
                                                                           experiment)]),
             )
         experiment.mkdir(parents=True, exist_ok=True)
-        marker = experiment / "kebench-sweep.json"
+        marker = experiment / MARKER
         if not marker.exists():
-            marker.write_text(json.dumps(spec.fingerprint(), sort_keys=True), encoding="utf-8")
-        results = tuner.fit()
+            marker.write_text(json.dumps({**spec.fingerprint(), **identity, "experiment": spec.experiment},
+                                         sort_keys=True), encoding="utf-8")
+        # Only tables go to stdout: Tune prints its configuration box and hints with print().
+        with contextlib.redirect_stdout(sys.stderr), _one_line_trial_errors():
+            results = tuner.fit()
         # A trial Tune saw finish whose callback did not get to store it (killed in between): store it now.
         for result in results:
             trial_id = (result.metrics or {}).get("trial_id")
@@ -455,11 +518,38 @@ def run_sweep(spec: SweepSpec, data_dir: str | None = None, num_cpus: int | None
         failed = sum(1 for value in now_stored.values() if value["status"] != "ok")
         done = results.num_terminated + results.num_errors
         return SweepOutcome(results, resumable, len(now_stored), spec.total_trials, failed,
-                            interrupted=done < spec.total_trials or len(now_stored) < spec.total_trials, store=store)
+                            interrupted=done < spec.total_trials or len(now_stored) < spec.total_trials, store=store,
+                            spec=spec)
     finally:
         if started_here:
             ray.shutdown()
         lock.release()
+
+
+class _OneLineErrors(logging.Filter):
+    """Tune logs a failed trial with the whole remote traceback; the reason is stored with the trial (and shown in
+    its row of the table), so stderr gets one line: Tune's message and the exception's first line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            cause = getattr(exc, "cause", None)
+            shown = cause if isinstance(cause, BaseException) else exc
+            text = str(shown).strip().splitlines()
+            record.msg = f"{record.getMessage()}: {type(shown).__name__}: {text[0] if text else ''}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+@contextlib.contextmanager
+def _one_line_trial_errors():
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    guard = _OneLineErrors()
+    logger.addFilter(guard)
+    try:
+        yield
+    finally:
+        logger.removeFilter(guard)
 
 
 def _write_trials(results: Any, path: Path, spec: SweepSpec) -> None:
@@ -480,17 +570,20 @@ def _write_trials(results: Any, path: Path, spec: SweepSpec) -> None:
 # --------------------------------------------------------------------------- choosing and exporting
 
 def ranked_trials(spec: SweepSpec, store: Path | None = None) -> list[dict[str, Any]]:
-    """This sweep's stored trials on its setup, ranked as ``kebench table --table sweep`` ranks them."""
+    """This sweep's stored trials on its setup and of one experiment, ranked as ``kebench table --table sweep``
+    ranks them: ``spec.experiment`` (as ``run_sweep`` returns it), else the experiment that ran last (trials of
+    an experiment that ``--restart`` replaced never mix in)."""
     store = Path(store or spec.store)
     if not has_files(store, CELLS_DIR):
         return []
+    setup = (spec.model, spec.method, spec.benchmark, spec.split, spec.n, spec.offset, spec.scenario_kind, spec.T, spec.B)
     with connect(store) as con:
-        for keys, trials in sweep_groups(con, spec.name):
-            if (keys["model"], keys["method"], keys["benchmark"], keys["split"], keys["n"], keys["offset"],
-                    keys["scenario"], keys["T"], keys["B"]) == (spec.model, spec.method, spec.benchmark, spec.split,
-                                                                spec.n, spec.offset, spec.scenario_kind, spec.T, spec.B):
-                return trials
-    return []
+        matching = [(keys, trials) for keys, trials in sweep_groups(con, spec.name)
+                    if (keys["model"], keys["method"], keys["benchmark"], keys["split"], keys["n"], keys["offset"],
+                        keys["scenario"], keys["T"], keys["B"]) == setup]
+    if spec.experiment:
+        return next((trials for keys, trials in matching if keys["experiment"] == spec.experiment), [])
+    return matching[-1][1] if matching else []  # sweep_groups lists a sweep's experiments in the order they ran
 
 
 def choose_best(spec: SweepSpec, store: Path | None = None) -> dict[str, Any]:
@@ -573,6 +666,8 @@ def best_yaml(results: Any, spec: SweepSpec) -> str:
         values = {name: chosen["hparams"].get(name) for name, _, _ in spec.space}
         score = _scores_text(spec, chosen)
     except KebenchError:
+        if not any(trial["status"] == "ok" for trial in ranked_trials(spec)):
+            raise KebenchError(_no_trial_finished(spec)) from None  # not Tune's "No best trial found"
         best = results.get_best_result(metric=spec.metric, mode=spec.goal_modes[0])
         values = {name: best.config[name] for name, _, _ in spec.space}
         score = f"{spec.metric}={best.metrics.get(spec.metric, float('nan')):.3f}"
@@ -581,16 +676,27 @@ def best_yaml(results: Any, spec: SweepSpec) -> str:
     return header + yaml.safe_dump(values, sort_keys=True)
 
 
-def sweep_command(args: Any) -> int:
+def _no_trial_finished(spec: SweepSpec, store: Path | None = None) -> str:
+    """One line for a sweep none of whose trials finished: how many failed and the first reason."""
+    failed = [t for t in ranked_trials(spec, store) if t["status"] != "ok"]
+    first = " ".join(str(failed[0]["error"] or "").split())[:200] if failed else "none stored"
+    return (f"sweep '{spec.name}': no trial finished ({len(failed)} failed; first: {first}); nothing to rank or "
+            f"export (kebench table --store {spec.store} --table sweep lists them)")
+
+
+def sweep_command(args: Any, spec: SweepSpec | None = None) -> int:
     """``kebench sweep``: run or resume, print the ranked trials / Pareto front, optionally export the choice.
 
-    ``args``: ``sweep`` (path), ``num_cpus``, ``data_dir``, and optionally ``restart`` and ``export``."""
-    spec = load_sweep(args.sweep)
+    ``args``: ``sweep`` (path), ``num_cpus``, ``data_dir``, and optionally ``restart`` and ``export``; ``spec``:
+    the sweep file already loaded (and ``--export`` checked) by the caller."""
     export = getattr(args, "export", None)
-    if export is not None and Path(export).is_dir():
-        raise KebenchError(f"--export {export} is a directory; name a YAML file")
+    if spec is None:
+        spec = load_sweep(args.sweep)
+        if export is not None:
+            check_export_target(export)  # before the trials run, not after
     outcome = run_sweep(spec, data_dir=args.data_dir, num_cpus=args.num_cpus, restart=bool(getattr(args, "restart", False)),
                         ray_address=getattr(args, "ray_address", None), num_gpus=getattr(args, "num_gpus", None))
+    spec = outcome.spec or spec  # with its experiment: the ranking and the export see this experiment's trials
     out = sys.stdout
     verb = "resumed" if outcome.resumed else "ran"
     if outcome.interrupted:
@@ -600,7 +706,11 @@ def sweep_command(args: Any) -> int:
     print(f"{spec.name}: {verb}; {outcome.stored} trials in the store {outcome.store} ({outcome.failed} failed); "
           f"kebench table --store {spec.store} --table sweep", file=out)
     print(front_table(spec, outcome.store), file=out)
-    print(best_yaml(outcome.results, spec), file=out)
+    try:
+        print(best_yaml(outcome.results, spec), file=out)
+    except KebenchError as exc:  # found only by running the trials: exit 1, as a grid with failed cells
+        print(f"kebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     if export is not None:
         chosen = export_best(spec, export, outcome.store, args.data_dir)
         print(f"exported trial {chosen['trial_id']} ({_scores_text(spec, chosen)}) to {export}", file=out)

@@ -37,6 +37,8 @@ import dataclasses
 import math
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -96,6 +98,9 @@ class SweepSpec:
     scenario_params: tuple[tuple[str, Any], ...] = ()  # the scenario kind's own parameters
     #: where the values not searched come from (the method's YAML and its hash), for every trial's provenance
     hparams_source: str = ""
+    #: the Tune experiment the trials belong to (``orchestrator.sweep`` sets it when it starts or resumes one):
+    #: trials of an experiment that ``--restart`` replaced, or that ran on other data, never rank with these
+    experiment: str = ""
 
     @property
     def scenario(self) -> Scenario:
@@ -132,7 +137,7 @@ class SweepSpec:
         return {"sweep": self.name, "objectives": list(self.goals), "modes": list(self.goal_modes),
                 "constraints": [list(c) for c in self.constraints], "search": self.search,
                 "searched": [name for name, _, _ in self.space], "kinds": {name: kind for name, kind, _ in self.space},
-                "protocol": self.stored_protocol}
+                "protocol": self.stored_protocol, **({"experiment": self.experiment} if self.experiment else {})}
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that makes a resumed experiment the same experiment (settings at their default are left
@@ -183,7 +188,7 @@ def parse_sweep(raw: Any, source: str) -> SweepSpec:
     dtype = cfg.choice(raw.get("dtype", DEFAULT_DTYPE), DTYPE_CHOICES, source, "dtype")
     protocol = parse_protocols([raw.get("protocol", DEFAULT_PROTOCOL)], source, "protocol")[0]
     base, hparams_source = _base_hparams(method, model, scenario, source)
-    space = _space(raw["space"], method, base, source)
+    space = _space(raw["space"], method, model, base, source)
     goals, modes, constraints = _objectives(raw, source)
     search = cfg.choice(raw.get("search", "optuna"), SEARCHES, source, "search")
     samples = cfg.integer(raw.get("samples", 8), source, "samples", minimum=1)
@@ -253,12 +258,17 @@ def _base_hparams(method: str, model: str, scenario: Scenario, source: str) -> t
     return hparams, described
 
 
-def _space(value: Any, method: str, base: Any, source: str) -> tuple[tuple[str, str, tuple[Any, ...]], ...]:
+def _space(value: Any, method: str, model: str, base: Any, source: str) -> tuple[tuple[str, str, tuple[Any, ...]], ...]:
+    """The search space, every value a trial can take checked now, as a grid checks its overrides: against the
+    method's hyperparameter types (a real-valued range for an integer is refused), its dataclass's own checks
+    and the model's config (layers in range, rank at most the hidden size), so a bad value is one line before
+    Tune starts instead of failed trials and "No best trial found" after it."""
     raw = cfg.mapping(value, source, "space")
     if not raw:
         raise KebenchError(f"{source}: space must be a non-empty mapping of hyperparameters")
     hparams_class = get_method(method).hparams_class
     known = [f.name for f in dataclasses.fields(hparams_class)]
+    hints = typing.get_type_hints(hparams_class)
     space = []
     for name, spec in raw.items():
         where = f"space.{name}"
@@ -270,19 +280,41 @@ def _space(value: Any, method: str, base: Any, source: str) -> tuple[tuple[str, 
             raise KebenchError(f"{source}: {where} must be one of {{{', '.join(SPACE_KINDS)}: [...]}}{hint}")
         kind, args = next(iter(spec.items()))
         args = tuple(_space_arguments(kind, args, source, f"{where}.{kind}"))
-        for value in _probe_values(kind, args):  # each value the trials can take must fit the dataclass
+        if kind in ("uniform", "loguniform") and _is_integer(hints.get(name)):
+            raise KebenchError(f"{source}: {where}.{kind}: {name} is an integer hyperparameter and {kind} draws real "
+                               f"numbers; use randint: [{args[0]}, {args[1]}] or choice: [...]")
+        for value in _probe_values(kind, args):  # each value the trials can take must fit the dataclass and model
             try:
-                build_hparams(hparams_class, {**hparams_dict(base), name: value}, where=f"{where}.{kind}")
+                hparams = build_hparams(hparams_class, {**hparams_dict(base), name: value},
+                                        where=f"{where}.{kind} value {_shown(value)}")
+                check_method_fits(method, model, hparams)
             except KebenchError as exc:
-                raise KebenchError(f"{source}: {cfg.one_line(exc)}") from None
+                message = cfg.one_line(exc)
+                prefix = f"{where}.{kind} value {_shown(value)}"
+                raise KebenchError(f"{source}: {message if message.startswith(prefix) else f'{prefix}: {message}'}"
+                                   ) from None
         space.append((name, kind, args))
     return tuple(space)
+
+
+def _is_integer(hint: Any) -> bool:
+    """``int`` or ``int | None``."""
+    if hint is int:
+        return True
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and int in typing.get_args(hint) \
+        and float not in typing.get_args(hint)
+
+
+def _shown(value: Any) -> str:
+    return f"{value!r}" if not isinstance(value, (list, tuple)) else f"[{', '.join(map(repr, value))}]"
 
 
 def _space_arguments(kind: str, args: Any, source: str, where: str) -> list[Any]:
     if not isinstance(args, list) or not args:
         raise KebenchError(f"{source}: {where} needs a non-empty list")
     if kind in ("uniform", "loguniform", "randint"):
+        if len(args) == 2 and any(isinstance(a, float) and not math.isfinite(a) for a in args):
+            raise KebenchError(f"{source}: {where} needs finite [low, high], got {args}")
         if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args) \
                 or not args[0] < args[1]:
             raise KebenchError(f"{source}: {where} needs [low, high] numbers with low < high, got {args}")
@@ -296,9 +328,12 @@ def _space_arguments(kind: str, args: Any, source: str, where: str) -> list[Any]
 
 
 def _probe_values(kind: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The values of a space axis worth type-checking: every listed one, both ends of a range."""
+    """The values of a space axis worth checking: every listed one, both ends of a range (as the reals a
+    continuous range draws)."""
     if kind == "randint":
-        return (args[0], args[1] - 1)
+        return (args[0], args[1] - 1)  # Tune's randint excludes high
+    if kind in ("uniform", "loguniform"):
+        return (float(args[0]), float(args[1]))
     return args
 
 

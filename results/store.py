@@ -148,6 +148,9 @@ CELLS_SCHEMA = pa.schema(
         pa.field("kind", pa.string(), nullable=True),
         pa.field("sweep", pa.string(), nullable=True),
         pa.field("trial_id", pa.string(), nullable=True),
+        # How many times the driver started this attempt again because its worker process or node died
+        # (orchestrator/runner.py); NULL for sweep trials and in stores written before the column.
+        pa.field("retries", pa.int32(), nullable=True),
         # What the numbers were computed on (issue 30; NULL in stores written before, and for a cell that failed
         # before it ran): the hardware record of ``kebench.core.numerics.hardware_record`` as JSON (CPU model, the
         # ISA torch dispatched to, BLAS/MKL/oneDNN versions, MKL's branch, the numerics environment, threads; the
@@ -455,8 +458,10 @@ class StoreLock:
     process dies, so a lock file left by a dead driver is taken over without any clean-up.
     """
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, command: str = "grid", remedy: str = "use another --store") -> None:
         self.path = Path(store) / LOCK_NAME
+        #: who takes the lock (written for a second driver to read) and how that one chooses another store
+        self.command, self.remedy = command, remedy
         self._fd: int | None = None
         #: stale temporary files removed when the lock was taken
         self.cleaned: list[Path] = []
@@ -478,10 +483,11 @@ class StoreLock:
             info = self.holder()
             who = (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')}"
                    if info else "another process")
-            raise KebenchError(f"store {self.path.parent} is in use by another kebench grid ({who}); wait for it "
-                               "to finish or use another --store") from None
+            holder = info.get("command", "grid") if info else "run"  # a lock file from before the field: a grid
+            raise KebenchError(f"store {self.path.parent} is in use by another kebench {holder} ({who}); wait for it "
+                               f"to finish or {self.remedy}") from None
         info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+                "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": self.command}
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode("utf-8"))
         self._fd = fd

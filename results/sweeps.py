@@ -199,17 +199,23 @@ def rank(trials: list[dict[str, Any]], info: Mapping[str, Any]) -> list[dict[str
 
 
 def sweep_groups(con: duckdb.DuckDBPyConnection, sweep: str | None = None) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """Trials grouped by sweep and setup (model, method, benchmark, split, n, offset, scenario, T, B), ranked."""
+    """Trials grouped by sweep, setup (model, method, benchmark, split, n, offset, scenario, T, B) and Tune
+    experiment (its note's ``experiment``: a restarted sweep, or one resumed on other data, is a new one whose
+    trials never rank with the old ones), ranked."""
     grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for trial in trial_records(con, sweep):
         key = (trial["sweep"], trial["model"], trial["method"], trial["benchmark"], trial["split"], trial["n"],
-               trial["offset"], trial["scenario"], trial["T"], trial["B"])
+               trial["offset"], trial["scenario"], trial["T"], trial["B"], trial["info"].get("experiment"))
         grouped[key].append(trial)
     out = []
-    for key in sorted(grouped, key=lambda k: tuple("" if v is None else str(v) for v in k)):
+    def order(key: tuple) -> tuple:  # a sweep's experiments in the order they ran
+        started = min((str(t["finished_at"]) for t in grouped[key]), default="")
+        return (*("" if v is None else str(v) for v in key[:-1]), started)
+
+    for key in sorted(grouped, key=order):
         trials = grouped[key]
         info = next((t["info"] for t in reversed(trials) if t["info"]), {})
-        names = ("sweep", "model", "method", "benchmark", "split", "n", "offset", "scenario", "T", "B")
+        names = ("sweep", "model", "method", "benchmark", "split", "n", "offset", "scenario", "T", "B", "experiment")
         out.append(({**dict(zip(names, key)), "info": info}, rank(trials, info)))
     return out
 
@@ -262,6 +268,8 @@ def write_sweep_plots(store: Path, keys: Mapping[str, Any], trials: list[dict[st
     same_sweep_setups = keys.get("setups", 1)
     if same_sweep_setups > 1:
         stem += f"-{_slug(str(keys['benchmark']))}-{keys['split']}-n{keys['n']}-{keys['scenario']}-T{keys['T']}"
+        if keys.get("experiment"):
+            stem += f"-{_slug(str(keys['experiment']))}"
     labels = {name: ("Avg." if name == "avg" else metric_registry.label(name)) for name in objectives}
     paths = [out_dir / f"{stem}.png"]
     paths[0].write_bytes(plots.sweep_objectives(title, searched, objectives, points, labels,
@@ -313,7 +321,7 @@ def sweep_table(con: duckdb.DuckDBPyConnection) -> list[Block]:
                 f"max {objectives[0]}" + "".join(f" s.t. {m} {op} {t:g}" for m, op, t in constraints))
         title = (f"sweep {keys['sweep']} · {keys['model']} {keys['method']} · {keys['benchmark']}/{keys['split']} "
                  f"n={keys['n']} · {keys['scenario']} T={keys['T']} · {info.get('search', '?')}: {goal} · "
-                 f"{len(trials)} trials")
+                 f"{len(trials)} trials" + (f" · experiment {keys['experiment']}" if keys.get("experiment") else ""))
         if plot_paths:
             title += " · plot: " + ", ".join(str(p) for p in plot_paths)
         block_keys = {name: keys[name] for name in ("sweep", "model", "method", "benchmark", "split", "n", "scenario", "T", "B")}

@@ -109,16 +109,40 @@ def test_sigkilled_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert again.resumed and len(_trials(store)) == 8
 
 
-@pytest.mark.parametrize("restart", [True])
-def test_restart_starts_a_new_experiment(tmp_path, restart):
+def test_restart_starts_a_new_experiment_whose_ranking_and_export_see_only_its_trials(tmp_path, capsys):
+    """``--restart`` with a changed space: the old experiment's trials stay in the store but never enter the new
+    ranking or the export (issue 31: an old ``lr: 0.121`` was exported though the new space was
+    ``loguniform [0.001, 0.002]``); Tune's configuration box goes to stderr, stdout holds the tables."""
+    from orchestrator.cli import main
+    from orchestrator.exports import read_export_identity
+
     spec_raw = {**SWEEP, "store": str(tmp_path / "s"), "samples": 2, "max_concurrent": 2, "search": "random",
-                "objectives": None, "metric": "avg", "space": {"rank": {"choice": [2, 4]}, "max_steps": {"choice": [2]}}}
+                "metric": "avg", "space": {"lr": {"loguniform": [0.1, 0.2]}, "max_steps": {"choice": [2]}}}
     spec_raw.pop("objectives")
     sweep_file = tmp_path / "r.yaml"
     sweep_file.write_text(yaml.safe_dump(spec_raw), encoding="utf-8")
     first = run_sweep(load_sweep(sweep_file), num_cpus=2)
     assert not first.resumed and first.stored == 2
-    second = run_sweep(load_sweep(sweep_file), num_cpus=2, restart=restart)
-    assert not second.resumed
-    assert len({row["trial_id"] for row in _trials(tmp_path / "s")}) == 4  # the first run's trials stay stored
+    old_ids = {row["trial_id"] for row in _trials(tmp_path / "s")}
+
+    spec_raw["space"]["lr"] = {"loguniform": [0.001, 0.002]}
+    sweep_file.write_text(yaml.safe_dump(spec_raw), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["sweep", "--sweep", str(sweep_file), "--num-cpus", "2"]) == 2  # a changed space: refused ...
+    assert "'space' changed since sweep 'resume' started" in capsys.readouterr().err
+    export = tmp_path / "best.yaml"
+    code = main(["sweep", "--sweep", str(sweep_file), "--num-cpus", "2", "--restart", "--export", str(export)])
+    out, err = capsys.readouterr()
+    assert code == 0, err  # ... unless restarted
+    assert "Configuration for experiment" in err and "Configuration for experiment" not in out
+    assert out.startswith("resume: ran; 2 trials in the store") and "╭" not in out and "View detailed results" not in out
+
+    trials = _trials(tmp_path / "s")
+    assert len({row["trial_id"] for row in trials}) == 4  # the first run's trials stay stored ...
+    exported = read_export_identity(export)
+    assert exported["trial_id"] not in old_ids  # ... but never enter the ranking or the export
+    body = yaml.safe_load(export.read_text(encoding="utf-8"))
+    assert 0.001 <= body["lr"] <= 0.002, body["lr"]
+    table = [line for line in out.splitlines() if line.startswith("| ") and "_0000" in line]
+    assert len(table) == 2 and not any(trial_id in line for line in table for trial_id in old_ids)
     assert any(p.name.startswith("resume.replaced-") for p in (tmp_path / "s" / "ray").iterdir())
