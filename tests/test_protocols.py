@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import protocols as protocol_registry
 from benchmarks.metrics import answer_tokens, encode
-from benchmarks.protocols import DEFAULT_PROTOCOLS, ScoringProtocol, cell_protocols, register_protocol
+from benchmarks.protocols import DEFAULT_PROTOCOLS, TokenProtocol, cell_protocols, register_protocol
 from kebench.core.errors import KebenchError
 from orchestrator.grid import expand, parse_grid
 
@@ -30,8 +30,8 @@ def test_the_default_set_and_what_a_method_requires() -> None:
     assert DEFAULT_PROTOCOLS == ("teacher_forced",)
     assert cell_protocols(None, ("generation",)) == ("teacher_forced", "generation")
     assert cell_protocols(("generation",), ("generation",)) == ("generation",)
-    with pytest.raises(KebenchError, match="unknown protocol 'wild'"):
-        cell_protocols(("wild",))
+    with pytest.raises(KebenchError, match="unknown protocol 'wildest'"):
+        cell_protocols(("wildest",))
 
 
 def test_protocols_enter_the_cell_id_only_when_not_the_default() -> None:
@@ -60,7 +60,7 @@ def test_bad_protocols_name_the_key(changes, message) -> None:
         parse_grid({**GRID, **changes}, "p.yaml")
 
 
-class _Oracle(ScoringProtocol):
+class _Oracle(TokenProtocol):
     """Predicts the gold answer whatever the model says: every Rel/Gen/Por is 1, every Loc is 1."""
 
     def predict(self, logits_fn, tokenizer, pairs: Sequence[tuple[str, str]], pad_token_id, device, batch_size=32,
