@@ -243,6 +243,7 @@ def test_layer_rule_reproduces_the_shipped_yamls():
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 2.5 minutes, most of it SmolLM2's second moments from an empty cache: `make test-slow`
 @pytest.mark.timeout(3600)  # one batched edit: 9 CPU-minutes; 24 min of wall time at load 12 on 2 cores
 def test_a_batched_edit_on_smollm2_raises_rel_and_restores(smol_lm):
     """Official settings, two ZsRE test cases in one call: Rel 0.2 -> 0.8 for both (measured 2026-12-06).
