@@ -114,6 +114,7 @@ def test_hf_spec_offline_without_a_cache_fails_in_one_line(tmp_path: Path) -> No
     assert len(lines) == 1 and "HuggingFaceTB/SmolLM2-135M" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
 
 
+@pytest.mark.slow  # 25 s: `make test-slow`
 def test_hf_spec_resolves_from_an_offline_cache(tmp_path: Path, monkeypatch) -> None:
     """A snapshot in the cache layout (refs/main → snapshots/<sha>) resolves offline to its commit."""
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -51,6 +51,7 @@ def test_continual_edits_are_learned_and_restore_is_bit_exact(smol_lm, method):
     assert torch.equal(_logits(smol_lm, UNRELATED), before)
 
 
+@pytest.mark.slow  # determinism on the tiny model is tests/test_determinism.py's: `make test-slow`
 def test_same_cell_twice_gives_the_same_numbers(smol_lm):
     cases = select_cases("zsre", "test", n=2).cases
     hparams = load_hparams("baft", "smollm2-135m", "single")

@@ -60,7 +60,8 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow)],
+                         ids=["sigint", "sigterm"])  # SIGTERM takes the same handler: `make test-slow`
 def test_signal_stops_the_grid_cleanly_and_a_rerun_completes(tmp_path, reference, sig, code):
     grid = _grid(tmp_path)
     store = tmp_path / "store"

@@ -168,6 +168,7 @@ def _fresh_venv(path: Path) -> Path:
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
+@pytest.mark.slow  # a fresh venv and pip install, 20 s: `make test-slow`
 def test_plugin_method_installed_in_a_fresh_venv_reaches_the_leaderboard(tmp_path: Path) -> None:
     before = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
                             text=True).stdout

@@ -334,6 +334,7 @@ def _cell_files(store: Path) -> list[Path]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # 50 s; the generic resume is test_runner.py's: `make test-slow`
 def test_an_interrupted_lifelong_cell_is_recomputed_and_only_it(tmp_path, monkeypatch):
     """Two lifelong cells on two workers: the unedited one is stored within a second, the ReFT stream (4 edits
     of 150 steps) is still running when the driver is killed (SIGKILL, nothing cleaned up); the rerun skips the

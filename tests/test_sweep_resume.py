@@ -109,6 +109,7 @@ def test_sigkilled_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert again.resumed and len(_trials(store)) == 8
 
 
+@pytest.mark.slow  # 25 s: `make test-slow`
 def test_restart_starts_a_new_experiment_whose_ranking_and_export_see_only_its_trials(tmp_path, capsys):
     """``--restart`` with a changed space: the old experiment's trials stay in the store but never enter the new
     ranking or the export (issue 31: an old ``lr: 0.121`` was exported though the new space was
