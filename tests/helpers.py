@@ -34,6 +34,19 @@ def put_cell(store: Path, label: str, T: int, values: dict[str, list[float]] | N
     return cell_id
 
 
+def missing_data(groups: tuple[str, ...], data_dir: Path | None = None) -> list[str]:
+    """The data files of ``groups`` (``kebench data fetch --benchmark`` names) that no search root holds, the
+    embedded ZsRE file counting as held; ``data_dir``: the resolved default when ``None``."""
+    from benchmarks.data import locate, resolve_data_dir
+    from benchmarks.manifest import entries_for, group_names
+
+    unknown = [group for group in groups if group not in group_names()]
+    if unknown:
+        raise ValueError(f"needs_data: unknown data group {unknown[0]!r}; known: {', '.join(group_names())}")
+    root = resolve_data_dir() if data_dir is None else data_dir
+    return [entry.name for group in groups for entry in entries_for(group) if locate(root, entry.name) is None]
+
+
 def toy_cases(n: int = 2, irrelevant: bool = True) -> list[EditCase]:
     """Small ZsRE-shaped cases with a rephrase, a locality and a portability prompt each."""
     subjects = ["Anna Vale", "Boris Kett", "Clara Moss", "Dario Flint"]

@@ -51,6 +51,7 @@ def relative(change: torch.Tensor, reference: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------- the projector
 
+@pytest.mark.needs_data("shared-offline")
 def test_projector_is_the_official_null_space_projector(tiny_lm):
     projector = null_space_projector(tiny_lm, 0, CORPUS, N, DTYPE, THRESHOLD)
     P = projector.matrix.double()
@@ -67,6 +68,7 @@ def test_projector_is_the_official_null_space_projector(tiny_lm):
     torch.testing.assert_close(P, official.double(), rtol=0, atol=1e-4)
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_projector_is_cached_beside_the_statistics_and_follows_them(tiny_lm, monkeypatch):
     (stats,) = ensure_stats(tiny_lm, [1], CORPUS, N, DTYPE)
     path = projector_path(stats.path, THRESHOLD)
@@ -88,6 +90,7 @@ def test_projector_is_cached_beside_the_statistics_and_follows_them(tiny_lm, mon
         null_space_projector(tiny_lm, 1, CORPUS, N, DTYPE, THRESHOLD)
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_corpus_keys_lie_mostly_outside_the_projectors_range(tiny_lm):
     P = null_space_projector(tiny_lm, 0, CORPUS, N, DTYPE, THRESHOLD).matrix.double()
     keys = corpus_keys(tiny_lm, 0)
@@ -114,6 +117,7 @@ def _record_targets(monkeypatch) -> dict[str, torch.Tensor]:
     return seen
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_update_solves_the_projected_system_and_lies_in_the_projectors_range(tiny_lm, monkeypatch):
     editor = make_editor(tiny_lm, "alphaedit", v_num_grad_steps=4)
     weight = tiny_lm.layers[0].mlp.down_proj.weight
@@ -133,6 +137,7 @@ def test_update_solves_the_projected_system_and_lies_in_the_projectors_range(tin
     editor.restore()
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_projection_keeps_the_corpus_keys_outputs_but_does_not_beat_memit_on_one_call(tiny_lm):
     """The same edit (same z*, same α) with and without P: P cuts the change of the layer's output on the
     statistics corpus's keys 2.5-fold (0.041 vs 0.101 of its norm).  It also writes less of the edit into
@@ -167,6 +172,7 @@ def test_projection_keeps_the_corpus_keys_outputs_but_does_not_beat_memit_on_one
     assert abs(edit_memit - edit_projected) < 0.05 and memit < 0.7 * projected
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_earlier_keys_accumulate_recomputed_on_the_edited_model_and_restore_zeroes_them(tiny_lm):
     state = state_snapshot(tiny_lm)
     editor = make_editor(tiny_lm, "alphaedit", layers=[0, 1], v_num_grad_steps=4)
@@ -186,6 +192,7 @@ def test_earlier_keys_accumulate_recomputed_on_the_edited_model_and_restore_zero
     assert not changed_keys(tiny_lm, state)
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_earlier_keys_protect_earlier_edits(tiny_lm):
     """Two calls of a stream: K_p K_pᵀ in the second solve keeps the first edit's key output (ratio of the second
     update's change at the first case's key to its change at its own key: 0.28 with K_p, 0.45 without it).
@@ -211,6 +218,7 @@ def test_earlier_keys_protect_earlier_edits(tiny_lm):
 
 # --------------------------------------------------------------------------- settings and wiring
 
+@pytest.mark.needs_data("shared-offline")
 def test_settings_are_checked_in_one_line(tiny_lm):
     with pytest.raises(KebenchError, match="L2 must be > 0"):
         load_hparams("alphaedit", "tiny-random-llama", "single", {"L2": 0.0})
@@ -222,6 +230,7 @@ def test_settings_are_checked_in_one_line(tiny_lm):
     assert not changed_keys(tiny_lm, state)
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_provenance_and_statistics_need(tiny_lm):
     hparams = load_hparams("alphaedit", "smollm2-135m", "continual")
     assert (hparams.layers, hparams.nullspace_threshold, hparams.L2) == ((4, 5, 6, 7, 8), 2e-2, 10.0)
@@ -242,6 +251,7 @@ def test_layer_rule_reproduces_the_shipped_yamls():
         assert AlphaEdit.layer_rule(model_facts(model).num_layers) == {"layers": shipped["layers"]}, model
 
 
+@pytest.mark.needs_data("shared-offline")
 @pytest.mark.integration
 @pytest.mark.slow  # 2.5 minutes, most of it SmolLM2's second moments from an empty cache: `make test-slow`
 @pytest.mark.timeout(3600)  # one batched edit: 9 CPU-minutes; 24 min of wall time at load 12 on 2 cores

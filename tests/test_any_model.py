@@ -208,6 +208,7 @@ CHEAP = {"baft": {"max_steps": 8}, "reft": {"max_steps": 8}, "ft-l": {"max_steps
          "wise-light": {"n_iter": 5, "context_lengths": []}}
 
 
+@pytest.mark.needs_data("shared-offline")
 @pytest.mark.timeout(1800)
 def test_grid_runs_every_method_on_both_folders(checkpoints, tmp_path: Path) -> None:
     """The issue's acceptance test: every method, single editing, 2 cases, rows carry the content hash."""

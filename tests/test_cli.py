@@ -32,6 +32,7 @@ def test_edit_writes_one_json_object_per_case(tmp_path, capsys):
     assert "Rel." in stdout and "Avg." in stdout and "reft" in stdout
 
 
+@pytest.mark.needs_data("piqa")
 def test_edit_prints_one_row_per_protocol_and_the_downstream_check(capsys):
     code, stdout, _ = _run(["edit", "--model", "tiny-random-llama", "--method", "grace", "--n", "1", "--quiet",
                             "--set", "n_iter=2"], capsys)

@@ -18,6 +18,7 @@ def test_es_and_dd_are_registered() -> None:
     assert not get_metric("dd").higher_is_better and not get_metric("dd").in_average
 
 
+@pytest.mark.needs_data("convsent")
 @pytest.mark.parametrize("method", ["unedited", "reft"])
 def test_scenario_reports_es_dd_beside_the_proxy(method: str, tiny_lm) -> None:
     bench = get_benchmark("convsent")

@@ -19,12 +19,14 @@ def splits():
     return {name: bench.load(name, root) for name in ("test", "dev")}
 
 
+@pytest.mark.needs_data("counterfact")
 def test_record_counts_match_provenance(splits):
     assert len(splits["test"]) == 1031 and len(splits["dev"]) == 1919
     ids = [c.case_id for c in splits["test"] + splits["dev"]]
     assert len(set(ids)) == len(ids)
 
 
+@pytest.mark.needs_data("counterfact")
 def test_test_split_is_the_full_schema_with_portability(splits):
     first = splits["test"][0]
     assert first.case_id == "counterfact-test-4482"
@@ -38,6 +40,7 @@ def test_test_split_is_the_full_schema_with_portability(splits):
     assert all(c.portability and len(c.rephrase) == 2 and len(c.locality["neighborhood"]) == 10 for c in splits["test"])
 
 
+@pytest.mark.needs_data("counterfact")
 def test_dev_split_is_the_flat_easyedit_file_without_portability(splits):
     first = splits["dev"][0]
     assert first.case_id == "counterfact-dev-10"

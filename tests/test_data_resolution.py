@@ -191,3 +191,16 @@ def test_fetch_needs_a_known_name_or_all():
         select_entries(["zsre", "nope"], False)
     assert [e.name for e in select_entries(["piqa"], False)] == ["piqa/valid.jsonl", "piqa/valid-labels.lst"]
     assert select_entries([], True) == MANIFEST
+
+
+def test_needs_data_names_exactly_the_files_a_data_directory_lacks(tmp_path, monkeypatch):
+    """The ``needs_data`` marker's check (tests/conftest.py): the embedded ZsRE file counts as present."""
+    from helpers import missing_data
+
+    monkeypatch.setenv("KEBENCH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "data" / "piqa").mkdir(parents=True)
+    (tmp_path / "data" / "piqa" / "valid.jsonl").write_text("{}\n")
+    assert missing_data(("piqa", "zsre"), tmp_path / "data") == ["piqa/valid-labels.lst",
+                                                                 "knowedit/sanitation_trivia_qa_train.json"]
+    with pytest.raises(ValueError, match="unknown data group 'nosuch'"):
+        missing_data(("nosuch",), tmp_path / "data")

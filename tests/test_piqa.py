@@ -12,6 +12,7 @@ from kebench.core.errors import KebenchError
 from orchestrator.scenarios import plain_logits
 
 
+@pytest.mark.needs_data("piqa")
 def test_load_counts_and_alignment():
     items = load_piqa()
     assert len(items) == 1838  # PROVENANCE.md
@@ -69,6 +70,7 @@ def test_mean_normalisation_is_per_token(tiny_lm):
         piqa_choices(*args, normalization="max")
 
 
+@pytest.mark.needs_data("piqa")
 def test_batching_does_not_change_choices(tiny_lm):
     items = load_piqa(n=6)
     logits = plain_logits(tiny_lm)

@@ -63,6 +63,7 @@ def test_rome_update_is_rank_one_and_writes_v_star_at_k_star(tiny_lm):
     assert editor.trainable_parameters() == 0
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_rome_covariance_adjustment_is_c_inverse_k(tiny_lm):
     editor = _editor(tiny_lm, "rome", mom2_adjustment=True, mom2_n_samples=40)
     rows = encode_rows(tiny_lm, [(t.format(CASES[0].prompt), None, "Atlantis", "subject_last") for t in editor.templates])
@@ -74,6 +75,7 @@ def test_rome_covariance_adjustment_is_c_inverse_k(tiny_lm):
     editor.restore()
 
 
+@pytest.mark.needs_data("shared-offline")
 @pytest.mark.parametrize("layers, touched", [((1,), {1}), ((0, 1), {0, 1})])
 def test_memit_touches_only_its_configured_layers(tiny_lm, layers, touched):
     state = _state(tiny_lm)
@@ -84,6 +86,7 @@ def test_memit_touches_only_its_configured_layers(tiny_lm, layers, touched):
     assert not _changed(tiny_lm, state)
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_memit_update_is_the_regularised_least_squares_solution(tiny_lm, monkeypatch):
     editor = _editor(tiny_lm, "memit", layers=[1], v_num_grad_steps=4, mom2_n_samples=40, mom2_update_weight=50.0)
     weight = tiny_lm.layers[1].mlp.down_proj.weight
@@ -108,6 +111,7 @@ def test_memit_update_is_the_regularised_least_squares_solution(tiny_lm, monkeyp
     editor.restore()
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_non_finite_statistics_fail_as_non_finite(tiny_lm):
     state = _state(tiny_lm)
     editor = _editor(tiny_lm, "memit", layers=[1], v_num_grad_steps=2, mom2_n_samples=40)

@@ -96,6 +96,7 @@ def test_downstream_scenario_needs_a_stream():
     assert Scenario("batched", B=2, T=1, downstream="piqa").label == "batched(B=2,T=1)+piqa(n=all)"
 
 
+@pytest.mark.needs_data("piqa")
 def test_downstream_is_scored_on_the_edited_model_and_the_unedited_one(tiny_lm):
     """PIQA after each stream uses the editor's logits (before restore); the unedited score is the plain model's."""
     from benchmarks.piqa import load_piqa, piqa_accuracy

@@ -29,6 +29,7 @@ class _Counter:
         monkeypatch.setattr(stats, "collect_second_moments", counted)
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_offline_corpus_is_fixed_and_never_holds_reported_texts():
     from benchmarks.registry import select_cases
 
@@ -43,6 +44,7 @@ def test_offline_corpus_is_fixed_and_never_holds_reported_texts():
     assert all(case.prompt in joined for case in dev)
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_moment_is_the_mean_outer_product_of_down_proj_inputs(tiny_lm, tmp_path: Path):
     n = 12
     (outcome,) = ensure_stats(tiny_lm, [1], OFFLINE_CORPUS, n, root=tmp_path)
@@ -62,6 +64,7 @@ def test_moment_is_the_mean_outer_product_of_down_proj_inputs(tiny_lm, tmp_path:
     assert read_metadata(outcome.path)["corpus"] == OFFLINE_CORPUS
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_cache_is_keyed_and_reused(tiny_lm, tmp_path: Path, monkeypatch):
     counter = _Counter(monkeypatch)
     first = ensure_stats(tiny_lm, [0, 1], OFFLINE_CORPUS, 10, root=tmp_path)
@@ -119,7 +122,8 @@ def test_missing_datasets_package_says_how_to_install(monkeypatch):
 
 @pytest.mark.parametrize("call, message", [
     (lambda lm: corpus_texts("my-corpus", 5), "unknown statistics corpus 'my-corpus'"),
-    (lambda lm: corpus_texts(OFFLINE_CORPUS, 10**7), "n=10000000 is too many"),
+    pytest.param(lambda lm: corpus_texts(OFFLINE_CORPUS, 10**7), "n=10000000 is too many",
+                 marks=pytest.mark.needs_data(OFFLINE_CORPUS)),
     (lambda lm: ensure_stats(lm, [7], OFFLINE_CORPUS, 5), "layer 7 is out of range"),
     (lambda lm: ensure_stats(lm, [0], OFFLINE_CORPUS, 5, "int8"), "unknown statistics dtype 'int8'"),
 ])
@@ -128,6 +132,7 @@ def test_bad_requests_are_one_line_errors(tiny_lm, call, message):
         call(tiny_lm)
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_grid_prepass_finds_missing_statistics_and_computes_them(tiny_lm, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("KEBENCH_CACHE", str(tmp_path))
     from orchestrator.grid import expand, parse_grid
@@ -150,6 +155,7 @@ def test_grid_prepass_finds_missing_statistics_and_computes_them(tiny_lm, tmp_pa
     assert (StatsNeed((1,), OFFLINE_CORPUS, 9),) == get_method("memit").requirements(cells[0].hparams_object())
 
 
+@pytest.mark.needs_data("shared-offline")
 @pytest.mark.integration
 def test_smollm2_statistics_are_computed_once_and_reused(smol_lm, tmp_path: Path, monkeypatch):
     from methods.hparams import load_hparams
@@ -167,6 +173,7 @@ def test_smollm2_statistics_are_computed_once_and_reused(smol_lm, tmp_path: Path
     assert torch.linalg.eigvalsh(moment.double()).min() > 0  # positive definite: MEMIT's solve is well posed
 
 
+@pytest.mark.needs_data("shared-offline")
 def test_stats_command_computes_then_reuses(tmp_path: Path, monkeypatch, capsys):
     from orchestrator.cli import main
 

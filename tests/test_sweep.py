@@ -180,6 +180,7 @@ def test_grid_search_trials_are_cells_and_the_sweep_table_ranks_them(tmp_path, r
     assert "rank:" in best_yaml(outcome, spec)
 
 
+@pytest.mark.needs_data("zsre")
 @pytest.mark.ray
 def test_optuna_pareto_front_export_and_leakage(tmp_path, ray_local):
     from methods.hparams import hparams_dict, load_hparams
@@ -304,6 +305,7 @@ def test_a_trial_is_a_cell_with_the_grids_precision_and_provenance(tmp_path, ray
     assert torch.get_default_dtype() == torch.float32  # the driver itself is untouched
 
 
+@pytest.mark.needs_data("convsent")
 @pytest.mark.ray
 def test_convsent_es_is_a_sweep_objective(tmp_path, ray_local):
     """ConvSent's ES is scored by the benchmark's own scorer under its own protocol; a sweep can maximise it."""

@@ -18,6 +18,7 @@ def splits():
     return {name: bench.load(name, root) for name in ("all", "dev", "test")}
 
 
+@pytest.mark.needs_data("zsre")
 def test_record_counts_match_provenance(splits):
     assert len(splits["all"]) == 1037  # PROVENANCE.md
     assert len(splits["dev"]) + len(splits["test"]) == 1037
@@ -26,6 +27,7 @@ def test_record_counts_match_provenance(splits):
     assert len(ids) == 1037
 
 
+@pytest.mark.needs_data("zsre")
 def test_fields_follow_easyedit(splits):
     first = splits["all"][0]
     assert first.case_id == "zsre-0"
@@ -37,6 +39,7 @@ def test_fields_follow_easyedit(splits):
     assert first.portability["one_hop"][0].answer == "Athletics"
 
 
+@pytest.mark.needs_data("zsre")
 def test_irrelevant_texts_come_from_the_other_split(splits):
     test_loc = {c.locality["nq"][0].prompt for c in splits["test"]}
     dev_loc = {c.locality["nq"][0].prompt for c in splits["dev"]}
