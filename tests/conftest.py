@@ -8,19 +8,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """``@pytest.mark.needs_data("piqa", ...)``: only the ZsRE file ships in the package, so on a checkout
+    """``@pytest.mark.needs_data("piqa", ...)`` (data groups or manifest file names): only the ZsRE file ships in the package, so on a checkout
     without ../shared/data, $KEBENCH_DATA or a fetch cache these tests skip, naming the command that fetches
     what they read, instead of failing on a missing file."""
-    groups = tuple(group for marker in item.iter_markers("needs_data") for group in marker.args)
-    if not groups:
+    needs = tuple(need for marker in item.iter_markers("needs_data") for need in marker.args)
+    if not needs:
         return
+    from benchmarks.manifest import entry_for
     from helpers import missing_data
 
-    missing = missing_data(groups)
+    missing = missing_data(needs)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        groups = dict.fromkeys(entry_for(name).used_by[0] for name in missing)
         pytest.skip(f"benchmark data {missing[0]} not found{more}; "
-                    f"`kebench data fetch --benchmark {' --benchmark '.join(dict.fromkeys(groups))}` gets it")
+                    f"`kebench data fetch{''.join(f' --benchmark {group}' for group in groups)}` gets it")
 
 
 @pytest.fixture(scope="session")

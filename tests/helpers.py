@@ -34,17 +34,24 @@ def put_cell(store: Path, label: str, T: int, values: dict[str, list[float]] | N
     return cell_id
 
 
-def missing_data(groups: tuple[str, ...], data_dir: Path | None = None) -> list[str]:
-    """The data files of ``groups`` (``kebench data fetch --benchmark`` names) that no search root holds, the
-    embedded ZsRE file counting as held; ``data_dir``: the resolved default when ``None``."""
+def missing_data(needs: tuple[str, ...], data_dir: Path | None = None) -> list[str]:
+    """The data files that no search root holds (the embedded ZsRE file counts as held) among ``needs``: each a
+    ``kebench data fetch --benchmark`` group (all its files) or one manifest file name such as
+    ``knowedit/wiki_recent_train.json``; ``data_dir``: the resolved default when ``None``."""
     from benchmarks.data import locate, resolve_data_dir
-    from benchmarks.manifest import entries_for, group_names
+    from benchmarks.manifest import entries_for, entry_for, group_names
 
-    unknown = [group for group in groups if group not in group_names()]
-    if unknown:
-        raise ValueError(f"needs_data: unknown data group {unknown[0]!r}; known: {', '.join(group_names())}")
+    names: list[str] = []
+    for need in needs:
+        if "/" in need and entry_for(need) is not None:
+            names.append(need)
+        elif need in group_names():
+            names.extend(entry.name for entry in entries_for(need))
+        else:
+            raise ValueError(f"needs_data: {need!r} is neither a data group ({', '.join(group_names())}) "
+                             "nor a manifest file")
     root = resolve_data_dir() if data_dir is None else data_dir
-    return [entry.name for group in groups for entry in entries_for(group) if locate(root, entry.name) is None]
+    return [name for name in dict.fromkeys(names) if locate(root, name) is None]
 
 
 def toy_cases(n: int = 2, irrelevant: bool = True) -> list[EditCase]:

@@ -202,5 +202,6 @@ def test_needs_data_names_exactly_the_files_a_data_directory_lacks(tmp_path, mon
     (tmp_path / "data" / "piqa" / "valid.jsonl").write_text("{}\n")
     assert missing_data(("piqa", "zsre"), tmp_path / "data") == ["piqa/valid-labels.lst",
                                                                  "knowedit/sanitation_trivia_qa_train.json"]
-    with pytest.raises(ValueError, match="unknown data group 'nosuch'"):
+    assert missing_data(("piqa/valid.jsonl", "piqa"), tmp_path / "data") == ["piqa/valid-labels.lst"]
+    with pytest.raises(ValueError, match="'nosuch' is neither a data group"):
         missing_data(("nosuch",), tmp_path / "data")

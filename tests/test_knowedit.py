@@ -17,6 +17,8 @@ from kebench.core.errors import KebenchError
 from orchestrator.scenarios import plain_logits
 
 NAMES = ("zsre-knowedit", "wikidata-recent", "wikidata-counterfact", "wikibio", "convsent")
+# What the `loaded` fixture reads; WikiData_recent's test file is optional (its train split stands in).
+LOADED_FILES = ("zsre-knowedit", "knowedit/wiki_recent_train.json", "wikidata-counterfact", "wikibio", "convsent")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def by_id(cases):
     return {case.case_id: case for case in cases}
 
 
-@pytest.mark.needs_data(*NAMES)
+@pytest.mark.needs_data(*LOADED_FILES)
 def test_record_counts_match_provenance(loaded):
     assert len(loaded["wikidata-counterfact", "test"]) == 885
     assert len(loaded["wikidata-counterfact", "dev"]) == 1428
@@ -50,7 +52,7 @@ def test_record_counts_match_provenance(loaded):
         assert not {c.case_id for c in dev} & {c.case_id for c in test}
 
 
-@pytest.mark.needs_data(*NAMES)
+@pytest.mark.needs_data(*LOADED_FILES)
 def test_case_ids_unique_and_stable(loaded):
     for cases in loaded.values():
         assert len({c.case_id for c in cases}) == len(cases)
@@ -66,7 +68,7 @@ def test_all_is_refused_for_benchmarks_with_separate_files():
             select_cases(name, "all", n=1)
 
 
-@pytest.mark.needs_data(*NAMES)
+@pytest.mark.needs_data(*LOADED_FILES)
 def test_alias_lists_keep_every_alias_and_score_the_first(loaded):
     case = loaded["wikidata-counterfact", "test"][0]  # Leonardo DiCaprio -> Syria
     assert case.ground_truth == ("United States of America",)
@@ -79,7 +81,7 @@ def test_alias_lists_keep_every_alias_and_score_the_first(loaded):
     assert several.answer == "tennis player" and "television presenter" in several.aliases
 
 
-@pytest.mark.needs_data(*NAMES)
+@pytest.mark.needs_data(*LOADED_FILES)
 def test_empty_answers_and_empty_portability_are_dropped(loaded):
     test_cf = loaded["wikidata-counterfact", "test"]
     # record 288: "2022 ATP Finals is followed by" has ground_truth [[]]
@@ -121,7 +123,7 @@ def test_dropped_prompts_are_counted_in_the_selection_note(tmp_path):
         in one.provenance_note
 
 
-@pytest.mark.needs_data(*NAMES)
+@pytest.mark.needs_data(*LOADED_FILES)
 def test_train_and_test_nesting_both_parse(loaded):
     dev = loaded["wikidata-counterfact", "dev"]  # train_cf: plain strings
     first = dev[0]
@@ -136,7 +138,7 @@ def test_train_and_test_nesting_both_parse(loaded):
     assert aliases_of([["a", " "], [], ["b", "a"]], "x") == ("a", "b")
 
 
-@pytest.mark.needs_data(*NAMES)
+@pytest.mark.needs_data(*LOADED_FILES)
 def test_wikibio_and_knowedit_carry_no_irrelevant_texts(loaded):
     bio = loaded["wikibio", "test"][0]
     assert bio.prompt.startswith("This is a Wikipedia passage about john russell reynolds.")
@@ -153,7 +155,7 @@ def test_wikibio_and_knowedit_carry_no_irrelevant_texts(loaded):
     assert get_benchmark("wikibio").row_protocol("teacher_forced") == "teacher_forced"
 
 
-@pytest.mark.needs_data(*NAMES)
+@pytest.mark.needs_data(*LOADED_FILES)
 def test_convsent_cases_follow_easyedit(loaded):
     root = resolve_data_dir()
     probes = get_benchmark("convsent").probes("test", root)
