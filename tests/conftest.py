@@ -8,9 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """``@pytest.mark.needs_data("piqa", ...)`` (data groups or manifest file names): only the ZsRE file ships in the package, so on a checkout
-    without ../shared/data, $KEBENCH_DATA or a fetch cache these tests skip, naming the command that fetches
-    what they read, instead of failing on a missing file."""
+    """``@pytest.mark.needs_data("piqa", ...)`` (data groups or manifest file names): only the ZsRE file ships in
+    the package, so on a checkout without ../shared/data, $KEBENCH_DATA or a fetch cache these tests skip,
+    naming the command that fetches what they read, instead of failing on a missing file."""
     needs = tuple(need for marker in item.iter_markers("needs_data") for need in marker.args)
     if not needs:
         return

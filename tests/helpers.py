@@ -43,7 +43,7 @@ def missing_data(needs: tuple[str, ...], data_dir: Path | None = None) -> list[s
 
     names: list[str] = []
     for need in needs:
-        if "/" in need and entry_for(need) is not None:
+        if entry_for(need) is not None:
             names.append(need)
         elif need in group_names():
             names.extend(entry.name for entry in entries_for(need))
