@@ -241,6 +241,7 @@ def test_cli_refuses_a_sweep_on_a_test_split(tmp_path, capsys):
     assert err.count("\n") == 0 and "benchmark.split must be 'dev'" in err and str(path) in err
 
 
+@pytest.mark.needs_data("zsre")  # the `all` split reads the TriviaQA file
 def test_cli_refuses_a_grid_on_cases_its_hparams_file_was_tuned_on(tmp_path, capsys):
     from orchestrator.cli import main
 
